@@ -1,0 +1,79 @@
+"""Which implementation runs the deformable-convolution op.
+
+Every backend provides ``forward`` and ``backward`` with the signatures of
+:mod:`deformconv.backends.pytorch`.  ``"auto"`` picks the best backend available for the
+tensors' device; a user can force one with :func:`set_backend`, the context manager
+:func:`use_backend`, or the environment variable ``DEFORMCONV_BACKEND``.
+
+>>> import deformconv
+>>> deformconv.available_backends()
+['auto', 'torch']
+>>> with deformconv.use_backend("torch"):
+...     deformconv.get_backend()
+'torch'
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+import torch
+
+from . import pytorch
+
+ENV_VAR = "DEFORMCONV_BACKEND"
+AUTO = "auto"
+
+_BACKENDS: dict[str, ModuleType] = {"torch": pytorch}
+_forced: str | None = None
+
+
+def available_backends() -> list[str]:
+    """The names :func:`set_backend` accepts."""
+    return [AUTO, *_BACKENDS]
+
+
+def _checked(name: str, source: str) -> str:
+    if not isinstance(name, str) or name not in available_backends():
+        raise ValueError(f"{source} must be one of {available_backends()}, got {name!r}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Force backend ``name`` for every later call; ``None`` returns to ``$DEFORMCONV_BACKEND``
+    or, when that is unset, ``"auto"``."""
+    global _forced
+    _forced = None if name is None else _checked(name, "backend")
+
+
+def get_backend() -> str:
+    """The backend setting in force: ``set_backend``'s, else ``$DEFORMCONV_BACKEND``, else auto."""
+    if _forced is not None:
+        return _forced
+    from_env = os.environ.get(ENV_VAR, "").strip()
+    if from_env:
+        return _checked(from_env, f"environment variable {ENV_VAR}")
+    return AUTO
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed code with backend ``name``, then restore the previous setting."""
+    global _forced
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def select(device: torch.device) -> ModuleType:
+    """The backend module that runs on tensors of ``device`` under the current setting."""
+    name = get_backend()
+    if name == AUTO:
+        return pytorch
+    return _BACKENDS[name]

@@ -1,0 +1,73 @@
+"""Backend selection: function, context manager and environment variable, all checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deformconv
+from cases import LOPSIDED, call, make_inputs
+from deformconv import backends
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    yield
+    deformconv.set_backend(None)
+
+
+def test_default_is_auto_and_torch_runs_it(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert deformconv.get_backend() == "auto"
+    assert backends.select(torch.device("cpu")) is backends.pytorch
+    assert deformconv.available_backends() == ["auto", "torch"]
+
+
+def test_set_backend_and_context_manager(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    deformconv.set_backend("torch")
+    assert deformconv.get_backend() == "torch"
+    deformconv.set_backend("auto")
+    with deformconv.use_backend("torch"):
+        assert deformconv.get_backend() == "torch"
+    assert deformconv.get_backend() == "auto"
+    deformconv.set_backend(None)
+    assert deformconv.get_backend() == "auto"
+
+
+def test_forced_backend_gives_the_same_results():
+    config = LOPSIDED["straddling-groups"]
+    tensors = make_inputs(config, requires_grad=False)
+    expected = call(deformconv.deform_conv2d, tensors, config)
+    with deformconv.use_backend("torch"):
+        torch.testing.assert_close(
+            call(deformconv.deform_conv2d, tensors, config), expected, atol=0, rtol=0
+        )
+
+
+def test_unknown_backend_names_are_refused(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    with pytest.raises(
+        ValueError, match=r"backend must be one of \['auto', 'torch'\], got 'cuda-fast'"
+    ):
+        deformconv.set_backend("cuda-fast")
+    with pytest.raises(ValueError, match="backend must be one of"), deformconv.use_backend("nope"):
+        pass
+    assert deformconv.get_backend() == "auto"
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert deformconv.get_backend() == "torch"
+    monkeypatch.setenv(backends.ENV_VAR, "triton-typo")
+    with pytest.raises(
+        ValueError,
+        match=r"environment variable DEFORMCONV_BACKEND must be one of .* got 'triton-typo'",
+    ):
+        deformconv.get_backend()
+    # An explicit choice in code wins over the environment; None returns to it.
+    deformconv.set_backend("torch")
+    assert deformconv.get_backend() == "torch"
+    monkeypatch.setenv(backends.ENV_VAR, "auto")
+    deformconv.set_backend(None)
+    assert deformconv.get_backend() == "auto"
