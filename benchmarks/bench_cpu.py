@@ -181,6 +181,9 @@ def _status_kib(field: str) -> int:
 def _measure_in_process(name: str, shape: Shape) -> float:
     tensors = make_inputs(shape)
     run = runner(name, shape, tensors, backward=True)
+    run()  # the first call maps libraries and thread pools, which are not the op's memory
+    for tensor in tensors.values():
+        tensor.grad = None
     # Writing 5 to clear_refs resets the peak-RSS mark (VmHWM) to the current RSS (Linux).
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")

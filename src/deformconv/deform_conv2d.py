@@ -189,7 +189,80 @@ def deform_conv2d(
     return deform_conv2d_op(input, offset, mask, weight, bias, stride, padding, dilation)
 
 
-class DeformConv2d(nn.Module):
+class _DeformConvLayer(nn.Module):
+    """Settings, weight and bias shared by the deformable convolution layers.
+
+    Follows :class:`torch.nn.Conv2d`: ``ValueError`` for bad arguments, the same parameter
+    shapes and initialisation, ``bias`` registered as ``None`` when absent.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair,
+        stride: IntOrPair,
+        padding: IntOrPair,
+        dilation: IntOrPair,
+        groups: int,
+        bias: bool,
+        offset_groups: int = 1,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_layer_arguments(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, offset_groups
+        )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        self.groups = groups
+        self.offset_groups = offset_groups
+        self.weight = nn.Parameter(
+            torch.empty(
+                out_channels, in_channels // groups, *self.kernel_size, device=device, dtype=dtype
+            )
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        """Initialise like :class:`torch.nn.Conv2d` (and torchvision's layer)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _deform_conv(self, input: Tensor, offset: Tensor, mask: Tensor | None) -> Tensor:
+        return deform_conv2d(
+            input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
+        )
+
+    def extra_repr(self) -> str:
+        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        for name, default in (("stride", (1, 1)), ("padding", (0, 0)), ("dilation", (1, 1))):
+            value = getattr(self, name)
+            if value != default:
+                text += f", {name}={value}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        if self.offset_groups != 1:
+            text += f", offset_groups={self.offset_groups}"
+        if getattr(self, "modulated", False):
+            text += ", modulated=True"
+        if self.bias is None:
+            text += ", bias=False"
+        return text
+
+
+class DeformConv2d(_DeformConvLayer):
     """Deformable convolution layer that takes the offsets (and mask) as inputs.
 
     Parameters, initialisation and ``state_dict`` keys match :class:`torchvision.ops.DeformConv2d`,
@@ -228,46 +301,22 @@ class DeformConv2d(nn.Module):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        _check_layer_arguments(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            device=device,
+            dtype=dtype,
         )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
-        self.groups = groups
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
-        )
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Initialise like :class:`torch.nn.Conv2d` (and torchvision's layer)."""
-        _conv_init(self.weight, self.bias)
-
     def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
-        return deform_conv2d(
-            input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
-        )
-
-    def extra_repr(self) -> str:
-        return _conv_repr(self)
-
-
-def _conv_init(weight: Tensor, bias: Tensor | None) -> None:
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-    if bias is not None:
-        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
-        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-        nn.init.uniform_(bias, -bound, bound)
+        return self._deform_conv(input, offset, mask)
 
 
 def _check_layer_arguments(
@@ -309,20 +358,3 @@ def _check_layer_arguments(
             raise ValueError(
                 f"{name} must be {'positive' if least else 'non-negative'}, got {value}"
             )
-
-
-def _conv_repr(layer: nn.Module) -> str:
-    text = f"{layer.in_channels}, {layer.out_channels}, kernel_size={layer.kernel_size}"
-    for name, default in (("stride", (1, 1)), ("padding", (0, 0)), ("dilation", (1, 1))):
-        value = getattr(layer, name)
-        if value != default:
-            text += f", {name}={value}"
-    if layer.groups != 1:
-        text += f", groups={layer.groups}"
-    if getattr(layer, "offset_groups", 1) != 1:
-        text += f", offset_groups={layer.offset_groups}"
-    if getattr(layer, "modulated", False):
-        text += ", modulated=True"
-    if layer.bias is None:
-        text += ", bias=False"
-    return text

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._utils import IntOrPair, _pair
-from .deform_conv2d import _check_layer_arguments, _conv_init, _conv_repr, deform_conv2d
+from ._utils import IntOrPair
+from .deform_conv2d import _DeformConvLayer
 
 __all__ = ["DeformableConv2d"]
 
 
-class DeformableConv2d(nn.Module):
+class DeformableConv2d(_DeformConvLayer):
     """Deformable convolution whose offsets (and, if modulated, mask) come from the input.
 
     A zero-initialised ``conv_offset`` (an :class:`torch.nn.Conv2d` with the layer's kernel
@@ -64,27 +64,21 @@ class DeformableConv2d(nn.Module):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        _check_layer_arguments(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, offset_groups
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            offset_groups=offset_groups,
+            device=device,
+            dtype=dtype,
         )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
-        self.groups = groups
-        self.offset_groups = offset_groups
         self.modulated = modulated
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
-        )
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
         taps = self.kernel_size[0] * self.kernel_size[1]
         self.conv_offset = nn.Conv2d(
             in_channels,
@@ -100,7 +94,7 @@ class DeformableConv2d(nn.Module):
 
     def reset_parameters(self) -> None:
         """Initialise the weight like :class:`torch.nn.Conv2d`; the offset branch to zero."""
-        _conv_init(self.weight, self.bias)
+        super().reset_parameters()
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
@@ -114,9 +108,4 @@ class DeformableConv2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         offset, mask = self.offset_and_mask(input)
-        return deform_conv2d(
-            input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
-        )
-
-    def extra_repr(self) -> str:
-        return _conv_repr(self)
+        return self._deform_conv(input, offset, mask)
