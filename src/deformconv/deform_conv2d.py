@@ -255,8 +255,6 @@ class _DeformConvLayer(nn.Module):
             text += f", groups={self.groups}"
         if self.offset_groups != 1:
             text += f", offset_groups={self.offset_groups}"
-        if getattr(self, "modulated", False):
-            text += ", modulated=True"
         if self.bias is None:
             text += ", bias=False"
         return text

@@ -109,3 +109,6 @@ class DeformableConv2d(_DeformConvLayer):
     def forward(self, input: Tensor) -> Tensor:
         offset, mask = self.offset_and_mask(input)
         return self._deform_conv(input, offset, mask)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", modulated=True" if self.modulated else "")
