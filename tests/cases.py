@@ -133,11 +133,15 @@ def call(fn, tensors: dict[str, Tensor | None], config: Config) -> Tensor:
     )
 
 
-def output_and_grads(fn, tensors, config, seed: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
-    """The output of ``fn`` and the gradients of a random projection of it."""
+def output_and_grads(
+    fn, tensors, config, seed: int = 1, projection_dtype: torch.dtype | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The output of ``fn`` and the gradients of a random projection of it (whose values are
+    rounded to ``projection_dtype`` when given)."""
     out = call(fn, tensors, config)
     generator = torch.Generator().manual_seed(seed)
-    projection = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.dtype)
+    projection = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    projection = projection.to(projection_dtype or out.dtype).to(out.device, out.dtype)
     inputs = differentiable(tensors)
     grads = torch.autograd.grad(out, list(inputs.values()), projection, allow_unused=True)
     return out, {

@@ -20,7 +20,7 @@ def test_default_is_auto_and_torch_runs_it(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     assert deformconv.get_backend() == "auto"
     assert backends.select(torch.device("cpu")) is backends.pytorch
-    assert deformconv.available_backends() == ["auto", "torch"]
+    assert deformconv.available_backends() == ["auto", "torch", "triton"]
 
 
 def test_set_backend_and_context_manager(monkeypatch):
@@ -48,7 +48,7 @@ def test_forced_backend_gives_the_same_results():
 def test_unknown_backend_names_are_refused(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     with pytest.raises(
-        ValueError, match=r"backend must be one of \['auto', 'torch'\], got 'cuda-fast'"
+        ValueError, match=r"backend must be one of \['auto', 'torch', 'triton'\], got 'cuda-fast'"
     ):
         deformconv.set_backend("cuda-fast")
     with pytest.raises(ValueError, match="backend must be one of"), deformconv.use_backend("nope"):

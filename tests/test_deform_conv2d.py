@@ -305,3 +305,22 @@ def test_matches_torchvision_when_importable():
         torch.testing.assert_close(actual, expected, atol=1e-10, rtol=0)
         for name in expected_grads:
             torch.testing.assert_close(actual_grads[name], expected_grads[name], atol=1e-10, rtol=0)
+
+
+def test_corner_of_positions_that_round_across_an_integer():
+    # At x = 100 + Δ with Δ = -1e-6, x rounds to 100.0 in float32, yet the exact position lies
+    # in [99, 100): the corners (and the one-sided Δx derivative) must be those of 99.
+    config = Config(
+        batch=1, channels=2, height=3, width=128, out_channels=2, kernel=(1, 1), stride=(1, 1),
+        padding=(0, 0), dilation=(1, 1), weight_groups=1, offset_groups=1, use_mask=False,
+    )  # fmt: skip
+    tensors = make_inputs(config, dtype=torch.float32, offsets="zero")
+    with torch.no_grad():
+        tensors["offset"][:, 1] = -1e-6
+    exact = {
+        n: None if t is None else t.detach().double().requires_grad_() for n, t in tensors.items()
+    }
+    _, expected = output_and_grads(deform_conv2d_reference, exact, config)
+    _, actual = output_and_grads(deformconv.deform_conv2d, tensors, config)
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name].double(), grad, atol=1e-4, rtol=1e-4, msg=name)

@@ -7,7 +7,7 @@ tensors' device; a user can force one with :func:`set_backend`, the context mana
 
 >>> import deformconv
 >>> deformconv.available_backends()
-['auto', 'torch']
+['auto', 'torch', 'triton']
 >>> with deformconv.use_backend("torch"):
 ...     deformconv.get_backend()
 'torch'
@@ -22,17 +22,18 @@ from types import ModuleType
 
 import torch
 
-from . import pytorch
+from . import pytorch, triton_backend
 
 ENV_VAR = "DEFORMCONV_BACKEND"
 AUTO = "auto"
 
-_BACKENDS: dict[str, ModuleType] = {"torch": pytorch}
+_BACKENDS: dict[str, ModuleType] = {"torch": pytorch, "triton": triton_backend}
 _forced: str | None = None
 
 
 def available_backends() -> list[str]:
-    """The names :func:`set_backend` accepts."""
+    """The names :func:`set_backend` accepts.  ``"triton"`` needs Triton and a CUDA device;
+    where it cannot run a call, that call runs on ``"torch"`` with a warning."""
     return [AUTO, *_BACKENDS]
 
 
@@ -75,5 +76,7 @@ def select(device: torch.device) -> ModuleType:
     """The backend module that runs on tensors of ``device`` under the current setting."""
     name = get_backend()
     if name == AUTO:
+        if device.type == "cuda" and triton_backend.unavailable_reason() is None:
+            return triton_backend
         return pytorch
     return _BACKENDS[name]

@@ -121,24 +121,28 @@ def sampling_plan(
     tap_x = torch.arange(geo.kernel_w, device=device).repeat(geo.kernel_h)
     base_y = out_y[:, None] * geo.stride[0] - geo.padding[0] + tap_y * geo.dilation[0]
     base_x = out_x[:, None] * geo.stride[1] - geo.padding[1] + tap_x * geo.dilation[1]
-    y = base_y.to(dtype)[:, :, None] + offsets[..., 0]
-    x = base_x.to(dtype)[:, :, None] + offsets[..., 1]
+    offset_y = offsets[..., 0]
+    offset_x = offsets[..., 1]
+    y = base_y.to(dtype)[:, :, None] + offset_y
+    x = base_x.to(dtype)[:, :, None] + offset_x
 
     # Positions at least one pixel outside the image have no valid corner.  They, and NaN or
     # infinite positions (comparisons with NaN are false), are moved to a harmless spot with
     # no valid corner, so that their value and every derivative is 0 and their row numbers
-    # stay small.
+    # stay small.  The rounded position only makes that decision: the corner comes from the
+    # offset alone, floor(base + Δ) = base + floor(Δ), the corner of the exact position even
+    # where base + Δ does not round exactly.
     near = (y > -2) & (y < height + 1) & (x > -2) & (x < width + 1)
-    y = torch.where(near, y, -2.0)
-    x = torch.where(near, x, -2.0)
-    y_low = y.floor()
-    x_low = x.floor()
-    frac_y = y - y_low
-    frac_x = x - x_low
+    offset_y = torch.where(near, offset_y, 0.0)
+    offset_x = torch.where(near, offset_x, 0.0)
+    offset_y_low = offset_y.floor()
+    offset_x_low = offset_x.floor()
+    frac_y = offset_y - offset_y_low
+    frac_x = offset_x - offset_x_low
     rest_y = 1 - frac_y
     rest_x = 1 - frac_x
-    y_low_i = y_low.long()
-    x_low_i = x_low.long()
+    y_low_i = torch.where(near, base_y[:, :, None] + offset_y_low.long(), -2)
+    x_low_i = torch.where(near, base_x[:, :, None] + offset_x_low.long(), -2)
     # A corner counts only inside the image; the bilinear weights then fade to 0 within one
     # pixel of the border.  The derivatives follow the floor: one-sided at integer positions.
     y_low_ok = (y_low_i >= 0) & (y_low_i < height)

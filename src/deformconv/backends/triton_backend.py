@@ -1,0 +1,143 @@
+"""Triton backend of ``deform_conv2d``: fused kernels for CUDA tensors.
+
+The kernels (:mod:`deformconv.kernels`) are compiled at run time by Triton; nothing is built
+at install time.  What they do not cover runs on the torch backend instead, with a warning
+naming why, once per reason: float64 tensors, devices other than CUDA (CPU tensors run the
+kernels only under ``TRITON_INTERPRET=1``, Triton's interpreter), or a missing Triton or
+``torch.library.triton_op``.
+
+* float16 and bfloat16 are contracted on tensor cores with float32 accumulation.  float32 is
+  contracted exactly unless PyTorch's settings allow TF32 for matrix products
+  (``torch.backends.cuda.matmul.allow_tf32`` or ``torch.set_float32_matmul_precision``);
+  then on TF32 tensor cores, split in three products to keep float32-like accuracy.
+* Under ``torch.use_deterministic_algorithms(True)`` the input gradient is summed in int64
+  fixed point, so every gradient is bit-identical from run to run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import pytorch
+
+_warned: set[str] = set()
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why the Triton kernels cannot run at all here, or ``None`` when they can."""
+    if not hasattr(torch.library, "triton_op"):
+        return f"torch {torch.__version__} has no torch.library.triton_op (torch>=2.6 has)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    return None
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def uncovered(input: Tensor) -> str | None:
+    """Why the kernels do not take ``input``, or ``None`` when they do."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    if input.device.type == "cpu" and not _interpreted():
+        return "CPU tensors run the Triton kernels only under TRITON_INTERPRET=1"
+    if input.device.type not in ("cuda", "cpu"):
+        return f"the Triton kernels do not run on {input.device.type} tensors"
+    if input.dtype == torch.float64:
+        return "the Triton kernels do not compute in float64"
+    return None
+
+
+def _fallback(reason: str) -> ModuleType:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"deformconv: the triton backend runs this call on the torch backend: {reason}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return pytorch
+
+
+def _kernels() -> ModuleType:
+    from ..kernels import ops
+
+    return ops
+
+
+def float32_precision(input: Tensor) -> str:
+    """How float32 operands are contracted: on TF32 tensor cores only where PyTorch allows
+    TF32, and then as three TF32 products (``"tf32x3"``), which keep the error near
+    float32's; exactly otherwise (``"ieee"``)."""
+    if input.dtype != torch.float32 or input.device.type != "cuda":
+        return "ieee"
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    allowed = allowed or torch.get_float32_matmul_precision() != "highest"
+    return "tf32x3" if allowed else "ieee"
+
+
+def forward(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    reason = uncovered(input)
+    if reason is not None:
+        return _fallback(reason).forward(
+            input, offset, mask, weight, bias, stride, padding, dilation
+        )
+    _kernels()
+    return torch.ops.deformconv.triton_deform_conv2d(
+        input, offset, mask, weight, bias, stride, padding, dilation, float32_precision(input)
+    )
+
+
+def backward(
+    grad_output: Tensor,
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    needs_grad: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor]:
+    """Gradients for (input, offset, mask, weight, bias); ``None`` where not requested."""
+    reason = uncovered(input)
+    if reason is not None:
+        return _fallback(reason).backward(
+            grad_output, input, offset, mask, weight, stride, padding, dilation, needs_grad
+        )
+    _kernels()
+    grads = torch.ops.deformconv.triton_deform_conv2d_backward(
+        grad_output,
+        input,
+        offset,
+        mask,
+        weight,
+        stride,
+        padding,
+        dilation,
+        list(needs_grad),
+        float32_precision(input),
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    wanted = (*needs_grad, True)
+    return tuple(g if need else None for g, need in zip(grads, wanted, strict=True))  # type: ignore[return-value]

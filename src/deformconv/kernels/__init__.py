@@ -1,0 +1,1 @@
+"""Triton kernels.  Only :mod:`deformconv.backends.triton_backend` imports this package."""

@@ -1,0 +1,574 @@
+"""Triton kernels of ``deform_conv2d``: implicit GEMM, no column buffer in memory.
+
+Notation: ``M = N·Ho·Wo`` output pixels, ``K = kh·kw`` taps, ``gi = C / groups`` input and
+``go = O / groups`` output channels per weight group, ``ogi = C / offset_groups`` channels per
+offset group.  The weight is rearranged to ``(groups, K, gi, go)``.  Input and input gradient
+are addressed through their strides, so NCHW and channels-last both run without a copy.
+
+* Forward: a program owns a tile of output pixels × output channels of one weight group.
+  For every tap and every offset group that meets the weight group, it computes the sampling
+  positions once, gathers bilinear samples for blocks of input channels into registers
+  (modulation applied) and contracts them with the weight tile on tensor cores
+  (fp16/bf16 operands, fp32 accumulation); bias is added at the end.
+* Backward, data: a program owns a tile of output pixels for one tap and one offset group.
+  It forms the column gradient ``grad_out · Wᵀ`` per channel block on tensor cores, reduces
+  it against the recomputed corner values into the offset and mask gradients (complete in
+  the program, no atomics), and scatters it into the input gradient with atomic adds: fp32
+  adds, or, in deterministic mode, int64 fixed-point adds whose sum does not depend on order.
+* Backward, weight: a program owns a (tap, input-channel block, output-channel block) tile
+  and one split of the pixels; it recomputes the samples and contracts them with
+  ``grad_out``.  The splits add their sums atomically, or, in deterministic mode, write
+  separate partial sums that are added afterwards in a fixed order.
+"""
+
+import triton
+import triton.language as tl
+
+from .sampling import bilinear_tile, corner_mask, load_corner, sample_position
+
+
+@triton.jit
+def _wide(index, INDEX64: tl.constexpr):
+    """``index`` as int64 when addresses may pass 2**31."""
+    if INDEX64:
+        index = index.to(tl.int64)
+    return index
+
+
+@triton.jit
+def _pixel_tile(tile, tiles_per_image, plane, out_w, BLOCK_M: tl.constexpr, INDEX64: tl.constexpr):
+    """Tile ``tile`` of the output pixels: an image and ``BLOCK_M`` consecutive pixels of it.
+
+    Tiles never straddle images, so the pixels of a tile are contiguous in every NCHW tensor
+    and their loads and stores coalesce.
+    """
+    image = _wide(tile // tiles_per_image, INDEX64)
+    p = (tile % tiles_per_image) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return image, p < plane, p, p // out_w, p % out_w
+
+
+@triton.jit
+def deform_conv2d_forward_kernel(
+    x_ptr,
+    offset_ptr,
+    mask_ptr,
+    w_ptr,
+    bias_ptr,
+    out_ptr,
+    tiles_per_image,
+    height,
+    width,
+    out_w,
+    plane,
+    out_channels,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    group_in,
+    group_out,
+    offset_group_in,
+    offset_groups,
+    KH,
+    KW,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INDEX64: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    taps = KH * KW
+    out_tiles = tl.cdiv(group_out, BLOCK_N)
+    group = tl.program_id(1) // out_tiles
+    o = (tl.program_id(1) % out_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_ok = o < group_out
+    image, rows, p, out_y, out_x = _pixel_tile(
+        tl.program_id(0), tiles_per_image, plane, out_w, BLOCK_M, INDEX64
+    )
+    offset_base = image * (offset_groups * 2 * taps * plane) + p
+    mask_base = image * (offset_groups * taps * plane) + p
+    image_base = image * x_stride_n
+    k = tl.arange(0, BLOCK_K)
+    c_first = group * group_in
+    c_end = c_first + group_in
+    w_group = w_ptr + group * (taps * group_in * group_out)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(taps):
+        base_y = out_y * stride_h - pad_h + (tap // KW) * dil_h
+        base_x = out_x * stride_w - pad_w + (tap % KW) * dil_w
+        for og in range(c_first // offset_group_in, (c_end - 1) // offset_group_in + 1):
+            y0, x0, fy, fx = sample_position(
+                offset_ptr,
+                offset_base,
+                (og * taps + tap) * 2,
+                plane,
+                base_y,
+                base_x,
+                height,
+                width,
+                rows,
+                INDEX64,
+            )
+            if HAS_MASK:
+                scale = tl.load(mask_ptr + mask_base + (og * taps + tap) * plane, mask=rows)
+                scale = scale.to(tl.float32)
+            else:
+                scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+            seg_lo = tl.maximum(c_first, og * offset_group_in)
+            seg_hi = tl.minimum(c_end, (og + 1) * offset_group_in)
+            for c0 in range(seg_lo, seg_hi, BLOCK_K):
+                c = c0 + k
+                cols = c < seg_hi
+                channel_offsets = _wide(c, INDEX64) * x_stride_c
+                a = bilinear_tile(
+                    x_ptr,
+                    image_base,
+                    y0,
+                    x0,
+                    fy,
+                    fx,
+                    scale,
+                    channel_offsets,
+                    x_stride_h,
+                    x_stride_w,
+                    height,
+                    width,
+                    rows,
+                    cols,
+                )
+                w_rows = tap * group_in + (c - c_first)
+                w = tl.load(
+                    w_group + w_rows[:, None] * group_out + o[None, :],
+                    mask=cols[:, None] & o_ok[None, :],
+                    other=0.0,
+                )
+                acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + group * group_out + o, mask=o_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    channel = group * group_out + o
+    out_pointers = out_ptr + (image * (out_channels * plane) + p)[:, None]
+    out_pointers += _wide(channel, INDEX64)[None, :] * plane
+    tl.store(out_pointers, acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def _scatter_corner(
+    grad_x_ptr,
+    image_base,
+    yy,
+    xx,
+    channel_offsets,
+    stride_h,
+    stride_w,
+    height,
+    width,
+    rows,
+    cols,
+    values,
+    fixed_point_scale,
+    DETERMINISTIC: tl.constexpr,
+    ATOMIC_SEM: tl.constexpr,
+):
+    inside = corner_mask(yy, xx, height, width, rows)
+    pointers = grad_x_ptr + (image_base + yy * stride_h + xx * stride_w)[:, None]
+    pointers += channel_offsets[None, :]
+    if DETERMINISTIC:
+        values = (values * fixed_point_scale).to(tl.int64)
+    # Relaxed: the adds commute and nothing reads the sums before the kernel ends.
+    tl.atomic_add(pointers, values, mask=inside[:, None] & cols[None, :], sem=ATOMIC_SEM)
+
+
+@triton.jit
+def deform_conv2d_backward_data_kernel(
+    grad_out_ptr,
+    x_ptr,
+    offset_ptr,
+    mask_ptr,
+    w_ptr,
+    grad_x_ptr,
+    grad_offset_ptr,
+    grad_mask_ptr,
+    fixed_point_ptr,
+    tiles_per_image,
+    height,
+    width,
+    out_w,
+    plane,
+    out_channels,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    g_stride_n,
+    g_stride_c,
+    g_stride_h,
+    g_stride_w,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    group_in,
+    group_out,
+    offset_group_in,
+    offset_groups,
+    KH,
+    KW,
+    HAS_MASK: tl.constexpr,
+    NEED_INPUT: tl.constexpr,
+    NEED_OFFSET: tl.constexpr,
+    NEED_MASK: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    ATOMIC_SEM: tl.constexpr,
+    INDEX64: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    taps = KH * KW
+    tap = tl.program_id(1)
+    og = tl.program_id(2)
+    image, rows, p, out_y, out_x = _pixel_tile(
+        tl.program_id(0), tiles_per_image, plane, out_w, BLOCK_M, INDEX64
+    )
+    offset_base = image * (offset_groups * 2 * taps * plane) + p
+    mask_base = image * (offset_groups * taps * plane) + p
+    grad_out_base = image * (out_channels * plane) + p
+    image_base = image * x_stride_n
+    grad_image_base = image * g_stride_n
+    base_y = out_y * stride_h - pad_h + (tap // KW) * dil_h
+    base_x = out_x * stride_w - pad_w + (tap % KW) * dil_w
+    y0, x0, fy, fx = sample_position(
+        offset_ptr,
+        offset_base,
+        (og * taps + tap) * 2,
+        plane,
+        base_y,
+        base_x,
+        height,
+        width,
+        rows,
+        INDEX64,
+    )
+    gy = 1.0 - fy
+    gx = 1.0 - fx
+    if HAS_MASK:
+        scale = tl.load(mask_ptr + mask_base + (og * taps + tap) * plane, mask=rows)
+        scale = scale.to(tl.float32)
+    else:
+        scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+    fixed_point_scale = 1.0
+    if DETERMINISTIC:
+        fixed_point_scale = tl.load(fixed_point_ptr)
+    acc_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_m = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    k = tl.arange(0, BLOCK_K)
+    j = tl.arange(0, BLOCK_O)
+    c_first = og * offset_group_in
+    c_end = c_first + offset_group_in
+    for group in range(c_first // group_in, (c_end - 1) // group_in + 1):
+        seg_lo = tl.maximum(c_first, group * group_in)
+        seg_hi = tl.minimum(c_end, (group + 1) * group_in)
+        w_tap = w_ptr + (group * taps + tap) * (group_in * group_out)
+        for c0 in range(seg_lo, seg_hi, BLOCK_K):
+            c = c0 + k
+            cols = c < seg_hi
+            w_rows = c - group * group_in
+            grad_col = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for o0 in range(0, group_out, BLOCK_O):
+                o = o0 + j
+                o_ok = o < group_out
+                g_out = tl.load(
+                    grad_out_ptr
+                    + grad_out_base[:, None]
+                    + _wide(group * group_out + o, INDEX64)[None, :] * plane,
+                    mask=rows[:, None] & o_ok[None, :],
+                    other=0.0,
+                )
+                w_t = tl.load(
+                    w_tap + w_rows[None, :] * group_out + o[:, None],
+                    mask=o_ok[:, None] & cols[None, :],
+                    other=0.0,
+                )
+                grad_col = tl.dot(g_out, w_t, grad_col, input_precision=PRECISION)
+            channel_offsets = _wide(c, INDEX64) * x_stride_c
+            grad_channel_offsets = _wide(c, INDEX64) * g_stride_c
+            if NEED_OFFSET or NEED_MASK:
+                v00 = load_corner(
+                    x_ptr,
+                    image_base,
+                    y0,
+                    x0,
+                    channel_offsets,
+                    x_stride_h,
+                    x_stride_w,
+                    height,
+                    width,
+                    rows,
+                    cols,
+                )
+                v01 = load_corner(
+                    x_ptr,
+                    image_base,
+                    y0,
+                    x0 + 1,
+                    channel_offsets,
+                    x_stride_h,
+                    x_stride_w,
+                    height,
+                    width,
+                    rows,
+                    cols,
+                )
+                v10 = load_corner(
+                    x_ptr,
+                    image_base,
+                    y0 + 1,
+                    x0,
+                    channel_offsets,
+                    x_stride_h,
+                    x_stride_w,
+                    height,
+                    width,
+                    rows,
+                    cols,
+                )
+                v11 = load_corner(
+                    x_ptr,
+                    image_base,
+                    y0 + 1,
+                    x0 + 1,
+                    channel_offsets,
+                    x_stride_h,
+                    x_stride_w,
+                    height,
+                    width,
+                    rows,
+                    cols,
+                )
+                if NEED_MASK:
+                    top = v00 * gx[:, None] + v01 * fx[:, None]
+                    bottom = v10 * gx[:, None] + v11 * fx[:, None]
+                    sample = top * gy[:, None] + bottom * fy[:, None]
+                    acc_m += tl.sum(grad_col * sample, axis=1)
+                if NEED_OFFSET:
+                    d_dy = (v10 - v00) * gx[:, None] + (v11 - v01) * fx[:, None]
+                    d_dx = (v01 - v00) * gy[:, None] + (v11 - v10) * fy[:, None]
+                    acc_y += tl.sum(grad_col * d_dy, axis=1)
+                    acc_x += tl.sum(grad_col * d_dx, axis=1)
+            if NEED_INPUT:
+                grad_col = grad_col * scale[:, None]
+                _scatter_corner(
+                    grad_x_ptr,
+                    grad_image_base,
+                    y0,
+                    x0,
+                    grad_channel_offsets,
+                    g_stride_h,
+                    g_stride_w,
+                    height,
+                    width,
+                    rows,
+                    cols,
+                    grad_col * (gy * gx)[:, None],
+                    fixed_point_scale,
+                    DETERMINISTIC,
+                    ATOMIC_SEM,
+                )
+                _scatter_corner(
+                    grad_x_ptr,
+                    grad_image_base,
+                    y0,
+                    x0 + 1,
+                    grad_channel_offsets,
+                    g_stride_h,
+                    g_stride_w,
+                    height,
+                    width,
+                    rows,
+                    cols,
+                    grad_col * (gy * fx)[:, None],
+                    fixed_point_scale,
+                    DETERMINISTIC,
+                    ATOMIC_SEM,
+                )
+                _scatter_corner(
+                    grad_x_ptr,
+                    grad_image_base,
+                    y0 + 1,
+                    x0,
+                    grad_channel_offsets,
+                    g_stride_h,
+                    g_stride_w,
+                    height,
+                    width,
+                    rows,
+                    cols,
+                    grad_col * (fy * gx)[:, None],
+                    fixed_point_scale,
+                    DETERMINISTIC,
+                    ATOMIC_SEM,
+                )
+                _scatter_corner(
+                    grad_x_ptr,
+                    grad_image_base,
+                    y0 + 1,
+                    x0 + 1,
+                    grad_channel_offsets,
+                    g_stride_h,
+                    g_stride_w,
+                    height,
+                    width,
+                    rows,
+                    cols,
+                    grad_col * (fy * fx)[:, None],
+                    fixed_point_scale,
+                    DETERMINISTIC,
+                    ATOMIC_SEM,
+                )
+    if NEED_OFFSET:
+        channel = (og * taps + tap) * 2
+        pointers = grad_offset_ptr + offset_base + channel * plane
+        out_ty = grad_offset_ptr.dtype.element_ty
+        tl.store(pointers, (acc_y * scale).to(out_ty), mask=rows)
+        tl.store(pointers + plane, (acc_x * scale).to(out_ty), mask=rows)
+    if NEED_MASK:
+        pointers = grad_mask_ptr + mask_base + (og * taps + tap) * plane
+        tl.store(pointers, acc_m.to(grad_mask_ptr.dtype.element_ty), mask=rows)
+
+
+@triton.jit
+def deform_conv2d_backward_weight_kernel(
+    grad_out_ptr,
+    x_ptr,
+    offset_ptr,
+    mask_ptr,
+    partial_ptr,
+    pixel_tiles,
+    tiles_per_split,
+    tiles_per_image,
+    height,
+    width,
+    out_w,
+    plane,
+    out_channels,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    group_in,
+    group_out,
+    offset_group_in,
+    offset_groups,
+    KH,
+    KW,
+    HAS_MASK: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    INDEX64: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    taps = KH * KW
+    out_tiles = tl.cdiv(group_out, BLOCK_N)
+    in_tiles = tl.cdiv(group_in, BLOCK_K)
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    o = (tile % out_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile = tile // out_tiles
+    c_tile = tile % in_tiles
+    tile = tile // in_tiles
+    tap = tile % taps
+    group = tile // taps
+    o_ok = o < group_out
+    c_local = c_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = c_local < group_in
+    c = group * group_in + c_local
+    channel_offsets = _wide(c, INDEX64) * x_stride_c
+    c_lo = group * group_in + c_tile * BLOCK_K
+    c_hi = tl.minimum(c_lo + BLOCK_K, (group + 1) * group_in)
+    og_lo = c_lo // offset_group_in
+    og_hi = (c_hi - 1) // offset_group_in
+    c_og = c // offset_group_in
+    first = split * tiles_per_split
+    last = tl.minimum(pixel_tiles, first + tiles_per_split)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for t in range(first, last):
+        image, rows, p, out_y, out_x = _pixel_tile(
+            t, tiles_per_image, plane, out_w, BLOCK_M, INDEX64
+        )
+        offset_base = image * (offset_groups * 2 * taps * plane) + p
+        mask_base = image * (offset_groups * taps * plane) + p
+        image_base = image * x_stride_n
+        base_y = out_y * stride_h - pad_h + (tap // KW) * dil_h
+        base_x = out_x * stride_w - pad_w + (tap % KW) * dil_w
+        a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for og in range(og_lo, og_hi + 1):
+            y0, x0, fy, fx = sample_position(
+                offset_ptr,
+                offset_base,
+                (og * taps + tap) * 2,
+                plane,
+                base_y,
+                base_x,
+                height,
+                width,
+                rows,
+                INDEX64,
+            )
+            if HAS_MASK:
+                scale = tl.load(mask_ptr + mask_base + (og * taps + tap) * plane, mask=rows)
+                scale = scale.to(tl.float32)
+            else:
+                scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+            a += bilinear_tile(
+                x_ptr,
+                image_base,
+                y0,
+                x0,
+                fy,
+                fx,
+                scale,
+                channel_offsets,
+                x_stride_h,
+                x_stride_w,
+                height,
+                width,
+                rows,
+                cols & (c_og == og),
+            )
+        g_out = tl.load(
+            grad_out_ptr
+            + (image * (out_channels * plane) + p)[:, None]
+            + _wide(group * group_out + o, INDEX64)[None, :] * plane,
+            mask=rows[:, None] & o_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(tl.trans(a.to(g_out.dtype)), g_out, acc, input_precision=PRECISION)
+    pointers = ((group * taps + tap) * group_in + c_local)[:, None] * group_out + o[None, :]
+    if ACCUMULATE:  # every split adds into one buffer
+        tl.atomic_add(
+            partial_ptr + pointers, acc, mask=cols[:, None] & o_ok[None, :], sem="relaxed"
+        )
+    else:  # every split writes its own partial sum, added up in a fixed order afterwards
+        pointers += split * (group_in * out_channels * taps)
+        tl.store(partial_ptr + pointers, acc, mask=cols[:, None] & o_ok[None, :])

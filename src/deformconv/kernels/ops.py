@@ -1,0 +1,446 @@
+"""Launchers of the Triton ``deform_conv2d`` kernels, registered as ``torch.library`` ops.
+
+``deformconv::triton_deform_conv2d`` and ``deformconv::triton_deform_conv2d_backward`` are
+``triton_op``\\ s: their bodies are plain PyTorch plus ``wrap_triton`` launches, so
+``torch.compile`` can trace into them.  Arguments are assumed checked by the public
+function; ``precision`` is ``"ieee"`` or ``"tf32"`` (how float32 operands are contracted).
+"""
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from .deform_conv2d import (
+    deform_conv2d_backward_data_kernel,
+    deform_conv2d_backward_weight_kernel,
+    deform_conv2d_forward_kernel,
+)
+
+_INT32_LIMIT = 2**31 - 1
+#: Fixed-point sums of the deterministic input gradient stay below 2**_FIXED_POINT_BITS.
+_FIXED_POINT_BITS = 61
+
+
+class _Shape(NamedTuple):
+    batch: int
+    channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel_h: int
+    kernel_w: int
+    out_h: int
+    out_w: int
+    groups: int
+    offset_groups: int
+
+    @property
+    def group_in(self) -> int:
+        return self.channels // self.groups
+
+    @property
+    def group_out(self) -> int:
+        return self.out_channels // self.groups
+
+    @property
+    def offset_group_in(self) -> int:
+        return self.channels // self.offset_groups
+
+    @property
+    def pixels(self) -> int:
+        return self.batch * self.out_h * self.out_w
+
+    @property
+    def taps(self) -> int:
+        return self.kernel_h * self.kernel_w
+
+
+def _shape(input: Tensor, offset: Tensor, weight: Tensor) -> _Shape:
+    batch, channels, height, width = input.shape
+    out_channels, group_in, kernel_h, kernel_w = weight.shape
+    return _Shape(
+        batch,
+        channels,
+        height,
+        width,
+        out_channels,
+        kernel_h,
+        kernel_w,
+        offset.shape[2],
+        offset.shape[3],
+        channels // group_in,
+        offset.shape[1] // (2 * kernel_h * kernel_w),
+    )
+
+
+def _span(tensor: Tensor) -> int:
+    """One past the largest element offset ``tensor`` addresses."""
+    return 1 + sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+
+
+def _needs_int64(*tensors: Tensor | None) -> bool:
+    return any(t is not None and _span(t) > _INT32_LIMIT for t in tensors)
+
+
+def _block(size: int, low: int, high: int) -> int:
+    """A power-of-two block between ``low`` and ``high`` that covers ``size`` if it can."""
+    return max(low, min(high, triton.next_power_of_2(max(1, size))))
+
+
+def forward_config(shape: _Shape, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch settings of the forward kernel."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    block_n = _block(shape.group_out, 16, 256 if half else 128)
+    block_k = _block(min(shape.group_in, shape.offset_group_in), 16, 32)
+    block_m = 128 if half and block_n >= 64 and shape.pixels >= 8192 else 64
+    warps = 8 if block_m * block_n >= 128 * 64 else 4
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+        "num_warps": warps,
+        "num_stages": 3 if half else 2,
+    }
+
+
+def backward_data_config(shape: _Shape, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch settings of the input/offset/mask gradient kernel."""
+    block_k = _block(min(shape.group_in, shape.offset_group_in), 16, 32)
+    block_o = _block(shape.group_out, 16, 64)
+    return {"BLOCK_M": 64, "BLOCK_O": block_o, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
+
+
+def backward_weight_config(shape: _Shape, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch settings of the weight gradient kernel."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    block_n = _block(shape.group_out, 16, 256 if half else 64)
+    block_k = _block(shape.group_in, 16, (64 if block_n > 128 else 128) if half else 64)
+    warps = 8 if block_k * block_n >= 64 * 128 else 4
+    return {
+        "BLOCK_M": 64,
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+        "num_warps": warps,
+        "num_stages": 2,
+    }
+
+
+#: Per-kernel settings that replace the heuristics above (for tuning runs).
+CONFIG_OVERRIDES: dict[str, dict] = {"forward": {}, "backward_data": {}, "backward_weight": {}}
+
+
+def _config(name: str, heuristic: dict) -> dict:
+    return {**heuristic, **CONFIG_OVERRIDES[name]}
+
+
+def _geometry_args(stride, padding, dilation) -> tuple[int, ...]:
+    return (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+
+
+def _weight_matrix(weight: Tensor, shape: _Shape) -> Tensor:
+    """``(O, gi, kh, kw)`` → contiguous ``(groups, K, gi, go)``."""
+    matrix = weight.reshape(shape.groups, shape.group_out, shape.group_in, shape.taps)
+    return matrix.permute(0, 3, 2, 1).contiguous()
+
+
+def _splits(pixel_tiles: int, tiles: int, device: torch.device) -> int:
+    """How many splits of the pixel tiles keep every multiprocessor busy in the weight
+    gradient, with at least four pixel tiles per split."""
+    if device.type != "cuda":
+        return 1
+    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(4 * processors, max(1, tiles))
+    return max(1, min(wanted, pixel_tiles // 4))
+
+
+def _tiles_per_image(shape: _Shape, block_m: int) -> int:
+    return triton.cdiv(shape.out_h * shape.out_w, block_m)
+
+
+#: Memory order of the input gradient's atomic adds ("relaxed" suffices: they commute).
+ATOMIC_SEMANTICS = "relaxed"
+
+#: Gather from a channels-last copy of the input: a tile's channels are then contiguous.
+GATHER_CHANNELS_LAST = True
+
+
+def _gather_layout(input: Tensor) -> Tensor:
+    if GATHER_CHANNELS_LAST:
+        return input.contiguous(memory_format=torch.channels_last)
+    return input
+
+
+@triton_op(
+    "deformconv::triton_deform_conv2d",
+    mutates_args=(),
+    schema="(Tensor input, Tensor offset, Tensor? mask, Tensor weight, Tensor? bias, "
+    "int[2] stride, int[2] padding, int[2] dilation, str precision) -> Tensor",
+)
+def triton_deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    precision: str,
+) -> Tensor:
+    shape = _shape(input, offset, weight)
+    out = input.new_empty(shape.batch, shape.out_channels, shape.out_h, shape.out_w)
+    if out.numel() == 0:
+        return out
+    offset = offset.contiguous()
+    mask = None if mask is None else mask.contiguous()
+    config = _config("forward", forward_config(shape, input.dtype))
+    tiles = _tiles_per_image(shape, config["BLOCK_M"])
+    grid = (
+        shape.batch * tiles,
+        shape.groups * triton.cdiv(shape.group_out, config["BLOCK_N"]),
+    )
+    input = _gather_layout(input)
+    wrap_triton(deform_conv2d_forward_kernel)[grid](
+        input,
+        offset,
+        offset if mask is None else mask,
+        _weight_matrix(weight, shape),
+        offset if bias is None else bias,
+        out,
+        tiles,
+        shape.height,
+        shape.width,
+        shape.out_w,
+        shape.out_h * shape.out_w,
+        shape.out_channels,
+        *input.stride(),
+        *_geometry_args(stride, padding, dilation),
+        shape.group_in,
+        shape.group_out,
+        shape.offset_group_in,
+        shape.offset_groups,
+        KH=shape.kernel_h,
+        KW=shape.kernel_w,
+        HAS_MASK=mask is not None,
+        HAS_BIAS=bias is not None,
+        INDEX64=_needs_int64(input, offset, mask, out),
+        PRECISION=precision,
+        **config,
+    )
+    return out
+
+
+def _fixed_point_scale(
+    grad_output: Tensor, mask: Tensor | None, weight: Tensor, shape: _Shape
+) -> Tensor:
+    """A power of two ``s`` such that ``s · Σ|contributions|`` to any input-gradient element
+    stays below ``2**_FIXED_POINT_BITS``, as a one-element float32 tensor (no host sync)."""
+    per_channel = weight.detach().abs().float()
+    per_channel = per_channel.reshape(shape.groups, shape.group_out, -1).sum(1).amax()
+    bound = grad_output.detach().abs().amax().float() * per_channel
+    if mask is not None:
+        bound = bound * mask.detach().abs().amax().float()
+    bound = bound * float(shape.out_h * shape.out_w * shape.taps)
+    exponent = torch.floor(_FIXED_POINT_BITS - torch.log2(bound)).clamp(-100.0, 100.0)
+    return torch.exp2(torch.nan_to_num(exponent, nan=0.0)).reshape(1), bound
+
+
+@triton_op(
+    "deformconv::triton_deform_conv2d_backward",
+    mutates_args=(),
+    schema="(Tensor grad_output, Tensor input, Tensor offset, Tensor? mask, Tensor weight, "
+    "int[2] stride, int[2] padding, int[2] dilation, bool[4] needs_grad, str precision, "
+    "bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def triton_deform_conv2d_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    needs_grad: Sequence[bool],
+    precision: str,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (input, offset, mask, weight, bias); an empty tensor where not needed."""
+    need_input, need_offset, need_mask, need_weight = needs_grad
+    need_mask = need_mask and mask is not None
+    shape = _shape(input, offset, weight)
+    grad_output = grad_output.contiguous()
+    offset = offset.contiguous()
+    mask = None if mask is None else mask.contiguous()
+    grad_bias = grad_output.sum((0, 2, 3), dtype=torch.float32).to(grad_output.dtype)
+    source = _gather_layout(input)
+    launch = _Launch(
+        shape=shape,
+        geometry=_geometry_args(stride, padding, dilation),
+        index64=_needs_int64(source, offset, mask, grad_output),
+        precision=precision,
+        active=shape.pixels > 0 and input.numel() > 0,
+    )
+    grad_offset = torch.empty_like(offset) if need_offset else input.new_empty(0)
+    grad_mask = torch.empty_like(mask) if need_mask else input.new_empty(0)
+    accumulator = scale = bound = None
+    if need_input:
+        if deterministic:
+            accumulator = torch.zeros_like(source, dtype=torch.int64)
+            scale, bound = _fixed_point_scale(grad_output, mask, weight, shape)
+        else:
+            accumulator = torch.zeros_like(source, dtype=torch.float32)
+    if need_input or need_offset or need_mask:
+        _launch_backward_data(
+            launch, grad_output, source, offset, mask, weight, accumulator, grad_offset,
+            grad_mask, scale,
+        )  # fmt: skip
+    grad_weight = (
+        _launch_backward_weight(launch, grad_output, source, offset, mask, weight, deterministic)
+        if need_weight
+        else input.new_empty(0)
+    )
+    del source  # the channels-last copy is not needed for the input gradient's conversion
+    grad_input = input.new_empty(0)
+    if accumulator is not None:
+        grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
+        if deterministic:
+            # Exact integer sums → float32 → times a power of two: bit-reproducible.
+            # ``bound * 0`` is 0, or NaN when the gradients hold NaN or infinity.
+            grad_input.copy_(accumulator.float().div_(scale).add_(bound * 0))
+        else:
+            grad_input.copy_(accumulator)
+    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
+
+
+class _Launch(NamedTuple):
+    """What every backward launch shares."""
+
+    shape: _Shape
+    geometry: tuple[int, ...]
+    index64: bool
+    precision: str
+    active: bool
+
+    def common(self) -> tuple[int, ...]:
+        shape = self.shape
+        return (shape.height, shape.width, shape.out_w, shape.out_h * shape.out_w,
+                shape.out_channels)  # fmt: skip
+
+    def groups(self) -> tuple[int, ...]:
+        shape = self.shape
+        return (shape.group_in, shape.group_out, shape.offset_group_in, shape.offset_groups)
+
+
+def _launch_backward_data(
+    launch: _Launch,
+    grad_output: Tensor,
+    source: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    accumulator: Tensor | None,
+    grad_offset: Tensor,
+    grad_mask: Tensor,
+    scale: Tensor | None,
+) -> None:
+    """Input (into ``accumulator``), offset and mask gradients."""
+    shape = launch.shape
+    if not launch.active:
+        grad_offset.zero_()
+        grad_mask.zero_()
+        return
+    config = _config("backward_data", backward_data_config(shape, source.dtype))
+    tiles = _tiles_per_image(shape, config["BLOCK_M"])
+    grid = (shape.batch * tiles, shape.taps, shape.offset_groups)
+    need_input = accumulator is not None
+    wrap_triton(deform_conv2d_backward_data_kernel)[grid](
+        grad_output,
+        source,
+        offset,
+        offset if mask is None else mask,
+        _weight_matrix(weight, shape),
+        accumulator if need_input else offset,
+        grad_offset if grad_offset.numel() else offset,
+        grad_mask if grad_mask.numel() else offset,
+        offset if scale is None else scale,
+        tiles,
+        *launch.common(),
+        *source.stride(),
+        *(accumulator.stride() if need_input else source.stride()),
+        *launch.geometry,
+        *launch.groups(),
+        KH=shape.kernel_h,
+        KW=shape.kernel_w,
+        HAS_MASK=mask is not None,
+        NEED_INPUT=need_input,
+        NEED_OFFSET=grad_offset.numel() > 0,
+        NEED_MASK=grad_mask.numel() > 0,
+        DETERMINISTIC=scale is not None,
+        ATOMIC_SEM=ATOMIC_SEMANTICS,
+        INDEX64=launch.index64 or (need_input and _needs_int64(accumulator)),
+        PRECISION=launch.precision,
+        **config,
+    )
+
+
+def _launch_backward_weight(
+    launch: _Launch,
+    grad_output: Tensor,
+    source: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    deterministic: bool,
+) -> Tensor:
+    shape = launch.shape
+    config = _config("backward_weight", backward_weight_config(shape, source.dtype))
+    tiles = (
+        shape.groups
+        * shape.taps
+        * triton.cdiv(shape.group_in, config["BLOCK_K"])
+        * triton.cdiv(shape.group_out, config["BLOCK_N"])
+    )
+    per_image = _tiles_per_image(shape, config["BLOCK_M"])
+    pixel_tiles = shape.batch * per_image
+    splits = _splits(pixel_tiles, tiles, source.device)
+    per_split = triton.cdiv(pixel_tiles, splits)
+    # Deterministic mode keeps one partial sum per split; otherwise the splits add atomically.
+    sums = torch.zeros(
+        splits if deterministic else 1,
+        shape.groups,
+        shape.taps,
+        shape.group_in,
+        shape.group_out,
+        dtype=torch.float32,
+        device=source.device,
+    )
+    if launch.active:
+        wrap_triton(deform_conv2d_backward_weight_kernel)[(tiles, splits)](
+            grad_output,
+            source,
+            offset,
+            offset if mask is None else mask,
+            sums,
+            pixel_tiles,
+            per_split,
+            per_image,
+            *launch.common(),
+            *source.stride(),
+            *launch.geometry,
+            *launch.groups(),
+            KH=shape.kernel_h,
+            KW=shape.kernel_w,
+            HAS_MASK=mask is not None,
+            ACCUMULATE=not deterministic,
+            INDEX64=launch.index64,
+            PRECISION=launch.precision,
+            **config,
+        )
+    return sums.sum(0).permute(0, 3, 2, 1).reshape(weight.shape).to(weight.dtype)

@@ -1,0 +1,138 @@
+"""Bilinear sampling helpers shared by the Triton deformable-convolution kernels.
+
+A sampling position is ``base + offset`` for one (output pixel, kernel tap, offset group).
+Positions one pixel or more outside the image, and NaN or infinite ones, are moved to
+``(-2, -2)``, where no corner is valid, so they sample 0 and get zero gradient.  Corners are
+valid inside the image only; loads of invalid corners are masked off, so nothing outside the
+input is ever read.  This is the rule of the torch backend, kernel for kernel.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sample_position(
+    offset_ptr,
+    offset_base,
+    offset_channel,
+    plane,
+    base_y,
+    base_x,
+    height,
+    width,
+    active,
+    INDEX64: tl.constexpr,
+):
+    """Top-left corner ``(y0, x0)`` and fractions ``(fy, fx)`` of a tile of positions.
+
+    ``offset_channel`` is the channel of Δy (Δx follows it); ``offset_base`` the pixel's
+    element offset in image-major ``offset``; ``plane`` the output plane size.  With
+    ``INDEX64`` the corners are int64, ready for addresses past 2**31.
+    """
+    if INDEX64:
+        offset_channel = offset_channel.to(tl.int64)
+        base_y = base_y.to(tl.int64)
+        base_x = base_x.to(tl.int64)
+    dy = tl.load(offset_ptr + offset_base + offset_channel * plane, mask=active, other=0.0)
+    dx = tl.load(offset_ptr + offset_base + (offset_channel + 1) * plane, mask=active, other=0.0)
+    dy = dy.to(tl.float32)
+    dx = dx.to(tl.float32)
+    # The rounded position only decides which samples are far outside (or not finite).  The
+    # corner comes from the offset alone, floor(base + Δ) = base + floor(Δ), so that it is
+    # the corner of the exact position even where base + Δ does not round exactly.
+    y = base_y.to(tl.float32) + dy
+    x = base_x.to(tl.float32) + dx
+    near = (y > -2.0) & (y < height + 1.0) & (x > -2.0) & (x < width + 1.0)
+    dy = tl.where(near, dy, 0.0)
+    dx = tl.where(near, dx, 0.0)
+    dy_low = tl.floor(dy)
+    dx_low = tl.floor(dx)
+    y0 = tl.where(near, base_y + dy_low.to(base_y.dtype), -2)
+    x0 = tl.where(near, base_x + dx_low.to(base_x.dtype), -2)
+    return y0, x0, dy - dy_low, dx - dx_low
+
+
+@triton.jit
+def load_corner(
+    x_ptr, image_base, yy, xx, channel_offsets, stride_h, stride_w, height, width, rows, cols
+):
+    """``(BLOCK_M, BLOCK_K)`` input values at rows ``yy`` and columns ``xx`` (0 outside)."""
+    inside = rows & (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+    pointers = x_ptr + (image_base + yy * stride_h + xx * stride_w)[:, None]
+    pointers += channel_offsets[None, :]
+    values = tl.load(pointers, mask=inside[:, None] & cols[None, :], other=0.0)
+    return values.to(tl.float32)
+
+
+@triton.jit
+def corner_mask(yy, xx, height, width, rows):
+    """Which rows of a tile have a valid corner at ``(yy, xx)``."""
+    return rows & (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+
+
+@triton.jit
+def bilinear_tile(
+    x_ptr,
+    image_base,
+    y0,
+    x0,
+    fy,
+    fx,
+    scale,
+    channel_offsets,
+    stride_h,
+    stride_w,
+    height,
+    width,
+    rows,
+    cols,
+):
+    """``(BLOCK_M, BLOCK_K)`` bilinear samples at ``(y0 + fy, x0 + fx)``, times ``scale``."""
+    v00 = load_corner(
+        x_ptr, image_base, y0, x0, channel_offsets, stride_h, stride_w, height, width, rows, cols
+    )
+    v01 = load_corner(
+        x_ptr,
+        image_base,
+        y0,
+        x0 + 1,
+        channel_offsets,
+        stride_h,
+        stride_w,
+        height,
+        width,
+        rows,
+        cols,
+    )
+    v10 = load_corner(
+        x_ptr,
+        image_base,
+        y0 + 1,
+        x0,
+        channel_offsets,
+        stride_h,
+        stride_w,
+        height,
+        width,
+        rows,
+        cols,
+    )
+    v11 = load_corner(
+        x_ptr,
+        image_base,
+        y0 + 1,
+        x0 + 1,
+        channel_offsets,
+        stride_h,
+        stride_w,
+        height,
+        width,
+        rows,
+        cols,
+    )
+    gy = 1.0 - fy
+    gx = 1.0 - fx
+    top = v00 * gx[:, None] + v01 * fx[:, None]
+    bottom = v10 * gx[:, None] + v11 * fx[:, None]
+    return (top * gy[:, None] + bottom * fy[:, None]) * scale[:, None]

@@ -1,0 +1,210 @@
+"""The Triton backend against the float64 reference: forward and every gradient.
+
+Without a GPU the kernels run in Triton's CPU interpreter (see ``conftest.py``), on small
+shapes, in float32 and float16; bfloat16 and the CUDA-only paths are in ``test_triton_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import deformconv
+from cases import LOPSIDED, Config, call, make_inputs, output_and_grads
+from deformconv.backends import triton_backend
+from triton_cases import DEVICE, TOLERANCES, errors, on_device, relative_error
+
+DTYPES = [torch.float32, torch.float16]
+# Channels that need several blocks, weight groups and offset groups that straddle each other.
+WIDE = Config(
+    batch=2, channels=40, height=11, width=13, out_channels=36, kernel=(3, 3),
+    stride=(1, 2), padding=(1, 2), dilation=(1, 2), weight_groups=2, offset_groups=4,
+)  # fmt: skip
+
+
+def triton_deform_conv2d(*args, **kwargs):
+    with deformconv.use_backend("triton"):
+        return deformconv.deform_conv2d(*args, **kwargs)
+
+
+def assert_within_tolerance(result: dict, dtype: torch.dtype) -> None:
+    for name, error in result.items():
+        assert error <= TOLERANCES[dtype], f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(LOPSIDED))
+def test_matches_float64_reference(name, dtype):
+    assert_within_tolerance(errors(triton_deform_conv2d, LOPSIDED[name], dtype), dtype)
+
+
+@pytest.mark.parametrize("offsets", ["integer", "zero"])
+def test_matches_reference_at_integer_positions(offsets):
+    config = LOPSIDED["straddling-groups"]
+    result = errors(triton_deform_conv2d, config, torch.float32, offsets=offsets)
+    assert_within_tolerance(result, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_many_channel_blocks(dtype):
+    assert_within_tolerance(errors(triton_deform_conv2d, WIDE, dtype, seed=1), dtype)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"forward": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16}},
+        {"backward_data": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_O": 16}},
+        {"backward_weight": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16}},
+    ],
+    ids=["forward", "backward-data", "backward-weight"],
+)
+def test_small_tiles_give_the_same_results(monkeypatch, overrides):
+    from deformconv.kernels import ops
+
+    for kernel, config in overrides.items():
+        monkeypatch.setitem(ops.CONFIG_OVERRIDES, kernel, config)
+    assert_within_tolerance(errors(triton_deform_conv2d, WIDE, torch.float32), torch.float32)
+
+
+def test_64_bit_indexing_gives_the_same_results(monkeypatch):
+    from deformconv.kernels import ops
+
+    config = LOPSIDED["batch-3"]
+    tensors = on_device(make_inputs(config, dtype=torch.float32, seed=3), torch.float32)
+    expected, expected_grads = output_and_grads(triton_deform_conv2d, tensors, config)
+    monkeypatch.setattr(ops, "_INT32_LIMIT", 8)  # every tensor takes the int64 path
+    assert ops._needs_int64(tensors["input"])
+    actual, actual_grads = output_and_grads(triton_deform_conv2d, tensors, config)
+    # The same sums, up to the order of the atomic adds.
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(actual_grads[name], grad, atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("gather_channels_last", [True, False])
+def test_non_contiguous_and_channels_last_inputs(monkeypatch, gather_channels_last):
+    from deformconv.kernels import ops
+
+    monkeypatch.setattr(ops, "GATHER_CHANNELS_LAST", gather_channels_last)
+    config = LOPSIDED["batch-3"]
+    tensors = on_device(make_inputs(config, dtype=torch.float32, seed=2), torch.float32)
+    expected, expected_grads = output_and_grads(deformconv.deform_conv2d, tensors, config)
+    twisted = {
+        name: None
+        if tensor is None
+        else (
+            tensor.detach().transpose(0, -1).contiguous().transpose(0, -1).requires_grad_(True)
+            if tensor.dim() > 1
+            else tensor.detach().repeat(2)[::2].requires_grad_(True)
+        )
+        for name, tensor in tensors.items()
+    }
+    twisted["input"] = tensors["input"].detach().to(memory_format=torch.channels_last)
+    twisted["input"].requires_grad_(True)
+    actual, actual_grads = output_and_grads(triton_deform_conv2d, twisted, config)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(actual_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_deterministic_mode_is_bit_identical_and_exact():
+    config = WIDE
+    tensors = on_device(make_inputs(config, dtype=torch.float32, seed=6), torch.float32)
+    _, fast = output_and_grads(triton_deform_conv2d, tensors, config)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, first = output_and_grads(triton_deform_conv2d, tensors, config)
+        _, second = output_and_grads(triton_deform_conv2d, tensors, config)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+        assert relative_error(first[name], fast[name].cpu().double()) < 1e-6, name
+
+
+def test_deterministic_mode_propagates_nan_gradients():
+    config = LOPSIDED["straddling-groups"]
+    tensors = on_device(make_inputs(config, dtype=torch.float32), torch.float32)
+    out = call(triton_deform_conv2d, tensors, config)
+    projection = torch.ones_like(out)
+    projection[0, 0, 0, 0] = float("nan")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        (grad_input,) = torch.autograd.grad(out, tensors["input"], projection)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.isnan(grad_input).any()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e30])
+def test_non_finite_offsets_sample_zero(bad):
+    config = LOPSIDED["straddling-groups"]
+    tensors = on_device(make_inputs(config, dtype=torch.float32), torch.float32)
+    with torch.no_grad():
+        tensors["offset"][:, 0] = bad
+    out, grads = output_and_grads(triton_deform_conv2d, tensors, config)
+    with deformconv.use_backend("torch"):
+        expected, expected_grads = output_and_grads(deformconv.deform_conv2d, tensors, config)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for name, grad in expected_grads.items():
+        assert torch.isfinite(grads[name]).all(), name
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_float64_falls_back_to_torch_with_one_warning(monkeypatch):
+    monkeypatch.setattr(triton_backend, "_warned", set())
+    config = LOPSIDED["no-mask-no-bias"]
+    tensors = on_device(make_inputs(config, requires_grad=False), torch.float64)
+    with deformconv.use_backend("torch"):
+        expected = call(deformconv.deform_conv2d, tensors, config)
+    with pytest.warns(RuntimeWarning, match="float64"):
+        actual = call(triton_deform_conv2d, tensors, config)
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(triton_deform_conv2d, tensors, config)  # the same reason warns only once
+
+
+def test_cpu_tensors_without_the_interpreter_fall_back(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_backend, "_warned", set())
+    config = LOPSIDED["no-mask-no-bias"]
+    tensors = make_inputs(config, dtype=torch.float32, requires_grad=False)
+    with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET=1"):
+        actual = call(triton_deform_conv2d, tensors, config)
+    with deformconv.use_backend("torch"):
+        torch.testing.assert_close(actual, call(deformconv.deform_conv2d, tensors, config))
+
+
+def test_float32_precision_follows_pytorch_settings():
+    x = torch.zeros(1, device=DEVICE)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert triton_backend.float32_precision(x) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        expected = "tf32x3" if DEVICE.type == "cuda" else "ieee"
+        assert triton_backend.float32_precision(x) == expected
+        assert triton_backend.float32_precision(x.half()) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_corner_of_positions_that_round_across_an_integer():
+    # x = 100 + Δ with Δ = -1e-6 rounds to 100.0 in float32; the corners must be those of 99.
+    config = Config(
+        batch=1, channels=2, height=3, width=128, out_channels=2, kernel=(1, 1), stride=(1, 1),
+        padding=(0, 0), dilation=(1, 1), weight_groups=1, offset_groups=1, use_mask=False,
+    )  # fmt: skip
+    tensors = make_inputs(config, dtype=torch.float32, offsets="zero", requires_grad=False)
+    tensors["offset"][:, 1] = -1e-6
+    assert_within_tolerance(
+        errors(triton_deform_conv2d, config, torch.float32, tensors=tensors), torch.float32
+    )

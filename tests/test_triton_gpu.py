@@ -1,0 +1,166 @@
+"""The Triton backend on a CUDA device: bfloat16, autocast, determinism, 64-bit indexing,
+``torch.compile`` and ``opcheck``.  Skipped without a GPU (the interpreter covers the rest)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+import deformconv
+from cases import LOPSIDED, Config, call, make_inputs, output_and_grads
+from deformconv.backends import select, triton_backend
+from triton_cases import TOLERANCES, errors, on_device
+
+CUDA = torch.device("cuda")
+
+
+def test_auto_selects_triton_for_cuda_tensors():
+    assert select(CUDA) is triton_backend
+
+
+@pytest.mark.parametrize("name", list(LOPSIDED))
+def test_bfloat16_matches_float64_reference(name):
+    for label, error in errors(deformconv.deform_conv2d, LOPSIDED[name], torch.bfloat16).items():
+        assert error <= TOLERANCES[torch.bfloat16], f"{label}: {error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_runs_in_the_autocast_dtype(dtype):
+    config = LOPSIDED["straddling-groups"]
+    tensors = on_device(make_inputs(config, dtype=torch.float32), torch.float32)
+    with torch.autocast("cuda", dtype=dtype):
+        out, grads = output_and_grads(deformconv.deform_conv2d, tensors, config)
+    assert out.dtype == dtype
+    # The same as casting by hand: the op ran in the autocast dtype, not upcast.
+    cast = {n: None if t is None else t.detach().to(dtype) for n, t in tensors.items()}
+    torch.testing.assert_close(out, call(deformconv.deform_conv2d, cast, config))
+    for grad in grads.values():
+        assert grad.dtype == torch.float32  # gradients come back in the leaves' dtype
+
+
+def test_tf32_only_when_allowed():
+    config = Config(batch=2, channels=64, height=12, width=12, out_channels=64, kernel=(3, 3),
+                    stride=(1, 1), padding=(1, 1), dilation=(1, 1), weight_groups=1,
+                    offset_groups=1)  # fmt: skip
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        exact = errors(deformconv.deform_conv2d, config, torch.float32)
+        torch.set_float32_matmul_precision("high")
+        tf32 = errors(deformconv.deform_conv2d, config, torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert max(exact.values()) <= 1e-5, exact
+    assert max(tf32.values()) <= 5e-4, tf32
+    # TF32 products round differently: the results must differ somewhere.
+    assert tf32 != exact
+
+
+def test_deterministic_gradients_are_bit_identical():
+    config = Config(batch=4, channels=64, height=24, width=24, out_channels=64, kernel=(3, 3),
+                    stride=(1, 1), padding=(1, 1), dilation=(1, 1), weight_groups=1,
+                    offset_groups=2)  # fmt: skip
+    tensors = on_device(make_inputs(config, dtype=torch.float32, seed=9), torch.float32)
+    # Offsets that pile many samples onto the same pixels: atomic order matters most there.
+    with torch.no_grad():
+        tensors["offset"].mul_(0.1).add_(3.0)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [output_and_grads(deformconv.deform_conv2d, tensors, config)[1] for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name in runs[0]:
+        assert all(torch.equal(runs[0][name], run[name]) for run in runs[1:]), name
+
+
+def test_more_than_2_to_the_31_elements():
+    # 64 · 5800 · 5800 > 2**31 input elements: addresses need 64 bits.  Compare the last rows
+    # with the same computation on a crop that fits 32-bit indexing.
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    height = width = 5800
+    x = torch.randn(1, 64, height, width, device=CUDA, dtype=torch.float16, generator=generator)
+    assert x.numel() > 2**31
+    weight = torch.randn(16, 64, 3, 3, device=CUDA, dtype=torch.float16, generator=generator)
+    offset = torch.rand(1, 18, height, width, device=CUDA, dtype=torch.float16, generator=generator)
+    offset = offset.sub_(0.5)
+    for tensor in (x, weight, offset):
+        tensor.requires_grad_(True)
+    out = deformconv.deform_conv2d(x, offset, weight, padding=1)
+    grad_x, grad_offset = torch.autograd.grad(out, (x, offset), torch.ones_like(out))
+    rows = slice(height - 8, height)
+    crop_x = x.detach()[:, :, rows].clone().requires_grad_(True)
+    crop_offset = offset.detach()[:, :, rows].clone().requires_grad_(True)
+    crop_out = deformconv.deform_conv2d(crop_x, crop_offset, weight, padding=1)
+    crop_grad_x, crop_grad_offset = torch.autograd.grad(
+        crop_out, (crop_x, crop_offset), torch.ones_like(crop_out)
+    )
+    torch.testing.assert_close(out[:, :, height - 6 : height - 2], crop_out[:, :, 2:6])
+    torch.testing.assert_close(grad_x[:, :, height - 5 : height - 3], crop_grad_x[:, :, 3:5])
+    torch.testing.assert_close(
+        grad_offset[:, :, height - 6 : height - 2], crop_grad_offset[:, :, 2:6]
+    )
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_torch_compile_fullgraph(modulated):
+    torch._dynamo.reset()
+    layer = deformconv.DeformableConv2d(16, 16, 3, padding=1, modulated=modulated).to(CUDA)
+    with torch.no_grad():
+        layer.conv_offset.weight.normal_(std=0.1)
+    x = torch.randn(2, 16, 12, 12, device=CUDA, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+    compiled(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_triton_op_compiles_with_inductor():
+    torch._dynamo.reset()
+    config = LOPSIDED["straddling-groups"]
+    tensors = on_device(
+        make_inputs(config, dtype=torch.float32, requires_grad=False), torch.float32
+    )
+
+    def run(input, offset, mask, weight, bias):
+        out = torch.ops.deformconv.triton_deform_conv2d(
+            input,
+            offset,
+            mask,
+            weight,
+            bias,
+            config.stride,
+            config.padding,
+            config.dilation,
+            "ieee",
+        )
+        return out.relu()
+
+    args = [tensors[n] for n in ("input", "offset", "mask", "weight", "bias")]
+    torch.testing.assert_close(torch.compile(run, fullgraph=True)(*args), run(*args))
+
+
+@pytest.mark.parametrize("name", ["straddling-groups", "batch-0"])
+def test_opcheck_on_cuda(name):
+    config = LOPSIDED[name]
+    tensors = on_device(make_inputs(config, dtype=torch.float32), torch.float32)
+    args = (
+        tensors["input"], tensors["offset"], tensors["mask"], tensors["weight"], tensors["bias"],
+        list(config.stride), list(config.padding), list(config.dilation),
+    )  # fmt: skip
+    torch.library.opcheck(torch.ops.deformconv.deform_conv2d.default, args)
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.deformconv.triton_deform_conv2d.default, (*plain, "ieee"))
+
+
+def test_layer_matches_torch_backend_on_cuda():
+    config = LOPSIDED["batch-3"]
+    tensors = on_device(make_inputs(config, dtype=torch.float32), torch.float32)
+    actual = call(deformconv.deform_conv2d, tensors, config)
+    with deformconv.use_backend("torch"):
+        expected = call(deformconv.deform_conv2d, tensors, config)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)

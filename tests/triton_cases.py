@@ -1,0 +1,59 @@
+"""Helpers shared by the Triton backend's tests: run on CUDA when present, else interpreted."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cases import Config, make_inputs, output_and_grads
+from reference import deform_conv2d_reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+#: ‖actual − float64 reference‖ / ‖reference‖, for the output and every gradient.
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    actual = actual.detach().cpu().double()
+    scale = expected.norm().item()
+    difference = (actual - expected).norm().item()
+    return difference / scale if scale > 0 else difference
+
+
+def on_device(tensors: dict, dtype: torch.dtype) -> dict:
+    return {
+        name: None
+        if tensor is None
+        else tensor.detach().to(DEVICE, dtype).requires_grad_(tensor.requires_grad)
+        for name, tensor in tensors.items()
+    }
+
+
+def reference_results(
+    config: Config, dtype: torch.dtype, offsets: str = "random", seed: int = 0, tensors=None
+):
+    """Inputs rounded to ``dtype`` and the float64 reference results on those very values."""
+    if tensors is None:
+        tensors = make_inputs(config, offsets=offsets, seed=seed, requires_grad=False)
+    rounded = {
+        name: None if t is None else t.to(dtype).double().requires_grad_(True)
+        for name, t in tensors.items()
+    }
+    return rounded, output_and_grads(
+        deform_conv2d_reference, rounded, config, projection_dtype=dtype
+    )
+
+
+def errors(
+    fn, config: Config, dtype: torch.dtype, offsets: str = "random", seed: int = 0, tensors=None
+):
+    """Relative errors of ``fn`` on ``DEVICE`` in ``dtype``: output first, then gradients.
+    The inputs are drawn for ``config`` unless ``tensors`` gives them."""
+    rounded, (expected, expected_grads) = reference_results(config, dtype, offsets, seed, tensors)
+    actual, actual_grads = output_and_grads(fn, on_device(rounded, dtype), config)
+    assert actual.dtype == dtype and actual.device.type == DEVICE.type
+    result = {"output": relative_error(actual, expected)}
+    for name, grad in expected_grads.items():
+        assert actual_grads[name].dtype == dtype, name
+        result[name] = relative_error(actual_grads[name], grad)
+    return result
