@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml requirements/dev.txt
 	touch $@
 
 demo: setup
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/deformconv demo
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks examples

@@ -1,4 +1,5 @@
-"""Build a DeformableConv2d, run forward and backward on the CPU, check it against float64."""
+"""An API example: build a DeformableConv2d, run forward and backward on the CPU, and check
+it against float64.  (The main job is `deformconv demo`.)"""
 
 from __future__ import annotations
 

@@ -7,13 +7,19 @@ The catalogue:
 * :class:`DeformConv2d` -- the layer that takes offsets as input (torchvision's layout).
 * :class:`DeformableConv2d` -- the self-contained layer that predicts its own offsets
   (mmcv's ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack`` layout).
+* :func:`convert_to_deformable`, :func:`offset_parameters`, :func:`deformable_layers` -- turn
+  the convolutions of any model into deformable ones and train their offset predictors.
 * :func:`set_backend`, :func:`get_backend`, :func:`use_backend`, :func:`available_backends`
   -- which implementation runs the op.
+
+``deformconv.viz`` draws learned sampling locations (needs matplotlib), ``deformconv.demo``
+is the scaled-digits experiment behind the ``deformconv`` command.
 """
 
 from __future__ import annotations
 
 from .backends import available_backends, get_backend, set_backend, use_backend
+from .convert import convert_to_deformable, deformable_layers, offset_parameters
 from .deform_conv2d import DeformConv2d, deform_conv2d
 from .deformable_conv2d import DeformableConv2d
 
@@ -24,8 +30,11 @@ __all__ = [
     "DeformableConv2d",
     "__version__",
     "available_backends",
+    "convert_to_deformable",
     "deform_conv2d",
+    "deformable_layers",
     "get_backend",
+    "offset_parameters",
     "set_backend",
     "use_backend",
 ]

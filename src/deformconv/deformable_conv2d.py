@@ -16,9 +16,11 @@ class DeformableConv2d(_DeformConvLayer):
 
     A zero-initialised ``conv_offset`` (an :class:`torch.nn.Conv2d` with the layer's kernel
     size, stride, padding and dilation) predicts ``2·G·K`` offset channels, followed by
-    ``G·K`` mask logits when ``modulated=True`` (mask = sigmoid of them), for ``G`` offset
-    groups and ``K = kernel_h·kernel_w`` taps.  A fresh v1 layer therefore computes exactly
-    ``F.conv2d`` with its own weight; a fresh v2 layer computes half of it (sigmoid(0) = 0.5).
+    ``G·K`` mask logits when ``modulated=True`` (mask = ``mask_scale`` · sigmoid of them), for
+    ``G`` offset groups and ``K = kernel_h·kernel_w`` taps.  A fresh v1 layer therefore
+    computes exactly ``F.conv2d`` with its own weight; a fresh v2 layer computes
+    ``mask_scale / 2`` of it (sigmoid(0) = 0.5): half with the default ``mask_scale=1``, all of
+    it with ``mask_scale=2``, which :func:`deformconv.convert_to_deformable` uses.
 
     Channel layout and ``state_dict`` keys (``weight``, ``bias``, ``conv_offset.weight``,
     ``conv_offset.bias``) are those of mmcv's ``DeformConv2dPack`` (v1) and
@@ -34,6 +36,8 @@ class DeformableConv2d(_DeformConvLayer):
         offset_groups (int): groups of input channels that share one set of offsets. Default: 1.
         bias (bool): add a learnable bias to the output. Default: True.
         modulated (bool): predict a mask too (deformable convolution v2). Default: False.
+        mask_scale (float): factor on the predicted mask, whose range is then
+            ``(0, mask_scale)``. Default: 1 (mmcv's mask).
 
     Shape:
         - input: ``(N, in_channels, H, W)``
@@ -61,6 +65,7 @@ class DeformableConv2d(_DeformConvLayer):
         offset_groups: int = 1,
         bias: bool = True,
         modulated: bool = False,
+        mask_scale: float = 1.0,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -77,7 +82,10 @@ class DeformableConv2d(_DeformConvLayer):
             device=device,
             dtype=dtype,
         )
+        if not modulated and mask_scale != 1.0:
+            raise ValueError(f"mask_scale applies to modulated layers only, got {mask_scale}")
         self.modulated = modulated
+        self.mask_scale = float(mask_scale)
         factory = {"device": device, "dtype": dtype}
         taps = self.kernel_size[0] * self.kernel_size[1]
         self.conv_offset = nn.Conv2d(
@@ -104,11 +112,15 @@ class DeformableConv2d(_DeformConvLayer):
         if not self.modulated:
             return prediction, None
         offset_channels = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
-        return prediction[:, :offset_channels], prediction[:, offset_channels:].sigmoid()
+        mask = prediction[:, offset_channels:].sigmoid()
+        if self.mask_scale != 1.0:
+            mask = mask * self.mask_scale
+        return prediction[:, :offset_channels], mask
 
     def forward(self, input: Tensor) -> Tensor:
         offset, mask = self.offset_and_mask(input)
         return self._deform_conv(input, offset, mask)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", modulated=True" if self.modulated else "")
+        text = super().extra_repr() + (", modulated=True" if self.modulated else "")
+        return text + (f", mask_scale={self.mask_scale:g}" if self.mask_scale != 1.0 else "")

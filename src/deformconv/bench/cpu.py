@@ -1,0 +1,264 @@
+"""CPU benchmark: deformconv against torchvision (when importable) and nn.Conv2d.
+
+Times forward and forward+backward of each implementation side by side in one process,
+interleaved, median of repeats; measures the extra peak memory of one forward+backward per
+implementation in a separate process each.  Prints a Markdown table and writes CSV.
+
+torchvision does not import beside every torch build; to include it, run this script from an
+environment with a matching pair, e.g. ``pip install torch==2.14.1 torchvision==0.29.1`` in a
+separate virtual environment plus ``pip install -e .`` of this repository.
+
+    deformconv bench --cpu                            # standard shapes
+    deformconv bench --cpu --quick --csv out.csv      # two shapes, fewer repeats
+    python benchmarks/bench_cpu.py [same arguments]   # the same from a source tree
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import deformconv
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    channels: int
+    out_channels: int
+    size: int
+    kernel: int = 3
+    stride: int = 1
+    offset_groups: int = 1
+
+    @property
+    def padding(self) -> int:
+        return self.kernel // 2
+
+    @property
+    def label(self) -> str:
+        text = f"N={self.batch} C={self.channels}→{self.out_channels} {self.size}² k{self.kernel}"
+        if self.stride != 1:
+            text += f" s{self.stride}"
+        if self.offset_groups != 1:
+            text += f" G={self.offset_groups}"
+        return text
+
+
+STANDARD = [
+    Shape(2, 64, 64, 56),
+    Shape(8, 64, 64, 32),
+    Shape(1, 256, 256, 14),
+    Shape(8, 128, 128, 28, stride=2),
+    Shape(2, 32, 32, 64, kernel=5),
+    Shape(2, 256, 256, 28, kernel=1),
+    Shape(2, 64, 64, 56, offset_groups=4),
+]
+QUICK = STANDARD[:2]
+
+
+def implementations() -> dict:
+    impls = {"deformconv": deformconv.deform_conv2d}
+    try:
+        import torchvision.ops
+
+        impls["torchvision"] = torchvision.ops.deform_conv2d
+    except Exception:  # torchvision missing or built for another torch
+        pass
+    return impls
+
+
+def make_inputs(shape: Shape, dtype=torch.float32, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    out_size = (shape.size + 2 * shape.padding - shape.kernel) // shape.stride + 1
+    taps = shape.kernel * shape.kernel
+    g = shape.offset_groups
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=generator) * scale).to(dtype).requires_grad_(True)
+
+    return {
+        "input": randn(shape.batch, shape.channels, shape.size, shape.size),
+        "offset": randn(shape.batch, 2 * g * taps, out_size, out_size, scale=2.0),
+        "mask": torch.rand(shape.batch, g * taps, out_size, out_size, generator=generator)
+        .to(dtype)
+        .requires_grad_(True),
+        "weight": randn(shape.out_channels, shape.channels, shape.kernel, shape.kernel, scale=0.05),
+        "bias": randn(shape.out_channels),
+    }
+
+
+def runner(name: str, shape: Shape, tensors: dict, backward: bool):
+    impls = implementations()
+
+    def deform():
+        return impls[name](
+            tensors["input"],
+            tensors["offset"],
+            tensors["weight"],
+            tensors["bias"],
+            stride=shape.stride,
+            padding=shape.padding,
+            mask=tensors["mask"],
+        )
+
+    def conv():
+        return F.conv2d(
+            tensors["input"],
+            tensors["weight"],
+            tensors["bias"],
+            stride=shape.stride,
+            padding=shape.padding,
+        )
+
+    call = conv if name == "nn.Conv2d" else deform
+    if backward:
+
+        def run():
+            call().sum().backward()
+    else:
+
+        def run():
+            with torch.no_grad():
+                call()
+
+    return run
+
+
+def time_shapes(shapes: list[Shape], repeats: int) -> list[dict]:
+    rows = []
+    names = [*implementations(), "nn.Conv2d"]
+    for shape in shapes:
+        tensors = make_inputs(shape)
+        for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+            runs = {name: runner(name, shape, tensors, backward) for name in names}
+            for run in runs.values():
+                run()  # warm-up
+            times: dict[str, list[float]] = {name: [] for name in names}
+            for _ in range(repeats):  # interleaved, so drifts hit every implementation alike
+                for name, run in runs.items():
+                    start = time.perf_counter()
+                    run()
+                    times[name].append(time.perf_counter() - start)
+            for name in names:
+                median = statistics.median(times[name]) * 1e3
+                rows.append({"shape": shape.label, "mode": mode, "impl": name, "ms": median})
+                print(f"  {shape.label:<32} {mode:<8} {name:<12} {median:9.2f} ms", flush=True)
+    return rows
+
+
+def peak_memory_mib(name: str, shape: Shape) -> float:
+    """Extra peak resident memory of one forward+backward, measured in a fresh process."""
+    code = (
+        "import json; import deformconv.bench.cpu as b; "
+        f"print(json.dumps(b._measure_in_process({name!r}, b.Shape(**{asdict(shape)!r}))))"
+    )
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(deformconv.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _measure_in_process(name: str, shape: Shape) -> float:
+    tensors = make_inputs(shape)
+    run = runner(name, shape, tensors, backward=True)
+    run()  # the first call maps libraries and thread pools, which are not the op's memory
+    for tensor in tensors.values():
+        tensor.grad = None
+    # Writing 5 to clear_refs resets the peak-RSS mark (VmHWM) to the current RSS (Linux).
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = _status_kib("VmRSS")
+    run()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
+
+
+def markdown(rows: list[dict], memory: dict) -> str:
+    names = list(dict.fromkeys(row["impl"] for row in rows))
+    lines = [
+        "| shape | mode | " + " | ".join(names) + " | deformconv speed-up |",
+        "|---|---|" + "---|" * len(names) + "---|",
+    ]
+    keys = list(dict.fromkeys((row["shape"], row["mode"]) for row in rows))
+    for shape, mode in keys:
+        ms = {r["impl"]: r["ms"] for r in rows if (r["shape"], r["mode"]) == (shape, mode)}
+        other = ms.get("torchvision")
+        speedup = f"{other / ms['deformconv']:.1f}× vs torchvision" if other else "—"
+        cells = " | ".join(f"{ms[name]:.1f} ms" for name in names)
+        lines.append(f"| {shape} | {mode} | {cells} | {speedup} |")
+    if memory:
+        lines += ["", "| shape | " + " | ".join(memory) + " |", "|---|" + "---|" * len(memory)]
+        shapes = next(iter(memory.values())).keys()
+        for shape in shapes:
+            cells = " | ".join(f"{memory[name][shape]:.0f} MiB" for name in memory)
+            lines.append(f"| {shape} (extra peak RSS, fwd+bwd) | {cells} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="deformconv bench --cpu", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="two shapes, fewer repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
+    parser.add_argument("--csv", default=None, help="write the timings to this CSV file")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    args = parser.parse_args(argv)
+    shapes = QUICK if args.quick else STANDARD
+    repeats = args.repeats or (3 if args.quick else 7)
+    print(f"# {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
+    rows = time_shapes(shapes, repeats)
+    memory: dict[str, dict[str, float]] = {}
+    if not args.no_memory:
+        memory_shape = Shape(4, 128, 128, 48)
+        for name in [*implementations(), "nn.Conv2d"]:
+            memory[name] = {memory_shape.label: peak_memory_mib(name, memory_shape)}
+    print()
+    print(markdown(rows, memory))
+    if args.csv:
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["shape", "mode", "impl", "ms"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

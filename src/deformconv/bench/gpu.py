@@ -1,0 +1,404 @@
+"""GPU benchmark: deformconv's Triton kernels against torchvision and cuDNN's convolution.
+
+Times forward and forward+backward with ``triton.testing.do_bench`` (median), measures the
+extra peak memory of one forward+backward (beyond inputs and ``grad_output``) and the
+relative error of the output and every gradient against the float64 computation on the same
+rounded inputs.  Also reports the first call of each shape (compilation included) and the
+cost of deterministic mode.  Every step is bounded by ``--budget`` seconds in all; progress is
+printed with timestamps.  Writes a Markdown table (``--out``) and CSV (``--csv``).
+
+    deformconv bench --gpu --out gpu.md
+    deformconv bench --gpu --quick       # the first shape, bfloat16 and float16
+    deformconv bench --gpu --tune        # also sweep tile sizes at the first shape
+    python benchmarks/bench_gpu.py [same arguments]   # the same from a source tree
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import deformconv
+
+START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - START:6.1f}s] {message}",
+          flush=True)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    channels: int
+    size: int
+
+    @property
+    def label(self) -> str:
+        return f"N={self.batch} C={self.channels}→{self.channels} {self.size}²"
+
+
+STANDARD = [Shape(8, 256, 64), Shape(16, 128, 96), Shape(8, 512, 32), Shape(2, 64, 200)]
+#: "fp32" contracts float32 exactly; "tf32" lets PyTorch (and so deformconv) use TF32.
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "tf32": torch.float32,
+}
+
+
+def make_inputs(shape: Shape, seed: int = 0) -> dict[str, torch.Tensor]:
+    """float64 inputs on the GPU: DCNv2 with mask, 3×3, padding 1, offsets of a few pixels."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    n, c, s = shape.batch, shape.channels, shape.size
+
+    def randn(*size, scale=1.0):
+        return torch.randn(*size, generator=g, device="cuda", dtype=torch.float64) * scale
+
+    return {
+        "input": randn(n, c, s, s),
+        "offset": randn(n, 18, s, s, scale=2.0),
+        "mask": torch.rand(n, 9, s, s, generator=g, device="cuda", dtype=torch.float64),
+        "weight": randn(c, c, 3, 3, scale=1 / math.sqrt(9 * c)),
+        "bias": randn(c),
+        "grad": randn(n, c, s, s),
+    }
+
+
+def deformconv_fn(x, offset, mask, weight, bias):
+    return deformconv.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
+
+
+def torchvision_fn():
+    try:
+        import torchvision.ops
+    except Exception:  # missing, or built for another torch
+        return None
+
+    def run(x, offset, mask, weight, bias):
+        return torchvision.ops.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
+
+    return run
+
+
+def conv_fn(x, offset, mask, weight, bias):
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+def cast(tensors: dict, dtype: torch.dtype) -> dict:
+    return {name: t.to(dtype).requires_grad_(name != "grad") for name, t in tensors.items()}
+
+
+def runners(fn, tensors: dict):
+    names = ("input", "offset", "mask", "weight", "bias")
+    args = [tensors[n] for n in names]
+
+    def forward():
+        with torch.no_grad():
+            return fn(*args)
+
+    def forward_backward():
+        out = fn(*args)
+        used = [a for a in args if a.requires_grad]
+        return torch.autograd.grad(out, used, tensors["grad"], allow_unused=True)
+
+    return forward, forward_backward
+
+
+def peak_extra_mib(run) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = run()
+    torch.cuda.synchronize()
+    del result
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def relative_errors(fn, tensors: dict, reference: tuple) -> tuple[float, float]:
+    """(output error, largest gradient error) against the float64 results."""
+    args = [tensors[n] for n in ("input", "offset", "mask", "weight", "bias")]
+    out = fn(*args)
+    grads = torch.autograd.grad(out, args, tensors["grad"])
+    errors = [
+        ((a.double() - b).norm() / b.norm()).item()
+        for a, b in zip((out, *grads), reference, strict=True)
+    ]
+    return errors[0], max(errors[1:])
+
+
+def float64_reference(tensors: dict) -> tuple:
+    exact = {n: t.detach().double().requires_grad_(n != "grad") for n, t in tensors.items()}
+    args = [exact[n] for n in ("input", "offset", "mask", "weight", "bias")]
+    with deformconv.use_backend("torch"):
+        out = deformconv_fn(*args)
+        grads = torch.autograd.grad(out, args, exact["grad"])
+    return tuple(t.detach() for t in (out, *grads))
+
+
+def bench(run) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(run, warmup=25, rep=100, return_mode="median")
+
+
+def measure(shapes, dtypes, budget: float, with_errors: bool) -> list[dict]:
+    impls = {"deformconv": deformconv_fn, "torchvision": torchvision_fn(), "cuDNN conv2d": conv_fn}
+    rows = []
+    for shape in shapes:
+        base = make_inputs(shape)
+        for dtype_name in dtypes:
+            if time.perf_counter() - START > budget:
+                log(f"budget spent: skipping {shape.label} {dtype_name}")
+                continue
+            dtype = DTYPES[dtype_name]
+            tf32 = dtype_name == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+            tensors = cast(base, dtype)
+            reference = float64_reference(tensors) if with_errors else None
+            for impl, fn in impls.items():
+                row = {"shape": shape.label, "dtype": dtype_name, "impl": impl}
+                if fn is None or (impl == "torchvision" and dtype_name in ("bf16", "tf32")):
+                    continue
+                forward, forward_backward = runners(fn, tensors)
+                try:
+                    torch.cuda.synchronize()
+                    tic = time.perf_counter()
+                    forward_backward()
+                    torch.cuda.synchronize()
+                    row["first_call_s"] = time.perf_counter() - tic
+                    row["fwd_ms"] = bench(forward)
+                    row["fwd_bwd_ms"] = bench(forward_backward)
+                    row["peak_mib"] = peak_extra_mib(forward_backward)
+                    if reference is not None and impl != "cuDNN conv2d":
+                        row["err_out"], row["err_grad"] = relative_errors(fn, tensors, reference)
+                except Exception as error:  # report and go on: one failure must not hide others
+                    row["error"] = f"{type(error).__name__}: {error}"[:200]
+                rows.append(row)
+                log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in row.items()))  # fmt: skip
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            del tensors, reference
+            torch.cuda.empty_cache()
+    return rows
+
+
+def deterministic_cost(shape: Shape, dtype_name: str) -> dict:
+    tensors = cast(make_inputs(shape), DTYPES[dtype_name])
+    _, forward_backward = runners(deformconv_fn, tensors)
+    default = bench(forward_backward)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = forward_backward()
+        second = forward_backward()
+        identical = all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+        deterministic = bench(forward_backward)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    row = {"shape": shape.label, "dtype": dtype_name, "default_ms": default,
+           "deterministic_ms": deterministic, "bit_identical": identical}  # fmt: skip
+    log(f"deterministic: {row}")
+    return row
+
+
+def breakdown(shape: Shape, dtype_name: str) -> list[dict]:
+    """Each kernel alone: forward, the three gradient groups, and their variants."""
+    from deformconv.kernels import ops
+
+    tensors = cast(make_inputs(shape), DTYPES[dtype_name])
+    x, offset, mask, weight, bias = (
+        tensors[n].detach() for n in ("input", "offset", "mask", "weight", "bias")
+    )
+    grad, conv = tensors["grad"], ([1, 1], [1, 1], [1, 1])
+
+    def forward():
+        return torch.ops.deformconv.triton_deform_conv2d(
+            x, offset, mask, weight, bias, *conv, "ieee"
+        )
+
+    def backward(needs, deterministic=False):
+        return lambda: torch.ops.deformconv.triton_deform_conv2d_backward(
+            grad, x, offset, mask, weight, *conv, needs, "ieee", deterministic
+        )
+
+    cases = {
+        "forward": forward,
+        "grad input": backward([True, False, False, False]),
+        "grad offset+mask": backward([False, True, True, False]),
+        "grad weight": backward([False, False, False, True]),
+        "grad input, deterministic": backward([True, False, False, False], True),
+        "grad weight, deterministic": backward([False, False, False, True], True),
+    }
+    rows = []
+    for name, run in cases.items():
+        run()
+        rows.append({"kernel": name, "fwd_bwd_ms": bench(run)})
+        log(f"breakdown {rows[-1]}")
+    ops.ATOMIC_SEMANTICS = "acq_rel"
+    try:
+        run = backward([True, False, False, False])
+        run()
+        rows.append({"kernel": "grad input, acq_rel atomics", "fwd_bwd_ms": bench(run)})
+        log(f"breakdown {rows[-1]}")
+    finally:
+        ops.ATOMIC_SEMANTICS = "relaxed"
+    return rows
+
+
+TUNING = {
+    "forward": [
+        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    ],
+    "backward_data": [
+        {"BLOCK_M": 128, "BLOCK_O": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_O": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 128, "BLOCK_O": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_O": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+    ],
+    "backward_weight": [
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
+    ],
+}
+
+
+def tune(shape: Shape, dtype_name: str, budget: float) -> list[dict]:
+    """Time each tile configuration of each kernel, the others at their defaults."""
+    from deformconv.kernels import ops
+
+    tensors = cast(make_inputs(shape), DTYPES[dtype_name])
+    forward, forward_backward = runners(deformconv_fn, tensors)
+    rows = []
+    for kernel, configs in TUNING.items():
+        for config in configs:
+            if time.perf_counter() - START > budget:
+                log("tuning budget spent")
+                return rows
+            ops.CONFIG_OVERRIDES[kernel] = config
+            try:
+                forward_backward()
+                row = {"kernel": kernel, **config, "fwd_ms": bench(forward),
+                       "fwd_bwd_ms": bench(forward_backward)}  # fmt: skip
+            except Exception as error:
+                row = {"kernel": kernel, **config, "error": f"{type(error).__name__}: {error}"}
+            finally:
+                ops.CONFIG_OVERRIDES[kernel] = {}
+            rows.append(row)
+            log(f"tune {row}")
+    ops.GATHER_CHANNELS_LAST = False
+    try:
+        rows.append({"kernel": "gather from NCHW", "fwd_ms": bench(forward),
+                     "fwd_bwd_ms": bench(forward_backward)})  # fmt: skip
+        log(f"tune {rows[-1]}")
+    finally:
+        ops.GATHER_CHANNELS_LAST = True
+    return rows
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-2 and value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(rows: list[dict], det: list[dict], tuning: list[dict]) -> str:
+    props = torch.cuda.get_device_properties(0)
+    import triton
+
+    lines = [
+        f"GPU: {props.name}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"triton {triton.__version__}; DCNv2 with mask, 3×3, padding 1, C→C. "
+        "Times: median of triton.testing.do_bench. Peak: extra memory of one forward+backward "
+        "beyond inputs and grad_output. Errors: ‖out − ref‖/‖ref‖ against float64 on the same "
+        "rounded inputs (output; largest over the five gradients). First call: first "
+        "forward+backward of the shape, compilation included.",
+        "",
+        "| shape | dtype | impl | fwd ms | fwd+bwd ms | peak MiB | err out | err grads "
+        "| first call s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['impl']} | failed: {r['error']} "
+                         "| | | | | |")  # fmt: skip
+            continue
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {r['impl']} | {fmt(r['fwd_ms'])} "
+            f"| {fmt(r['fwd_bwd_ms'])} | {r['peak_mib']:.0f} | {fmt(r.get('err_out'), 2)} "
+            f"| {fmt(r.get('err_grad'), 2)} | {r['first_call_s']:.1f} |"
+        )
+    if det:
+        lines += ["", "| deterministic mode | dtype | default fwd+bwd ms | deterministic ms "
+                  "| bit-identical |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"| {d['shape']} | {d['dtype']} | {d['default_ms']:.3f} | {d['deterministic_ms']:.3f}"
+            f" | {d['bit_identical']} |"
+            for d in det
+        ]
+    if tuning:
+        lines += ["", "| kernel | config | fwd ms | fwd+bwd (or kernel) ms |", "|---|---|---|---|"]
+        for t in tuning:
+            config = {k: v for k, v in t.items() if k not in ("kernel", "fwd_ms", "fwd_bwd_ms")}
+            lines.append(f"| {t['kernel']} | {config} | {fmt(t.get('fwd_ms'))} "
+                         f"| {fmt(t.get('fwd_bwd_ms'))} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="deformconv bench --gpu", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="first shape, bf16 and fp16 only")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32")
+    parser.add_argument("--budget", type=float, default=330.0, help="seconds for everything")
+    parser.add_argument("--tune", action="store_true", help="sweep tile sizes at the first shape")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="time each kernel alone at the first shape"
+    )
+    parser.add_argument("--no-errors", action="store_true", help="skip the float64 comparison")
+    parser.add_argument("--out", help="write the Markdown table here")
+    parser.add_argument("--csv", help="write one row per measurement here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu.py needs a CUDA device", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    shapes = STANDARD[:1] if args.quick else STANDARD
+    dtypes = ["bf16", "fp16"] if args.quick else args.dtypes.split(",")
+    log(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    tuning = breakdown(shapes[0], "bf16") if args.breakdown else []
+    tuning += tune(shapes[0], "bf16", args.budget * 0.4) if args.tune else []
+    rows = measure(shapes, dtypes, args.budget * 0.9, not args.no_errors)
+    det = [deterministic_cost(shapes[0], d) for d in ("bf16", "fp32") if d in dtypes]
+    table = markdown(rows, det, tuning)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+    if args.csv:
+        keys = sorted({k for r in rows for k in r})
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
