@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._geometry import Geometry, geometry
 from .._utils import compute_dtype
 
 #: Upper bound, in bytes, on the temporary column buffers of one call.
@@ -39,59 +40,6 @@ COLUMN_BUDGET_BYTES = 256 * 2**20
 #: Chunks are kept near this size even when the budget allows more: smaller buffers stay in
 #: cache and are reused, which is faster than one large pass.
 _PREFERRED_CHUNK_BYTES = 4 * 2**20
-
-
-class Geometry(NamedTuple):
-    batch: int
-    channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel_h: int
-    kernel_w: int
-    out_h: int
-    out_w: int
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    weight_groups: int
-    offset_groups: int
-
-    @property
-    def taps(self) -> int:
-        return self.kernel_h * self.kernel_w
-
-    @property
-    def pixels(self) -> int:
-        return self.batch * self.out_h * self.out_w
-
-
-def geometry(
-    input: Tensor,
-    offset: Tensor,
-    weight: Tensor,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-) -> Geometry:
-    batch, channels, height, width = input.shape
-    out_channels, in_per_group, kernel_h, kernel_w = weight.shape
-    return Geometry(
-        batch=batch,
-        channels=channels,
-        height=height,
-        width=width,
-        out_channels=out_channels,
-        kernel_h=kernel_h,
-        kernel_w=kernel_w,
-        out_h=offset.shape[2],
-        out_w=offset.shape[3],
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        weight_groups=channels // in_per_group,
-        offset_groups=offset.shape[1] // (2 * kernel_h * kernel_w),
-    )
 
 
 class SamplingPlan(NamedTuple):

@@ -33,42 +33,51 @@ def train(
     batch_size: int,
     lr: float,
     seed: int,
-    parameters: Iterable[nn.Parameter] | None = None,
+    parameters: Iterable[nn.Parameter] | list[dict] | None = None,
     device: torch.device | str = "cpu",
     desc: str = "train",
     progress: bool = True,
 ) -> list[float]:
-    """Train ``model`` (only ``parameters`` if given) with Adam; returns the mean loss of each
-    epoch.  ``batch_size`` is the global batch: it must be divisible by the world size."""
+    """Train ``model`` with Adam; returns the mean loss of each epoch.
+
+    ``parameters``: what to train (parameters, or Adam parameter groups with their own
+    ``lr``); all of the model's by default.  ``batch_size`` is the global batch: it must be
+    divisible by the world size.  The progress bar (rank 0) shows this process's running loss
+    and training accuracy."""
     rank, size = world()
     if batch_size % size:
         raise ValueError(f"batch_size {batch_size} is not divisible by the world size {size}")
     device = torch.device(device)
-    params = [p for p in (model.parameters() if parameters is None else parameters)]
-    wanted = {id(p) for p in params}
+    groups = list(model.parameters() if parameters is None else parameters)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    wanted = {id(p) for group in groups for p in group["params"]}
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
     network = model
     if size > 1:
         ids = [device.index] if device.type == "cuda" else None
         network = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.Adam(groups, lr=lr)
     steps = len(images) // batch_size
     history = []
     for epoch in range(epochs):
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + epoch))
-        total = 0.0
+        total, correct, seen = 0.0, 0, 0
         bar = _progress(steps, f"{desc} {epoch + 1}/{epochs}", progress and rank == 0)
         for step in range(steps):
             batch = order[step * batch_size : (step + 1) * batch_size][rank::size]
             x, y = images[batch].to(device), labels[batch].to(device)
-            loss = F.cross_entropy(network(x), y)
+            logits = network(x)
+            loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item()
             if bar is not None:
-                bar.set_postfix(loss=f"{total / (step + 1):.3f}")
+                correct += (logits.detach().argmax(1) == y).sum().item()
+                seen += len(y)
+                bar.set_postfix(loss=f"{total / (step + 1):.3f}", acc=f"{correct / seen:.1%}")
                 bar.update()
         if bar is not None:
             bar.close()

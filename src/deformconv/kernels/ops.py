@@ -14,6 +14,7 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .._geometry import Geometry, geometry
 from .deform_conv2d import (
     deform_conv2d_backward_data_kernel,
     deform_conv2d_backward_weight_kernel,
@@ -23,58 +24,6 @@ from .deform_conv2d import (
 _INT32_LIMIT = 2**31 - 1
 #: Fixed-point sums of the deterministic input gradient stay below 2**_FIXED_POINT_BITS.
 _FIXED_POINT_BITS = 61
-
-
-class _Shape(NamedTuple):
-    batch: int
-    channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel_h: int
-    kernel_w: int
-    out_h: int
-    out_w: int
-    groups: int
-    offset_groups: int
-
-    @property
-    def group_in(self) -> int:
-        return self.channels // self.groups
-
-    @property
-    def group_out(self) -> int:
-        return self.out_channels // self.groups
-
-    @property
-    def offset_group_in(self) -> int:
-        return self.channels // self.offset_groups
-
-    @property
-    def pixels(self) -> int:
-        return self.batch * self.out_h * self.out_w
-
-    @property
-    def taps(self) -> int:
-        return self.kernel_h * self.kernel_w
-
-
-def _shape(input: Tensor, offset: Tensor, weight: Tensor) -> _Shape:
-    batch, channels, height, width = input.shape
-    out_channels, group_in, kernel_h, kernel_w = weight.shape
-    return _Shape(
-        batch,
-        channels,
-        height,
-        width,
-        out_channels,
-        kernel_h,
-        kernel_w,
-        offset.shape[2],
-        offset.shape[3],
-        channels // group_in,
-        offset.shape[1] // (2 * kernel_h * kernel_w),
-    )
 
 
 def _span(tensor: Tensor) -> int:
@@ -93,7 +42,7 @@ def _block(size: int, low: int, high: int) -> int:
     return max(low, min(high, triton.next_power_of_2(max(1, size))))
 
 
-def forward_config(shape: _Shape, dtype: torch.dtype) -> dict:
+def forward_config(shape: Geometry, dtype: torch.dtype) -> dict:
     """Tile sizes and launch settings of the forward kernel."""
     half = dtype in (torch.float16, torch.bfloat16)
     block_n = _block(shape.group_out, 16, 256 if half else 128)
@@ -109,14 +58,14 @@ def forward_config(shape: _Shape, dtype: torch.dtype) -> dict:
     }
 
 
-def backward_data_config(shape: _Shape, dtype: torch.dtype) -> dict:
+def backward_data_config(shape: Geometry, dtype: torch.dtype) -> dict:
     """Tile sizes and launch settings of the input/offset/mask gradient kernel."""
     block_k = _block(min(shape.group_in, shape.offset_group_in), 16, 32)
     block_o = _block(shape.group_out, 16, 64)
     return {"BLOCK_M": 64, "BLOCK_O": block_o, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
 
 
-def backward_weight_config(shape: _Shape, dtype: torch.dtype) -> dict:
+def backward_weight_config(shape: Geometry, dtype: torch.dtype) -> dict:
     """Tile sizes and launch settings of the weight gradient kernel."""
     half = dtype in (torch.float16, torch.bfloat16)
     block_n = _block(shape.group_out, 16, 256 if half else 64)
@@ -139,13 +88,9 @@ def _config(name: str, heuristic: dict) -> dict:
     return {**heuristic, **CONFIG_OVERRIDES[name]}
 
 
-def _geometry_args(stride, padding, dilation) -> tuple[int, ...]:
-    return (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
-
-
-def _weight_matrix(weight: Tensor, shape: _Shape) -> Tensor:
+def _weight_matrix(weight: Tensor, shape: Geometry) -> Tensor:
     """``(O, gi, kh, kw)`` → contiguous ``(groups, K, gi, go)``."""
-    matrix = weight.reshape(shape.groups, shape.group_out, shape.group_in, shape.taps)
+    matrix = weight.reshape(shape.weight_groups, shape.group_out, shape.group_in, shape.taps)
     return matrix.permute(0, 3, 2, 1).contiguous()
 
 
@@ -159,7 +104,18 @@ def _splits(pixel_tiles: int, tiles: int, device: torch.device) -> int:
     return max(1, min(wanted, pixel_tiles // 4))
 
 
-def _tiles_per_image(shape: _Shape, block_m: int) -> int:
+def _sizes(shape: Geometry) -> tuple[int, ...]:
+    """The sizes every kernel takes: height, width, out_w, out_h·out_w, out_channels."""
+    return (shape.height, shape.width, shape.out_w, shape.out_h * shape.out_w,
+            shape.out_channels)  # fmt: skip
+
+
+def _groups(shape: Geometry) -> tuple[int, ...]:
+    """Channels per weight group (in, out), channels per offset group, offset groups."""
+    return (shape.group_in, shape.group_out, shape.offset_group_in, shape.offset_groups)
+
+
+def _tiles_per_image(shape: Geometry, block_m: int) -> int:
     return triton.cdiv(shape.out_h * shape.out_w, block_m)
 
 
@@ -193,7 +149,7 @@ def triton_deform_conv2d(
     dilation: Sequence[int],
     precision: str,
 ) -> Tensor:
-    shape = _shape(input, offset, weight)
+    shape = geometry(input, offset, weight, tuple(stride), tuple(padding), tuple(dilation))
     out = input.new_empty(shape.batch, shape.out_channels, shape.out_h, shape.out_w)
     if out.numel() == 0:
         return out
@@ -203,7 +159,7 @@ def triton_deform_conv2d(
     tiles = _tiles_per_image(shape, config["BLOCK_M"])
     grid = (
         shape.batch * tiles,
-        shape.groups * triton.cdiv(shape.group_out, config["BLOCK_N"]),
+        shape.weight_groups * triton.cdiv(shape.group_out, config["BLOCK_N"]),
     )
     input = _gather_layout(input)
     wrap_triton(deform_conv2d_forward_kernel)[grid](
@@ -214,17 +170,10 @@ def triton_deform_conv2d(
         offset if bias is None else bias,
         out,
         tiles,
-        shape.height,
-        shape.width,
-        shape.out_w,
-        shape.out_h * shape.out_w,
-        shape.out_channels,
+        *_sizes(shape),
         *input.stride(),
-        *_geometry_args(stride, padding, dilation),
-        shape.group_in,
-        shape.group_out,
-        shape.offset_group_in,
-        shape.offset_groups,
+        *shape.conv_args(),
+        *_groups(shape),
         KH=shape.kernel_h,
         KW=shape.kernel_w,
         HAS_MASK=mask is not None,
@@ -237,12 +186,12 @@ def triton_deform_conv2d(
 
 
 def _fixed_point_scale(
-    grad_output: Tensor, mask: Tensor | None, weight: Tensor, shape: _Shape
+    grad_output: Tensor, mask: Tensor | None, weight: Tensor, shape: Geometry
 ) -> Tensor:
     """A power of two ``s`` such that ``s · Σ|contributions|`` to any input-gradient element
     stays below ``2**_FIXED_POINT_BITS``, as a one-element float32 tensor (no host sync)."""
     per_channel = weight.detach().abs().float()
-    per_channel = per_channel.reshape(shape.groups, shape.group_out, -1).sum(1).amax()
+    per_channel = per_channel.reshape(shape.weight_groups, shape.group_out, -1).sum(1).amax()
     bound = grad_output.detach().abs().amax().float() * per_channel
     if mask is not None:
         bound = bound * mask.detach().abs().amax().float()
@@ -274,7 +223,7 @@ def triton_deform_conv2d_backward(
     """Gradients for (input, offset, mask, weight, bias); an empty tensor where not needed."""
     need_input, need_offset, need_mask, need_weight = needs_grad
     need_mask = need_mask and mask is not None
-    shape = _shape(input, offset, weight)
+    shape = geometry(input, offset, weight, tuple(stride), tuple(padding), tuple(dilation))
     grad_output = grad_output.contiguous()
     offset = offset.contiguous()
     mask = None if mask is None else mask.contiguous()
@@ -282,7 +231,6 @@ def triton_deform_conv2d_backward(
     source = _gather_layout(input)
     launch = _Launch(
         shape=shape,
-        geometry=_geometry_args(stride, padding, dilation),
         index64=_needs_int64(source, offset, mask, grad_output),
         precision=precision,
         active=shape.pixels > 0 and input.numel() > 0,
@@ -322,20 +270,10 @@ def triton_deform_conv2d_backward(
 class _Launch(NamedTuple):
     """What every backward launch shares."""
 
-    shape: _Shape
-    geometry: tuple[int, ...]
+    shape: Geometry
     index64: bool
     precision: str
     active: bool
-
-    def common(self) -> tuple[int, ...]:
-        shape = self.shape
-        return (shape.height, shape.width, shape.out_w, shape.out_h * shape.out_w,
-                shape.out_channels)  # fmt: skip
-
-    def groups(self) -> tuple[int, ...]:
-        shape = self.shape
-        return (shape.group_in, shape.group_out, shape.offset_group_in, shape.offset_groups)
 
 
 def _launch_backward_data(
@@ -371,11 +309,11 @@ def _launch_backward_data(
         grad_mask if grad_mask.numel() else offset,
         offset if scale is None else scale,
         tiles,
-        *launch.common(),
+        *_sizes(launch.shape),
         *source.stride(),
         *(accumulator.stride() if need_input else source.stride()),
-        *launch.geometry,
-        *launch.groups(),
+        *launch.shape.conv_args(),
+        *_groups(launch.shape),
         KH=shape.kernel_h,
         KW=shape.kernel_w,
         HAS_MASK=mask is not None,
@@ -402,7 +340,7 @@ def _launch_backward_weight(
     shape = launch.shape
     config = _config("backward_weight", backward_weight_config(shape, source.dtype))
     tiles = (
-        shape.groups
+        shape.weight_groups
         * shape.taps
         * triton.cdiv(shape.group_in, config["BLOCK_K"])
         * triton.cdiv(shape.group_out, config["BLOCK_N"])
@@ -414,7 +352,7 @@ def _launch_backward_weight(
     # Deterministic mode keeps one partial sum per split; otherwise the splits add atomically.
     sums = torch.zeros(
         splits if deterministic else 1,
-        shape.groups,
+        shape.weight_groups,
         shape.taps,
         shape.group_in,
         shape.group_out,
@@ -431,10 +369,10 @@ def _launch_backward_weight(
             pixel_tiles,
             per_split,
             per_image,
-            *launch.common(),
+            *_sizes(launch.shape),
             *source.stride(),
-            *launch.geometry,
-            *launch.groups(),
+            *launch.shape.conv_args(),
+            *_groups(launch.shape),
             KH=shape.kernel_h,
             KW=shape.kernel_w,
             HAS_MASK=mask is not None,
