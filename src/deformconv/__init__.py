@@ -12,12 +12,16 @@ The catalogue:
 * :func:`set_backend`, :func:`get_backend`, :func:`use_backend`, :func:`available_backends`
   -- which implementation runs the op.
 
-``deformconv.viz`` draws learned sampling locations (needs matplotlib), ``deformconv.demo``
-is the scaled-digits experiment behind the ``deformconv`` command.
+``deformconv.checkpoints`` loads torchvision, mmcv and detectron2 checkpoints into these
+layers; ``torch.onnx.export(..., opset_version=19)`` writes the standard ``DeformConv``
+operator (:mod:`deformconv.onnx_export`).  ``deformconv.viz`` draws learned sampling
+locations (needs matplotlib); ``deformconv.demo`` is the scaled-digits experiment behind the
+``deformconv`` command.
 """
 
 from __future__ import annotations
 
+from . import checkpoints
 from .backends import available_backends, get_backend, set_backend, use_backend
 from .convert import convert_to_deformable, deformable_layers, offset_parameters
 from .deform_conv2d import DeformConv2d, deform_conv2d
@@ -30,6 +34,7 @@ __all__ = [
     "DeformableConv2d",
     "__version__",
     "available_backends",
+    "checkpoints",
     "convert_to_deformable",
     "deform_conv2d",
     "deformable_layers",

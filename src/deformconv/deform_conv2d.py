@@ -186,6 +186,14 @@ def deform_conv2d(
             for tensor in (input, offset, weight, bias, mask)
         )
     _check_arguments(input, offset, weight, bias, mask, stride, padding, dilation)
+    if torch.onnx.is_in_onnx_export():
+        from . import onnx_export
+
+        if not torch.jit.is_tracing():  # the torch.export-based exporter
+            return onnx_export.dynamo_node(
+                input, offset, mask, weight, bias, stride, padding, dilation
+            )
+        onnx_export.register_torchscript_symbolic()
     return deform_conv2d_op(input, offset, mask, weight, bias, stride, padding, dilation)
 
 
