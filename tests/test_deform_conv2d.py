@@ -280,19 +280,30 @@ def test_chunked_path_matches_single_pass(monkeypatch, budget):
     config = LOPSIDED["batch-3"]
     tensors = make_inputs(config, seed=4)
     expected, expected_grads = output_and_grads(deformconv.deform_conv2d, tensors, config)
-    monkeypatch.setattr(torch_backend, "COLUMN_BUDGET_BYTES", budget)
     calls = []
     original = torch_backend.sampling_plan
     monkeypatch.setattr(
         torch_backend, "sampling_plan", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
-    actual, actual_grads = output_and_grads(deformconv.deform_conv2d, tensors, config)
+    deformconv.set_column_budget(budget)
+    try:
+        assert deformconv.column_budget() == budget
+        actual, actual_grads = output_and_grads(deformconv.deform_conv2d, tensors, config)
+    finally:
+        deformconv.set_column_budget(None)
+    assert deformconv.column_budget() == torch_backend.DEFAULT_COLUMN_BUDGET
     pixels = config.batch * config.out_size[0] * config.out_size[1]
     # one chunk per output pixel at the smallest budget, several at the other; forward and backward
     assert len(calls) == 2 * pixels if budget == 1 else 4 < len(calls) < 2 * pixels
     torch.testing.assert_close(actual, expected, atol=1e-12, rtol=0)
     for name in expected_grads:
         torch.testing.assert_close(actual_grads[name], expected_grads[name], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, True, "1GB"])
+def test_column_budget_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="positive number of bytes, got"):
+        deformconv.set_column_budget(bad)
 
 
 def test_matches_torchvision_when_importable():

@@ -10,7 +10,8 @@ The catalogue:
 * :func:`convert_to_deformable`, :func:`offset_parameters`, :func:`deformable_layers` -- turn
   the convolutions of any model into deformable ones and train their offset predictors.
 * :func:`set_backend`, :func:`get_backend`, :func:`use_backend`, :func:`available_backends`
-  -- which implementation runs the op.
+  -- which implementation runs the op; :func:`set_column_budget` bounds the torch backend's
+  temporary memory.
 
 ``deformconv.checkpoints`` loads torchvision, mmcv and detectron2 checkpoints into these
 layers; ``torch.onnx.export(..., opset_version=19)`` writes the standard ``DeformConv``
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from . import checkpoints
 from .backends import available_backends, get_backend, set_backend, use_backend
+from .backends.pytorch import column_budget, set_column_budget
 from .convert import convert_to_deformable, deformable_layers, offset_parameters
 from .deform_conv2d import DeformConv2d, deform_conv2d
 from .deformable_conv2d import DeformableConv2d
@@ -35,11 +37,13 @@ __all__ = [
     "__version__",
     "available_backends",
     "checkpoints",
+    "column_budget",
     "convert_to_deformable",
     "deform_conv2d",
     "deformable_layers",
     "get_backend",
     "offset_parameters",
     "set_backend",
+    "set_column_budget",
     "use_backend",
 ]

@@ -15,8 +15,9 @@ Design
 * Backward: the samples are recomputed rather than stored.  ``grad_input`` scatters the
   weighted column gradients back with ``index_add_``; ``grad_offset`` and ``grad_mask`` come
   from one dot product over channels per corner; ``grad_weight`` is one more matrix product.
-* Output pixels are processed in chunks whose column buffers fit ``COLUMN_BUDGET_BYTES``;
-  the buffers are allocated once per call and reused by every chunk.
+* Output pixels are processed in chunks whose column buffers together fit the column budget
+  (:func:`set_column_budget`, 256 MiB by default); the buffers are allocated once per call
+  and reused by every chunk.
 * float16 and bfloat16 are computed in float32 and rounded once at the end; float64 stays
   float64.
 
@@ -35,8 +36,9 @@ from torch import Tensor
 from .._geometry import Geometry, geometry
 from .._utils import compute_dtype
 
-#: Upper bound, in bytes, on the temporary column buffers of one call.
-COLUMN_BUDGET_BYTES = 256 * 2**20
+#: The default upper bound, in bytes, on the temporary column buffers of one call.
+DEFAULT_COLUMN_BUDGET = 256 * 2**20
+_column_budget = DEFAULT_COLUMN_BUDGET
 #: Chunks are kept near this size even when the budget allows more: smaller buffers stay in
 #: cache and are reused, which is faster than one large pass.
 _PREFERRED_CHUNK_BYTES = 4 * 2**20
@@ -165,9 +167,32 @@ def _ungrouped(grouped: Tensor, geo: Geometry) -> Tensor:
     return columns.reshape(-1, geo.channels // geo.offset_groups)
 
 
+def set_column_budget(nbytes: int | None) -> None:
+    """Bound the temporary column buffers of one call of the torch backend to ``nbytes``
+    (``None``: the default, 256 MiB).  Smaller budgets mean more, smaller chunks: the same
+    results in bounded memory, a little slower.
+
+    >>> set_column_budget(64 * 2**20); column_budget()
+    67108864
+    >>> set_column_budget(None)
+    """
+    global _column_budget
+    if nbytes is None:
+        _column_budget = DEFAULT_COLUMN_BUDGET
+        return
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+        raise ValueError(f"the column budget must be a positive number of bytes, got {nbytes!r}")
+    _column_budget = nbytes
+
+
+def column_budget() -> int:
+    """The column budget in force, in bytes (see :func:`set_column_budget`)."""
+    return _column_budget
+
+
 def _chunk_pixels(geo: Geometry, itemsize: int, buffers: int) -> int:
     bytes_per_pixel = max(1, geo.taps * geo.channels * itemsize * buffers)
-    budget = min(COLUMN_BUDGET_BYTES, _PREFERRED_CHUNK_BYTES * buffers)
+    budget = min(_column_budget, _PREFERRED_CHUNK_BYTES * buffers)
     return max(1, min(geo.pixels, budget // bytes_per_pixel))
 
 
