@@ -7,6 +7,8 @@ The catalogue:
 * :class:`DeformConv2d` -- the layer that takes offsets as input (torchvision's layout).
 * :class:`DeformableConv2d` -- the self-contained layer that predicts its own offsets
   (mmcv's ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack`` layout).
+* :func:`deform_roi_pool`, :class:`DeformRoIPool`, :class:`DeformRoIPoolPack`,
+  :class:`ModulatedDeformRoIPoolPack` -- deformable RoI pooling (mmcv's semantics and keys).
 * :func:`convert_to_deformable`, :func:`offset_parameters`, :func:`deformable_layers` -- turn
   the convolutions of any model into deformable ones and train their offset predictors.
 * :func:`set_backend`, :func:`get_backend`, :func:`use_backend`, :func:`available_backends`
@@ -27,19 +29,29 @@ from .backends import available_backends, get_backend, set_backend, use_backend
 from .backends.pytorch import column_budget, set_column_budget
 from .convert import convert_to_deformable, deformable_layers, offset_parameters
 from .deform_conv2d import DeformConv2d, deform_conv2d
+from .deform_roi_pool import (
+    DeformRoIPool,
+    DeformRoIPoolPack,
+    ModulatedDeformRoIPoolPack,
+    deform_roi_pool,
+)
 from .deformable_conv2d import DeformableConv2d
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DeformConv2d",
+    "DeformRoIPool",
+    "DeformRoIPoolPack",
     "DeformableConv2d",
+    "ModulatedDeformRoIPoolPack",
     "__version__",
     "available_backends",
     "checkpoints",
     "column_budget",
     "convert_to_deformable",
     "deform_conv2d",
+    "deform_roi_pool",
     "deformable_layers",
     "get_backend",
     "offset_parameters",

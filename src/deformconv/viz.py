@@ -131,9 +131,9 @@ def offset_magnitudes(model: nn.Module, image: Tensor) -> list[tuple[str, Tensor
 
 
 def plot_sampling_locations(model: nn.Module, images, titles=None, unit=None, path=None):
-    """One panel per image: the image, the sampling locations of the deepest level (red),
-    the levels above (orange, yellow) and the unit (green).  Returns the figure; saves it to
-    ``path`` when given."""
+    """One panel per image: the image with the ``K`` sampling points of the last deformable
+    layer (green), the ``K²`` of the layer before (orange) and the ``K³`` of the one before
+    that (red; deeper levels magenta).  Returns the figure; saves it to ``path`` when given."""
     import matplotlib.pyplot as plt
 
     images = list(images)
