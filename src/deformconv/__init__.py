@@ -7,6 +7,8 @@ The catalogue:
 * :class:`DeformConv2d` -- the layer that takes offsets as input (torchvision's layout).
 * :class:`DeformableConv2d` -- the self-contained layer that predicts its own offsets
   (mmcv's ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack`` layout).
+* :func:`deform_conv1d`, :class:`DeformConv1d`, :class:`DeformableConv1d` -- the same for
+  sequences (the 2-D op on one row).
 * :func:`deform_roi_pool`, :class:`DeformRoIPool`, :class:`DeformRoIPoolPack`,
   :class:`ModulatedDeformRoIPoolPack` -- deformable RoI pooling (mmcv's semantics and keys).
 * :func:`convert_to_deformable`, :func:`offset_parameters`, :func:`deformable_layers` -- turn
@@ -28,6 +30,7 @@ from . import checkpoints
 from .backends import available_backends, get_backend, set_backend, use_backend
 from .backends.pytorch import column_budget, set_column_budget
 from .convert import convert_to_deformable, deformable_layers, offset_parameters
+from .deform_conv1d import DeformableConv1d, DeformConv1d, deform_conv1d
 from .deform_conv2d import DeformConv2d, deform_conv2d
 from .deform_roi_pool import (
     DeformRoIPool,
@@ -40,9 +43,11 @@ from .deformable_conv2d import DeformableConv2d
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeformConv1d",
     "DeformConv2d",
     "DeformRoIPool",
     "DeformRoIPoolPack",
+    "DeformableConv1d",
     "DeformableConv2d",
     "ModulatedDeformRoIPoolPack",
     "__version__",
@@ -50,6 +55,7 @@ __all__ = [
     "checkpoints",
     "column_budget",
     "convert_to_deformable",
+    "deform_conv1d",
     "deform_conv2d",
     "deform_roi_pool",
     "deformable_layers",
