@@ -177,3 +177,15 @@ def test_errors(change, message):
     with pytest.raises(ValueError, match=message):
         deformconv.deform_conv1d(args["input"], args["offset"], args["weight"], padding=1,
                                  mask=args["mask"])  # fmt: skip
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    layer = deformconv.DeformableConv1d(4, 6, 3, padding=1, modulated=True)
+    with torch.no_grad():
+        layer.conv_offset.weight.normal_(std=0.2)
+    x = torch.randn(2, 4, 16, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+    compiled(x).sum().backward()
+    assert x.grad is not None and layer.conv_offset.weight.grad is not None

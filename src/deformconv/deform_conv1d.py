@@ -82,11 +82,15 @@ def deform_conv1d(
     stride, padding, dilation = (_single(v, n) for v, n in ((stride, "stride"),
                                  (padding, "padding"), (dilation, "dilation")))  # fmt: skip
     _check_1d(input, offset, weight, mask, stride, padding, dilation)
-    batch, channels, length = offset.shape
-    offset_2d = torch.stack((torch.zeros_like(offset), offset), dim=2)  # (N, G·K, 2, L)
+    # (N, G·K, L) → (N, G·K·2, 1, L) with (Δy, Δx) = (0, Δx) per tap, interleaved by a
+    # constant index (no reshape, so that exporters keep the channel count static).
+    taps = offset.shape[1]
+    order = [i // 2 + (i % 2) * taps for i in range(2 * taps)]
+    interleave = torch.tensor(order, device=offset.device)
+    offset_2d = torch.cat((torch.zeros_like(offset), offset), dim=1).index_select(1, interleave)
     out = deform_conv2d(
         input.unsqueeze(2),
-        offset_2d.reshape(batch, 2 * channels, 1, length),
+        offset_2d.unsqueeze(2),
         weight.unsqueeze(2),
         bias,
         stride=(1, stride),
