@@ -187,9 +187,10 @@ def triton_deform_conv2d(
 
 def _fixed_point_scale(
     grad_output: Tensor, mask: Tensor | None, weight: Tensor, shape: Geometry
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """A power of two ``s`` such that ``s · Σ|contributions|`` to any input-gradient element
-    stays below ``2**_FIXED_POINT_BITS``, as a one-element float32 tensor (no host sync)."""
+    stays below ``2**_FIXED_POINT_BITS`` (one-element float32 tensor, no host sync), and the
+    bound on that sum it was chosen from."""
     per_channel = weight.detach().abs().float()
     per_channel = per_channel.reshape(shape.weight_groups, shape.group_out, -1).sum(1).amax()
     bound = grad_output.detach().abs().amax().float() * per_channel
