@@ -46,6 +46,12 @@ class Geometry(NamedTuple):
         """Input channels per offset group."""
         return self.channels // self.offset_groups
 
+    def tap_major_weight(self, weight: Tensor) -> Tensor:
+        """``weight`` ``(O, C/wg, kh, kw)`` viewed as ``(wg, K, C/wg, O/wg)``: per weight group,
+        a matrix whose rows run over (tap, input channel) and columns over outputs."""
+        matrix = weight.reshape(self.weight_groups, self.group_out, self.group_in, self.taps)
+        return matrix.permute(0, 3, 2, 1)
+
     def conv_args(self) -> tuple[int, ...]:
         """Stride, padding and dilation, flat: (sh, sw, ph, pw, dh, dw)."""
         return (*self.stride, *self.padding, *self.dilation)

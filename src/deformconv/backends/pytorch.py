@@ -145,10 +145,8 @@ def _per_pixel(tensor: Tensor, geo: Geometry, trailing: int, dtype: torch.dtype)
 
 def _weight_matrix(weight: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
     """``(O, C/wg, kh, kw)`` → ``(wg, K·C/wg, O/wg)``, rows ordered (tap, channel)."""
-    groups = geo.weight_groups
-    out_per_group = geo.out_channels // groups
-    matrix = weight.reshape(groups, out_per_group, weight.shape[1], geo.taps)
-    return matrix.permute(0, 3, 2, 1).reshape(groups, -1, out_per_group).to(dtype)
+    matrix = geo.tap_major_weight(weight)
+    return matrix.reshape(geo.weight_groups, -1, geo.group_out).to(dtype)
 
 
 def _grouped(columns: Tensor, geo: Geometry) -> Tensor:

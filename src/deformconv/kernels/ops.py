@@ -90,8 +90,7 @@ def _config(name: str, heuristic: dict) -> dict:
 
 def _weight_matrix(weight: Tensor, shape: Geometry) -> Tensor:
     """``(O, gi, kh, kw)`` → contiguous ``(groups, K, gi, go)``."""
-    matrix = weight.reshape(shape.weight_groups, shape.group_out, shape.group_in, shape.taps)
-    return matrix.permute(0, 3, 2, 1).contiguous()
+    return shape.tap_major_weight(weight).contiguous()
 
 
 def _splits(pixel_tiles: int, tiles: int, device: torch.device) -> int:
