@@ -91,16 +91,12 @@ def info() -> str:
         lines.append("GPU: none visible to torch")
     reason = triton_backend.unavailable_reason()
     lines.append(f"backends: {', '.join(available_backends())}; setting: {backends.get_backend()}")
-    lines.append(f"  CPU tensors run on: {backends.select(torch.device('cpu')).__name__}")
-    lines.append(
-        f"  CUDA tensors run on: {backends.select(torch.device('cuda')).__name__}"
-        + (f" (triton unavailable: {reason})" if reason else "")
-    )
-    return (
-        "\n".join(lines)
-        .replace("deformconv.backends.pytorch", "torch")
-        .replace("deformconv.backends.triton_backend", "triton")
-    )
+    for label, device in (("CPU", "cpu"), ("CUDA", "cuda")):
+        chosen = backends.name_of(backends.select(torch.device(device)))
+        lines.append(f"  {label} tensors run on: {chosen}")
+    if reason:
+        lines[-1] += f" (triton unavailable: {reason})"
+    return "\n".join(lines)
 
 
 def _demo(args: argparse.Namespace) -> int:

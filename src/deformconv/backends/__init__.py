@@ -72,6 +72,11 @@ def use_backend(name: str) -> Iterator[None]:
         _forced = previous
 
 
+def name_of(module: ModuleType) -> str:
+    """The name under which backend ``module`` is registered (``"torch"``, ``"triton"``)."""
+    return next(name for name, registered in _BACKENDS.items() if registered is module)
+
+
 def select(device: torch.device) -> ModuleType:
     """The backend module that runs on tensors of ``device`` under the current setting."""
     name = get_backend()
