@@ -52,9 +52,11 @@ def test_training_learns_and_evaluate_counts(monkeypatch):
     images, labels = render_digits(256, seed=1)
     torch.manual_seed(0)
     model = DigitNet(widths=(8, 16, 16, 16))
+    model.classifier.bias.requires_grad_(False)  # a frozen parameter stays frozen
     history = train(model, images, labels, epochs=4, batch_size=32, lr=1e-2, seed=0,
                     progress=False)  # fmt: skip
     assert history[-1] < history[0]
+    assert not model.classifier.bias.requires_grad and model.conv1.weight.requires_grad
     with torch.no_grad():
         expected = (model(images).argmax(1) == labels).float().mean().item()
     assert evaluate(model, images, labels, batch_size=100) == pytest.approx(expected)

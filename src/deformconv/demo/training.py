@@ -52,6 +52,7 @@ def train(
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
     wanted = {id(p) for group in groups for p in group["params"]}
+    frozen = {id(p): not p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
     network = model
@@ -82,8 +83,8 @@ def train(
         if bar is not None:
             bar.close()
         history.append(total / max(1, steps))
-    for p in model.parameters():
-        p.requires_grad_(True)
+    for p in model.parameters():  # give the model back as it came
+        p.requires_grad_(not frozen[id(p)])
     return history
 
 
