@@ -1,7 +1,14 @@
-"""The sizes of one deformable convolution, shared by the backends and the kernels."""
+"""The sizes of one deformable convolution, shared by the backends and the kernels.
+
+Spatial quantities are tuples with one entry per axis (depth, height, width for 3-D;
+height, width for 2-D), so the torch backend serves every dimensionality with one code
+path.  The ``height``/``width``/``kernel_h``... accessors name the last two axes, for code
+that handles 2-D only (the Triton kernels).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from torch import Tensor
@@ -10,26 +17,29 @@ from torch import Tensor
 class Geometry(NamedTuple):
     batch: int
     channels: int
-    height: int
-    width: int
+    size: tuple[int, ...]
     out_channels: int
-    kernel_h: int
-    kernel_w: int
-    out_h: int
-    out_w: int
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
+    kernel: tuple[int, ...]
+    out_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
     weight_groups: int
     offset_groups: int
 
     @property
+    def dims(self) -> int:
+        """Number of spatial axes."""
+        return len(self.size)
+
+    @property
     def taps(self) -> int:
-        return self.kernel_h * self.kernel_w
+        return math.prod(self.kernel)
 
     @property
     def pixels(self) -> int:
-        return self.batch * self.out_h * self.out_w
+        """Output positions of the whole batch."""
+        return self.batch * math.prod(self.out_size)
 
     @property
     def group_in(self) -> int:
@@ -46,14 +56,21 @@ class Geometry(NamedTuple):
         """Input channels per offset group."""
         return self.channels // self.offset_groups
 
+    height = property(lambda self: self.size[-2])
+    width = property(lambda self: self.size[-1])
+    kernel_h = property(lambda self: self.kernel[-2])
+    kernel_w = property(lambda self: self.kernel[-1])
+    out_h = property(lambda self: self.out_size[-2])
+    out_w = property(lambda self: self.out_size[-1])
+
     def tap_major_weight(self, weight: Tensor) -> Tensor:
-        """``weight`` ``(O, C/wg, kh, kw)`` viewed as ``(wg, K, C/wg, O/wg)``: per weight group,
-        a matrix whose rows run over (tap, input channel) and columns over outputs."""
+        """``weight`` ``(O, C/wg, *kernel)`` viewed as ``(wg, K, C/wg, O/wg)``: per weight
+        group, a matrix whose rows run over (tap, input channel) and columns over outputs."""
         matrix = weight.reshape(self.weight_groups, self.group_out, self.group_in, self.taps)
         return matrix.permute(0, 3, 2, 1)
 
     def conv_args(self) -> tuple[int, ...]:
-        """Stride, padding and dilation, flat: (sh, sw, ph, pw, dh, dw)."""
+        """Stride, padding and dilation, flat: (sh, sw, ph, pw, dh, dw) in 2-D."""
         return (*self.stride, *self.padding, *self.dilation)
 
 
@@ -61,25 +78,22 @@ def geometry(
     input: Tensor,
     offset: Tensor,
     weight: Tensor,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
 ) -> Geometry:
-    batch, channels, height, width = input.shape
-    out_channels, in_per_group, kernel_h, kernel_w = weight.shape
+    dims = input.dim() - 2
+    kernel = tuple(weight.shape[2:])
     return Geometry(
-        batch=batch,
-        channels=channels,
-        height=height,
-        width=width,
-        out_channels=out_channels,
-        kernel_h=kernel_h,
-        kernel_w=kernel_w,
-        out_h=offset.shape[2],
-        out_w=offset.shape[3],
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        weight_groups=channels // in_per_group,
-        offset_groups=offset.shape[1] // (2 * kernel_h * kernel_w),
+        batch=input.shape[0],
+        channels=input.shape[1],
+        size=tuple(input.shape[2:]),
+        out_channels=weight.shape[0],
+        kernel=kernel,
+        out_size=tuple(offset.shape[2:]),
+        stride=tuple(stride),
+        padding=tuple(padding),
+        dilation=tuple(dilation),
+        weight_groups=input.shape[1] // weight.shape[1],
+        offset_groups=offset.shape[1] // (dims * math.prod(kernel)),
     )

@@ -1,33 +1,37 @@
-"""Pure-PyTorch backend of ``deform_conv2d``: runs on any device, in any floating dtype.
+"""Pure-PyTorch backend of the deformable convolution ops: runs on any device, in any
+floating dtype, with any number of spatial axes (2-D and 3-D share every line).
 
 Design
 ------
 * The input is rearranged once into a channels-last *table* of rows
-  ``(N·G·H·W, C/G)``, one row per (image, offset group, pixel).  A bilinear sample of one
-  (output pixel, kernel tap, offset group) is a weighted sum of four table rows.
-* A *sampling plan* holds, for every (output pixel, tap, offset group), the four corner rows
-  and their bilinear weights, and for the backward the derivatives of those weights with
-  respect to the sampling position.  Corners outside the image get weight 0 and a clamped,
-  valid row number, so nothing is ever read out of bounds, whatever the offsets hold.
-* Forward: the four corners are gathered with ``index_select`` into a reused buffer and
-  accumulated into a column buffer ``(pixels, K·C)``, which one batched matrix product per
+  ``(N·G·S, C/G)``, one row per (image, offset group, input position), ``S`` positions per
+  image.  A sample of one (output position, kernel tap, offset group) is a weighted sum of
+  ``2**d`` table rows: four bilinear corners in 2-D, eight trilinear ones in 3-D.
+* A *sampling plan* holds, for every (output position, tap, offset group), the corner rows
+  and their interpolation weights, and for the backward the derivatives of those weights
+  along each axis.  Corners outside the input get weight 0 and a clamped, valid row number,
+  so nothing is ever read out of bounds, whatever the offsets hold.
+* Forward: the corners are gathered with ``index_select`` into a reused buffer and
+  accumulated into a column buffer ``(positions, K·C)``, which one batched matrix product per
   weight group contracts with the weight.
 * Backward: the samples are recomputed rather than stored.  ``grad_input`` scatters the
   weighted column gradients back with ``index_add_``; ``grad_offset`` and ``grad_mask`` come
   from one dot product over channels per corner; ``grad_weight`` is one more matrix product.
-* Output pixels are processed in chunks whose column buffers together fit the column budget
-  (:func:`set_column_budget`, 256 MiB by default); the buffers are allocated once per call
-  and reused by every chunk.
+* Output positions are processed in chunks whose column buffers together fit the column
+  budget (:func:`set_column_budget`, 256 MiB by default); the buffers are allocated once per
+  call and reused by every chunk.
 * float16 and bfloat16 are computed in float32 and rounded once at the end; float64 stays
   float64.
 
-Bilinear corners outside the image count as 0; the offset derivatives are those of the
+Interpolation corners outside the input count as 0; the offset derivatives are those of the
 floor-based interpolation (one-sided at integer positions, as in torchvision).  Non-finite
 sampling positions (NaN or infinite offsets) sample 0 and receive zero offset gradient.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import NamedTuple
 
 import torch
@@ -45,12 +49,31 @@ _PREFERRED_CHUNK_BYTES = 4 * 2**20
 
 
 class SamplingPlan(NamedTuple):
-    """Four bilinear corners for each of ``M = pixels·K·G`` samples (corner-major, ``(4, M)``)."""
+    """The ``2**d`` interpolation corners of each of ``M = pixels·K·G`` samples, corner-major
+    ``(2**d, M)``: input-table rows, weights and, for the backward, the weights' derivatives
+    along each axis ``(d, 2**d, M)``."""
 
     rows: Tensor
     weights: Tensor
-    d_weights_dy: Tensor | None
-    d_weights_dx: Tensor | None
+    d_weights: Tensor | None
+
+
+def _unravel(index: Tensor, sizes: tuple[int, ...]) -> list[Tensor]:
+    """Row-major coordinates of flat ``index`` in an array of ``sizes``."""
+    coords = []
+    for size in reversed(sizes):
+        coords.append(index % size)
+        index = index // size
+    return coords[::-1]
+
+
+def _per_corner(pairs: list[tuple[Tensor, Tensor]], combine=operator.mul) -> list[Tensor]:
+    """``combine`` (product, or sum) over axes of each corner's (low, high) entries, the first
+    axis varying slowest: in 2-D the order (y0 x0, y0 x1, y1 x0, y1 x1)."""
+    corners = list(pairs[0])
+    for low, high in pairs[1:]:
+        corners = [combine(corner, entry) for corner in corners for entry in (low, high)]
+    return corners
 
 
 def sampling_plan(
@@ -58,93 +81,88 @@ def sampling_plan(
 ) -> SamplingPlan:
     """Plan the samples of ``offsets.shape[0]`` output pixels starting at ``first_pixel``.
 
-    ``offsets`` is ``(pixels, K, G, 2)`` with (Δy, Δx) in the last axis, already in the
-    compute dtype.
+    ``offsets`` is ``(pixels, K, G, d)`` with the displacement along each axis (Δy, Δx in
+    2-D) in the last dimension, already in the compute dtype.
     """
     device, dtype = offsets.device, offsets.dtype
-    height, width = geo.height, geo.width
     pixel = torch.arange(first_pixel, first_pixel + offsets.shape[0], device=device)
-    image = pixel // (geo.out_h * geo.out_w)
-    out_y = (pixel // geo.out_w) % geo.out_h
-    out_x = pixel % geo.out_w
-    tap_y = torch.arange(geo.kernel_h, device=device).repeat_interleave(geo.kernel_w)
-    tap_x = torch.arange(geo.kernel_w, device=device).repeat(geo.kernel_h)
-    base_y = out_y[:, None] * geo.stride[0] - geo.padding[0] + tap_y * geo.dilation[0]
-    base_x = out_x[:, None] * geo.stride[1] - geo.padding[1] + tap_x * geo.dilation[1]
-    offset_y = offsets[..., 0]
-    offset_x = offsets[..., 1]
-    y = base_y.to(dtype)[:, :, None] + offset_y
-    x = base_x.to(dtype)[:, :, None] + offset_x
+    image = pixel // math.prod(geo.out_size)
+    out_coords = _unravel(pixel, geo.out_size)
+    tap_coords = _unravel(torch.arange(geo.taps, device=device), geo.kernel)
+    bases = [
+        out[:, None] * stride - pad + tap * dil
+        for out, tap, stride, pad, dil in zip(
+            out_coords, tap_coords, geo.stride, geo.padding, geo.dilation, strict=True
+        )
+    ]
+    shifts = offsets.unbind(-1)
 
-    # Positions at least one pixel outside the image have no valid corner.  They, and NaN or
+    # Positions at least one pixel outside the input have no valid corner.  They, and NaN or
     # infinite positions (comparisons with NaN are false), are moved to a harmless spot with
     # no valid corner, so that their value and every derivative is 0 and their row numbers
     # stay small.  The rounded position only makes that decision: the corner comes from the
     # offset alone, floor(base + Δ) = base + floor(Δ), the corner of the exact position even
     # where base + Δ does not round exactly.
-    near = (y > -2) & (y < height + 1) & (x > -2) & (x < width + 1)
-    offset_y = torch.where(near, offset_y, 0.0)
-    offset_x = torch.where(near, offset_x, 0.0)
-    offset_y_low = offset_y.floor()
-    offset_x_low = offset_x.floor()
-    frac_y = offset_y - offset_y_low
-    frac_x = offset_x - offset_x_low
-    rest_y = 1 - frac_y
-    rest_x = 1 - frac_x
-    y_low_i = torch.where(near, base_y[:, :, None] + offset_y_low.long(), -2)
-    x_low_i = torch.where(near, base_x[:, :, None] + offset_x_low.long(), -2)
-    # A corner counts only inside the image; the bilinear weights then fade to 0 within one
-    # pixel of the border.  The derivatives follow the floor: one-sided at integer positions.
-    y_low_ok = (y_low_i >= 0) & (y_low_i < height)
-    y_high_ok = (y_low_i >= -1) & (y_low_i < height - 1)
-    x_low_ok = (x_low_i >= 0) & (x_low_i < width)
-    x_high_ok = (x_low_i >= -1) & (x_low_i < width - 1)
-    y_low_c = y_low_i.clamp(0, height - 1)
-    y_high_c = (y_low_i + 1).clamp(0, height - 1)
-    x_low_c = x_low_i.clamp(0, width - 1)
-    x_high_c = (x_low_i + 1).clamp(0, width - 1)
+    near = None
+    for base, shift, size in zip(bases, shifts, geo.size, strict=True):
+        position = base.to(dtype)[:, :, None] + shift
+        inside = (position > -2) & (position < size + 1)
+        near = inside if near is None else near & inside
+
+    rows, ok, fractions = [], [], []
+    for base, shift, size in zip(bases, shifts, geo.size, strict=True):
+        shift = torch.where(near, shift, 0.0)
+        shift_low = shift.floor()
+        frac = shift - shift_low
+        fractions.append((1 - frac, frac))
+        low = torch.where(near, base[:, :, None] + shift_low.long(), -2)
+        # A corner counts only inside the input; the weights then fade to 0 within one pixel
+        # of the border.  The derivatives follow the floor: one-sided at integer positions.
+        ok.append(((low >= 0) & (low < size), (low >= -1) & (low < size - 1)))
+        rows.append((low.clamp(0, size - 1), (low + 1).clamp(0, size - 1)))
 
     group = torch.arange(geo.offset_groups, device=device)
-    table_base = (image[:, None, None] * geo.offset_groups + group) * (height * width)
-    rows = torch.stack(
-        (
-            table_base + y_low_c * width + x_low_c,
-            table_base + y_low_c * width + x_high_c,
-            table_base + y_high_c * width + x_low_c,
-            table_base + y_high_c * width + x_high_c,
-        )
-    ).view(4, -1)
-    valid = torch.stack(
-        (y_low_ok & x_low_ok, y_low_ok & x_high_ok, y_high_ok & x_low_ok, y_high_ok & x_high_ok)
-    ).to(dtype)
-    weights = torch.stack(
-        (rest_y * rest_x, rest_y * frac_x, frac_y * rest_x, frac_y * frac_x)
-    ).mul_(valid)
+    table_base = (image[:, None, None] * geo.offset_groups + group) * math.prod(geo.size)
+    strides = [math.prod(geo.size[axis + 1 :]) for axis in range(geo.dims)]
+    scaled = [(low * step, high * step) for (low, high), step in zip(rows, strides, strict=True)]
+    scaled[0] = (table_base + scaled[0][0], table_base + scaled[0][1])
+    corner_rows = torch.stack(_per_corner(scaled, operator.add))
+    corners = corner_rows.shape[0]
+    valid = torch.stack(_per_corner(ok)).to(dtype)
+    weights = torch.stack(_per_corner(fractions)).mul_(valid).view(corners, -1)
+    corner_rows = corner_rows.view(corners, -1)
     if not derivatives:
-        return SamplingPlan(rows, weights.view(4, -1), None, None)
-    d_dy = torch.stack((-rest_x, -frac_x, rest_x, frac_x)).mul_(valid)
-    d_dx = torch.stack((-rest_y, rest_y, -frac_y, frac_y)).mul_(valid)
-    return SamplingPlan(rows, weights.view(4, -1), d_dy.view(4, -1), d_dx.view(4, -1))
+        return SamplingPlan(corner_rows, weights, None)
+    one = torch.ones_like(fractions[0][0])
+    d_weights = torch.stack(
+        [
+            torch.stack(
+                _per_corner([(-one, one) if a == axis else f for a, f in enumerate(fractions)])
+            ).mul_(valid)
+            for axis in range(geo.dims)
+        ]
+    )
+    return SamplingPlan(corner_rows, weights, d_weights.view(geo.dims, corners, -1))
 
 
 def _input_table(input: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
-    """``(N, C, H, W)`` → contiguous ``(N·G·H·W, C/G)`` rows in ``dtype``."""
+    """``(N, C, *size)`` → contiguous ``(N·G·S, C/G)`` rows in ``dtype``."""
     group_channels = geo.channels // geo.offset_groups
-    table = input.reshape(geo.batch, geo.offset_groups, group_channels, geo.height, geo.width)
-    table = table.permute(0, 1, 3, 4, 2).to(dtype, memory_format=torch.contiguous_format)
+    table = input.reshape(geo.batch, geo.offset_groups, group_channels, math.prod(geo.size))
+    table = table.transpose(2, 3).to(dtype, memory_format=torch.contiguous_format)
     return table.contiguous().view(-1, group_channels)
 
 
 def _per_pixel(tensor: Tensor, geo: Geometry, trailing: int, dtype: torch.dtype) -> Tensor:
-    """Offset ``(N, G·K·t, Ho, Wo)`` → contiguous ``(N·Ho·Wo, K, G, t)``."""
+    """Offset ``(N, G·K·t, *out_size)`` → contiguous ``(positions, K, G, t)``."""
     tensor = tensor.reshape(
-        geo.batch, geo.offset_groups, geo.taps, trailing, geo.out_h, geo.out_w
-    ).permute(0, 4, 5, 2, 1, 3)
+        geo.batch, geo.offset_groups, geo.taps, trailing, math.prod(geo.out_size)
+    ).permute(0, 4, 2, 1, 3)
     return tensor.to(dtype).contiguous().view(geo.pixels, geo.taps, geo.offset_groups, trailing)
 
 
 def _weight_matrix(weight: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
-    """``(O, C/wg, kh, kw)`` → ``(wg, K·C/wg, O/wg)``, rows ordered (tap, channel)."""
+    """``(O, C/wg, *kernel)`` → ``(wg, K·C/wg, O/wg)``, rows ordered (tap, channel)."""
     matrix = geo.tap_major_weight(weight)
     return matrix.reshape(geo.weight_groups, -1, geo.group_out).to(dtype)
 
@@ -204,7 +222,7 @@ def _sample_columns(
 ) -> Tensor:
     """Accumulate the (masked) bilinear samples of a plan into ``out`` ``(M, C/G)``."""
     weights = plan.weights if mask is None else plan.weights * mask
-    for corner in range(4):
+    for corner in range(plan.rows.shape[0]):
         torch.index_select(table, 0, plan.rows[corner], out=gathered)
         if corner == 0:
             torch.mul(gathered, weights[corner, :, None], out=out)
@@ -219,9 +237,9 @@ def forward(
     mask: Tensor | None,
     weight: Tensor,
     bias: Tensor | None,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
 ) -> Tensor:
     geo = geometry(input, offset, weight, stride, padding, dilation)
     dtype = compute_dtype(input.dtype)
@@ -231,7 +249,7 @@ def forward(
     )
     if geo.pixels > 0:
         table = _input_table(input, geo, dtype)
-        offsets = _per_pixel(offset, geo, 2, dtype)
+        offsets = _per_pixel(offset, geo, geo.dims, dtype)
         masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(geo.pixels, -1)
         matrix = _weight_matrix(weight, geo, dtype)
         step = _chunk_pixels(geo, table.element_size(), buffers=2)
@@ -247,7 +265,7 @@ def forward(
             out[start:stop] = torch.bmm(cols, matrix).transpose(0, 1)
     if bias is not None:
         out += bias.to(dtype).view(groups, -1)
-    out = out.view(geo.batch, geo.out_h, geo.out_w, geo.out_channels).permute(0, 3, 1, 2)
+    out = out.view(geo.batch, *geo.out_size, geo.out_channels).movedim(-1, 1)
     return out.to(input.dtype).contiguous()
 
 
@@ -257,9 +275,9 @@ def backward(
     offset: Tensor,
     mask: Tensor | None,
     weight: Tensor,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
     needs_grad: tuple[bool, bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor]:
     """Gradients for (input, offset, mask, weight, bias); ``None`` where not requested."""
@@ -271,7 +289,7 @@ def backward(
     out_per_group = geo.out_channels // groups
     group_channels = geo.channels // geo.offset_groups
     per_pixel = geo.taps * geo.offset_groups
-    grad_out = grad_output.permute(0, 2, 3, 1).to(dtype).reshape(geo.pixels, groups, out_per_group)
+    grad_out = grad_output.movedim(1, -1).to(dtype).reshape(geo.pixels, groups, out_per_group)
     grad_bias = grad_out.sum(0).view(-1).to(grad_output.dtype)
 
     def zeros(*shape: int) -> Tensor:
@@ -281,19 +299,19 @@ def backward(
     weight_grad = (
         zeros(groups, geo.taps * geo.channels // groups, out_per_group) if need_weight else None
     )
-    position_grad = zeros(geo.pixels * per_pixel, 2) if need_offset else None
+    position_grad = zeros(geo.pixels * per_pixel, geo.dims) if need_offset else None
     mask_grad = zeros(geo.pixels * per_pixel) if need_mask else None
 
     if geo.pixels > 0 and any((need_input, need_offset, need_mask, need_weight)):
         table = _input_table(input, geo, dtype)
-        offsets = _per_pixel(offset, geo, 2, dtype)
+        offsets = _per_pixel(offset, geo, geo.dims, dtype)
         masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(-1)
         matrix_t = _weight_matrix(weight, geo, dtype).transpose(1, 2)
         step = _chunk_pixels(geo, table.element_size(), buffers=4)
         gathered = table.new_empty(step * per_pixel, group_channels)
         columns = torch.empty_like(gathered)
         product = torch.empty_like(gathered)
-        dots = table.new_empty(4, step * per_pixel)
+        dots = table.new_empty(2**geo.dims, step * per_pixel)
         for start, stop in _chunks(geo.pixels, step):
             first, last = start * per_pixel, stop * per_pixel
             m = last - first
@@ -301,7 +319,7 @@ def backward(
             chunk_grad = grad_out[start:stop].transpose(0, 1)
             grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix_t), geo)
             weights = plan.weights if masks is None else plan.weights * masks[first:last]
-            for corner in range(4):
+            for corner in range(plan.rows.shape[0]):
                 sample = torch.index_select(table, 0, plan.rows[corner], out=gathered[:m])
                 if need_offset or need_mask:
                     torch.mul(sample, grad_cols, out=product[:m])
@@ -320,23 +338,22 @@ def backward(
             if mask_grad is not None:
                 mask_grad[first:last] = (plan.weights * dots[:, :m]).sum(0)
             if position_grad is not None:
-                position_grad[first:last, 0] = (plan.d_weights_dy * dots[:, :m]).sum(0)
-                position_grad[first:last, 1] = (plan.d_weights_dx * dots[:, :m]).sum(0)
+                position_grad[first:last] = (plan.d_weights * dots[:, :m]).sum(1).T
                 if masks is not None:
                     position_grad[first:last] *= masks[first:last, None]
 
-    sample_shape = (geo.batch, geo.out_h, geo.out_w, geo.taps, geo.offset_groups)
+    sample_shape = (geo.batch, math.prod(geo.out_size), geo.taps, geo.offset_groups)
     grad_input = grad_offset = grad_mask = grad_weight = None
     if table_grad is not None:
         grad_input = table_grad.view(
-            geo.batch, geo.offset_groups, geo.height, geo.width, group_channels
+            geo.batch, geo.offset_groups, math.prod(geo.size), group_channels
         )
-        grad_input = grad_input.permute(0, 1, 4, 2, 3).reshape(input.shape).to(input.dtype)
+        grad_input = grad_input.transpose(2, 3).reshape(input.shape).to(input.dtype)
     if position_grad is not None:
-        grad_offset = position_grad.view(*sample_shape, 2).permute(0, 4, 3, 5, 1, 2)
+        grad_offset = position_grad.view(*sample_shape, geo.dims).permute(0, 3, 2, 4, 1)
         grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype)
     if mask_grad is not None:
-        grad_mask = mask_grad.view(sample_shape).permute(0, 4, 3, 1, 2)
+        grad_mask = mask_grad.view(sample_shape).permute(0, 3, 2, 1)
         grad_mask = grad_mask.reshape(mask.shape).to(mask.dtype)
     if weight_grad is not None:
         grad_weight = weight_grad.view(groups, geo.taps, -1, out_per_group).permute(0, 3, 2, 1)
