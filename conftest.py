@@ -7,9 +7,16 @@ before the kernels are defined.  Without Triton the kernel modules are not colle
 import importlib.util
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 collect_ignore = [] if importlib.util.find_spec("triton") else ["src/deformconv/kernels"]
+
+
+@pytest.fixture(autouse=True)
+def _doctest_namespace(doctest_namespace):
+    """Docstring examples use ``torch`` without importing it."""
+    doctest_namespace["torch"] = torch

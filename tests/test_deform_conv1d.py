@@ -157,7 +157,7 @@ def test_layers():
     torch.testing.assert_close(
         layer(x, offset), deformconv.deform_conv1d(x, offset, layer.weight, padding=1)
     )
-    assert repr(layer) == "DeformConv1d(4, 6, kernel_size=3, padding=1, bias=False)"
+    assert repr(layer) == "DeformConv1d(4, 6, kernel_size=(3,), padding=(1,), bias=False)"
     modulated(x).sum().backward()
     assert modulated.conv_offset.weight.grad.abs().sum() > 0
 

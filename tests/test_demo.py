@@ -139,3 +139,12 @@ def test_cli_bench_runs_the_cpu_benchmark_with_its_arguments(monkeypatch):
     monkeypatch.setattr(cpu, "main", lambda argv: seen.append(argv))
     assert cli.main(["bench", "--cpu", "--", "--quick", "--no-memory"]) == 0
     assert seen == [["--quick", "--no-memory"]]
+
+
+def test_cli_bench_3d_runs_the_video_benchmark(tmp_path, capsys):
+    out = tmp_path / "rows.csv"
+    assert cli.main(["bench", "--3d", "--", "--quick", "--device", "cpu", "--repeats", "1",
+                     "--csv", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| N=1 C=16 T=4 28² k3×3×3 | cpu | float32 | fwd+bwd |" in printed
+    assert out.read_text().splitlines()[0].startswith("shape,device,dtype,mode")

@@ -9,6 +9,9 @@ The catalogue:
   (mmcv's ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack`` layout).
 * :func:`deform_conv1d`, :class:`DeformConv1d`, :class:`DeformableConv1d` -- the same for
   sequences (the 2-D op on one row).
+* :func:`deform_conv3d`, :class:`DeformConv3d`, :class:`DeformableConv3d` -- the same for
+  volumes and video clips (trilinear sampling), registered as
+  ``torch.ops.deformconv.deform_conv3d``.
 * :func:`deform_roi_pool`, :class:`DeformRoIPool`, :class:`DeformRoIPoolPack`,
   :class:`ModulatedDeformRoIPoolPack` -- deformable RoI pooling (mmcv's semantics and keys).
 * :func:`convert_to_deformable`, :func:`offset_parameters`, :func:`deformable_layers` -- turn
@@ -32,6 +35,7 @@ from .backends.pytorch import column_budget, set_column_budget
 from .convert import convert_to_deformable, deformable_layers, offset_parameters
 from .deform_conv1d import DeformableConv1d, DeformConv1d, deform_conv1d
 from .deform_conv2d import DeformConv2d, deform_conv2d
+from .deform_conv3d import DeformableConv3d, DeformConv3d, deform_conv3d
 from .deform_roi_pool import (
     DeformRoIPool,
     DeformRoIPoolPack,
@@ -45,10 +49,12 @@ __version__ = "0.1.0"
 __all__ = [
     "DeformConv1d",
     "DeformConv2d",
+    "DeformConv3d",
     "DeformRoIPool",
     "DeformRoIPoolPack",
     "DeformableConv1d",
     "DeformableConv2d",
+    "DeformableConv3d",
     "ModulatedDeformRoIPoolPack",
     "__version__",
     "available_backends",
@@ -57,6 +63,7 @@ __all__ = [
     "convert_to_deformable",
     "deform_conv1d",
     "deform_conv2d",
+    "deform_conv3d",
     "deform_roi_pool",
     "deformable_layers",
     "get_backend",

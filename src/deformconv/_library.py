@@ -1,9 +1,11 @@
-"""Registration of ``deformconv::deform_conv2d`` as a PyTorch operator.
+"""Registration of ``deformconv::deform_conv2d`` and ``deformconv::deform_conv3d`` as
+PyTorch operators.
 
-The op and its backward are ``torch.library`` custom ops with fake (meta) implementations
-and registered autograd, so ``torch.compile``, ``torch.export`` and ``opcheck`` see them
-as ordinary operators.  Both run whichever backend :func:`deformconv.backends.select`
-names for the tensors' device.  Arguments are validated by the public function, not here.
+Each op and its backward are ``torch.library`` custom ops with fake (meta) implementations
+and registered autograd, so ``torch.compile``, ``torch.export`` and ``opcheck`` see them as
+ordinary operators.  Both run whichever backend :func:`deformconv.backends.select` names for
+the tensors' device and dimensionality.  Arguments are validated by the public functions,
+not here.
 """
 
 from __future__ import annotations
@@ -19,13 +21,7 @@ from . import backends
 _NAMESPACE = "deformconv"
 
 
-@torch.library.custom_op(
-    f"{_NAMESPACE}::deform_conv2d",
-    mutates_args=(),
-    schema="(Tensor input, Tensor offset, Tensor? mask, Tensor weight, Tensor? bias, "
-    "int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
-)
-def deform_conv2d_op(
+def _forward(
     input: Tensor,
     offset: Tensor,
     mask: Tensor | None,
@@ -35,26 +31,18 @@ def deform_conv2d_op(
     padding: Sequence[int],
     dilation: Sequence[int],
 ) -> Tensor:
-    backend = backends.select(input.device)
+    backend = backends.select(input.device, input.dim() - 2)
     output = backend.forward(
         input, offset, mask, weight, bias, tuple(stride), tuple(padding), tuple(dilation)
     )
     return output.contiguous()
 
 
-@deform_conv2d_op.register_fake
-def _(input, offset, mask, weight, bias, stride, padding, dilation):
-    return input.new_empty(input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
+def _forward_fake(input, offset, mask, weight, bias, stride, padding, dilation):
+    return input.new_empty(input.shape[0], weight.shape[0], *offset.shape[2:])
 
 
-@torch.library.custom_op(
-    f"{_NAMESPACE}::deform_conv2d_backward",
-    mutates_args=(),
-    schema="(Tensor grad_output, Tensor input, Tensor offset, Tensor? mask, Tensor weight, "
-    "int[2] stride, int[2] padding, int[2] dilation, bool[4] needs_grad) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-)
-def deform_conv2d_backward_op(
+def _backward_impl(
     grad_output: Tensor,
     input: Tensor,
     offset: Tensor,
@@ -66,7 +54,7 @@ def deform_conv2d_backward_op(
     needs_grad: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (input, offset, mask, weight, bias); an empty tensor where not needed."""
-    backend = backends.select(input.device)
+    backend = backends.select(input.device, input.dim() - 2)
     grads = backend.backward(
         grad_output.contiguous(),
         input,
@@ -84,8 +72,8 @@ def deform_conv2d_backward_op(
     )
 
 
-@deform_conv2d_backward_op.register_fake
-def _(grad_output, input, offset, mask, weight, stride, padding, dilation, needs_grad):
+def _backward_fake(grad_output, input, offset, mask, weight, stride, padding, dilation,
+                   needs_grad):  # fmt: skip
     need_input, need_offset, need_mask, need_weight = needs_grad
 
     def like(tensor: Tensor | None, needed: bool) -> Tensor:
@@ -109,29 +97,48 @@ def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.conv_args = (stride, padding, dilation)
 
 
-def _backward(ctx: Any, grad_output: Tensor):
-    input, offset, mask, weight = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    grads = deform_conv2d_backward_op(
-        grad_output,
-        input,
-        offset,
-        mask,
-        weight,
-        *ctx.conv_args,
-        [needs[0], needs[1], mask is not None and needs[2], needs[3]],
-    )
-    grad_input, grad_offset, grad_mask, grad_weight, grad_bias = grads
-    return (
-        grad_input if needs[0] else None,
-        grad_offset if needs[1] else None,
-        grad_mask if mask is not None and needs[2] else None,
-        grad_weight if needs[3] else None,
-        grad_bias if ctx.has_bias and needs[4] else None,
-        None,
-        None,
-        None,
-    )
+def _register(dims: int) -> tuple[Any, Any]:
+    """Define ``deformconv::deform_conv{dims}d`` and its backward op."""
+    name = f"{_NAMESPACE}::deform_conv{dims}d"
+    forward_op = torch.library.custom_op(
+        name,
+        mutates_args=(),
+        schema=f"(Tensor input, Tensor offset, Tensor? mask, Tensor weight, Tensor? bias, "
+        f"int[{dims}] stride, int[{dims}] padding, int[{dims}] dilation) -> Tensor",
+    )(_forward)
+    forward_op.register_fake(_forward_fake)
+    backward_op = torch.library.custom_op(
+        f"{name}_backward",
+        mutates_args=(),
+        schema=f"(Tensor grad_output, Tensor input, Tensor offset, Tensor? mask, Tensor weight, "
+        f"int[{dims}] stride, int[{dims}] padding, int[{dims}] dilation, bool[4] needs_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    )(_backward_impl)
+    backward_op.register_fake(_backward_fake)
+
+    def backward(ctx: Any, grad_output: Tensor):
+        input, offset, mask, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        modulated = mask is not None and needs[2]
+        grads = backward_op(
+            grad_output, input, offset, mask, weight, *ctx.conv_args,
+            [needs[0], needs[1], modulated, needs[3]],
+        )  # fmt: skip
+        grad_input, grad_offset, grad_mask, grad_weight, grad_bias = grads
+        return (
+            grad_input if needs[0] else None,
+            grad_offset if needs[1] else None,
+            grad_mask if modulated else None,
+            grad_weight if needs[3] else None,
+            grad_bias if ctx.has_bias and needs[4] else None,
+            None,
+            None,
+            None,
+        )
+
+    forward_op.register_autograd(backward, setup_context=_setup_context)
+    return forward_op, backward_op
 
 
-deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+deform_conv2d_op, deform_conv2d_backward_op = _register(2)
+deform_conv3d_op, deform_conv3d_backward_op = _register(3)

@@ -41,6 +41,5 @@ def autocast_inputs(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(input.device.type)
     return tuple(
-        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-        for t in tensors
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors
     )

@@ -1,7 +1,7 @@
 """The ``deformconv`` command: the demo experiment, the benchmarks, and what this machine has.
 
     deformconv demo [--quick] [--out DIR]   the scaled-digits experiment (a few minutes on a CPU)
-    deformconv bench [--cpu | --gpu]        the benchmarks at their standard shapes
+    deformconv bench [--cpu | --gpu | --3d] the benchmarks at their standard shapes
     deformconv info                         versions, backends and devices
 
 ``python -m deformconv`` is the same command.  The demo runs unchanged under
@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     which = bench.add_mutually_exclusive_group()
     which.add_argument("--cpu", action="store_true", help="the CPU benchmark")
     which.add_argument("--gpu", action="store_true", help="the GPU benchmark")
+    which.add_argument("--3d", dest="video", action="store_true",
+                       help="deform_conv3d against nn.Conv3d on video-like clips")  # fmt: skip
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
 
     commands.add_parser("info", help="versions, backends and devices",
@@ -139,7 +141,9 @@ def _device(name: str) -> torch.device:
 def _bench(args: argparse.Namespace) -> int:
     gpu = args.gpu or (not args.cpu and torch.cuda.is_available())
     extra = [a for a in args.args if a != "--"]
-    if gpu:
+    if args.video:
+        from .bench import video as module
+    elif gpu:
         from .bench import gpu as module
     else:
         from .bench import cpu as module

@@ -8,11 +8,10 @@ the same rule: positions outside the sequence read 0.
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ._layers import _OffsetsAsInput, _SelfContained
 from .deform_conv2d import deform_conv2d
 
 __all__ = ["DeformConv1d", "DeformableConv1d", "deform_conv1d"]
@@ -101,123 +100,30 @@ def deform_conv1d(
     return out.squeeze(2)
 
 
-class DeformConv1d(nn.Module):
+class DeformConv1d(_OffsetsAsInput):
     """:func:`deform_conv1d` as a layer whose offsets (and mask) are inputs:
     ``forward(input, offset, mask=None)``.  Parameters and initialisation follow
-    :class:`torch.nn.Conv1d`."""
+    :class:`torch.nn.Conv1d`; sizes are kept as 1-tuples, as there.
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int = 0,
-        dilation: int = 1,
-        groups: int = 1,
-        bias: bool = True,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"in_channels {in_channels} and out_channels {out_channels} must be divisible "
-                f"by groups {groups}"
-            )
-        factory = {"device": device, "dtype": dtype}
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _single(kernel_size, "kernel_size")
-        self.stride = _single(stride, "stride")
-        self.padding = _single(padding, "padding")
-        self.dilation = _single(dilation, "dilation")
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, self.kernel_size, **factory)
-        )
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+    >>> layer = DeformConv1d(4, 8, kernel_size=3, padding=1)
+    >>> layer(torch.randn(2, 4, 20), torch.zeros(2, 3, 20)).shape
+    torch.Size([2, 8, 20])
+    """
 
-    def reset_parameters(self) -> None:
-        """Initialise like :class:`torch.nn.Conv1d`."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight.shape[1] * self.kernel_size
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
-
-    def _deform_conv(self, input: Tensor, offset: Tensor, mask: Tensor | None) -> Tensor:
-        return deform_conv1d(input, offset, self.weight, self.bias, self.stride, self.padding,
-                             self.dilation, mask)  # fmt: skip
-
-    def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self._deform_conv(input, offset, mask)
-
-    def extra_repr(self) -> str:
-        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
-        for name, default in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)):
-            if getattr(self, name) != default:
-                text += f", {name}={getattr(self, name)}"
-        return text + (", bias=False" if self.bias is None else "")
+    _dims = 1
+    _function = staticmethod(deform_conv1d)
 
 
-class DeformableConv1d(DeformConv1d):
+class DeformableConv1d(_SelfContained):
     """1-D deformable convolution that predicts its own offsets (and mask): a zero-initialised
     ``conv_offset`` (:class:`torch.nn.Conv1d`) gives ``offset_groups · kernel_size`` offsets,
-    then as many mask logits when ``modulated`` (mask = sigmoid), so a fresh v1 layer is
-    ``F.conv1d`` and a fresh v2 layer half of it.
+    then as many mask logits when ``modulated`` (mask = ``mask_scale`` · sigmoid), so a fresh
+    v1 layer is ``F.conv1d`` and a fresh v2 layer ``mask_scale / 2`` of it.
 
     >>> layer = DeformableConv1d(4, 8, kernel_size=3, padding=1, modulated=True)
     >>> layer(torch.randn(2, 4, 20)).shape
     torch.Size([2, 8, 20])
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int = 0,
-        dilation: int = 1,
-        groups: int = 1,
-        offset_groups: int = 1,
-        bias: bool = True,
-        modulated: bool = False,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, device, dtype)  # fmt: skip
-        if in_channels % offset_groups:
-            raise ValueError(
-                f"in_channels {in_channels} must be divisible by offset_groups {offset_groups}"
-            )
-        self.offset_groups = offset_groups
-        self.modulated = modulated
-        outputs = offset_groups * self.kernel_size * (2 if modulated else 1)
-        self.conv_offset = nn.Conv1d(in_channels, outputs, self.kernel_size, self.stride,
-                                     self.padding, self.dilation, device=device,
-                                     dtype=dtype)  # fmt: skip
-        nn.init.zeros_(self.conv_offset.weight)
-        nn.init.zeros_(self.conv_offset.bias)
-
-    def offset_and_mask(self, input: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The offsets and mask (``None`` for v1) this layer applies to ``input``."""
-        prediction = self.conv_offset(input)
-        if not self.modulated:
-            return prediction, None
-        split = self.offset_groups * self.kernel_size
-        return prediction[:, :split], prediction[:, split:].sigmoid()
-
-    def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
-        offset, mask = self.offset_and_mask(input)
-        return self._deform_conv(input, offset, mask)
-
-    def extra_repr(self) -> str:
-        text = super().extra_repr()
-        if self.offset_groups != 1:
-            text += f", offset_groups={self.offset_groups}"
-        return text + (", modulated=True" if self.modulated else "")
+    _dims = 1
+    _function = staticmethod(deform_conv1d)

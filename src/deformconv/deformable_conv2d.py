@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
-
-from ._utils import IntOrPair
-from .deform_conv2d import _DeformConvLayer
+from ._layers import _SelfContained
+from .deform_conv2d import deform_conv2d
 
 __all__ = ["DeformableConv2d"]
 
 
-class DeformableConv2d(_DeformConvLayer):
+class DeformableConv2d(_SelfContained):
     """Deformable convolution whose offsets (and, if modulated, mask) come from the input.
 
     A zero-initialised ``conv_offset`` (an :class:`torch.nn.Conv2d` with the layer's kernel
@@ -53,74 +50,5 @@ class DeformableConv2d(_DeformConvLayer):
         torch.Size([2, 8, 16, 16])
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: IntOrPair,
-        stride: IntOrPair = 1,
-        padding: IntOrPair = 0,
-        dilation: IntOrPair = 1,
-        groups: int = 1,
-        offset_groups: int = 1,
-        bias: bool = True,
-        modulated: bool = False,
-        mask_scale: float = 1.0,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            offset_groups=offset_groups,
-            device=device,
-            dtype=dtype,
-        )
-        if not modulated and mask_scale != 1.0:
-            raise ValueError(f"mask_scale applies to modulated layers only, got {mask_scale}")
-        self.modulated = modulated
-        self.mask_scale = float(mask_scale)
-        factory = {"device": device, "dtype": dtype}
-        taps = self.kernel_size[0] * self.kernel_size[1]
-        self.conv_offset = nn.Conv2d(
-            in_channels,
-            offset_groups * taps * (3 if modulated else 2),
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            bias=True,
-            **factory,
-        )
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Initialise the weight like :class:`torch.nn.Conv2d`; the offset branch to zero."""
-        super().reset_parameters()
-        nn.init.zeros_(self.conv_offset.weight)
-        nn.init.zeros_(self.conv_offset.bias)
-
-    def offset_and_mask(self, input: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The offsets and mask (``None`` for v1) this layer applies to ``input``."""
-        prediction = self.conv_offset(input)
-        if not self.modulated:
-            return prediction, None
-        offset_channels = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
-        mask = prediction[:, offset_channels:].sigmoid()
-        if self.mask_scale != 1.0:
-            mask = mask * self.mask_scale
-        return prediction[:, :offset_channels], mask
-
-    def forward(self, input: Tensor) -> Tensor:
-        offset, mask = self.offset_and_mask(input)
-        return self._deform_conv(input, offset, mask)
-
-    def extra_repr(self) -> str:
-        text = super().extra_repr() + (", modulated=True" if self.modulated else "")
-        return text + (f", mask_scale={self.mask_scale:g}" if self.mask_scale != 1.0 else "")
+    _dims = 2
+    _function = staticmethod(deform_conv2d)

@@ -77,11 +77,13 @@ def name_of(module: ModuleType) -> str:
     return next(name for name, registered in _BACKENDS.items() if registered is module)
 
 
-def select(device: torch.device) -> ModuleType:
-    """The backend module that runs on tensors of ``device`` under the current setting."""
+def select(device: torch.device, dims: int = 2) -> ModuleType:
+    """The backend module that runs a ``dims``-D convolution on tensors of ``device`` under
+    the current setting.  "auto" picks the Triton kernels for 2-D CUDA tensors only."""
     name = get_backend()
     if name == AUTO:
-        if device.type == "cuda" and triton_backend.unavailable_reason() is None:
+        cuda = device.type == "cuda" and triton_backend.unavailable_reason() is None
+        if cuda and dims == 2:
             return triton_backend
         return pytorch
     return _BACKENDS[name]

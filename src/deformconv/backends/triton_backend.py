@@ -54,6 +54,8 @@ def uncovered(input: Tensor) -> str | None:
         return "CPU tensors run the Triton kernels only under TRITON_INTERPRET=1"
     if input.device.type not in ("cuda", "cpu"):
         return f"the Triton kernels do not run on {input.device.type} tensors"
+    if input.dim() != 4:
+        return "the Triton kernels cover 2-D only; 1-D runs as 2-D, 3-D on the torch backend"
     if input.dtype == torch.float64:
         return "the Triton kernels do not compute in float64"
     return None
