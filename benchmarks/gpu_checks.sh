@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one bounded run: the Triton backend's tests on CUDA, then
-# benchmarks/bench_gpu.py.  Needs torch, triton, pytest and hypothesis (torchvision if it is to
+# benchmarks/bench_gpu.py and benchmarks/bench_dcnv3_v4.py.  Needs torch, triton, pytest and hypothesis (torchvision if it is to
 # be compared); runs from the source tree without installing.  Logs and tables go to $OUT.
 #
 #   OUT=gpu-results benchmarks/gpu_checks.sh [bench_gpu.py arguments]
@@ -19,7 +19,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 
 stamp "tests (at most ${TEST_SECONDS}s)"
 timeout "$TEST_SECONDS" python3 -m pytest -q -p no:cacheprovider --maxfail=15 \
-    tests/test_triton_gpu.py tests/test_triton_backend.py > "$OUT/tests.log" 2>&1
+    tests/test_triton_gpu.py tests/test_dcnv3_gpu.py tests/test_triton_backend.py \
+    > "$OUT/tests.log" 2>&1
 echo "pytest exit status $?" >> "$OUT/tests.log"
 grep -E "passed|failed|error|FAILED|ERROR|exit status" "$OUT/tests.log" | tail -25
 
@@ -29,6 +30,12 @@ timeout "$BENCH_SECONDS" python3 benchmarks/bench_gpu.py --budget $((BENCH_SECON
 echo "bench exit status $?" >> "$OUT/bench.log"
 tail -5 "$OUT/bench.log"
 cat "$OUT/bench.md" 2>/dev/null
+
+stamp "DCNv3/DCNv4 benchmark (at most ${DCNV3_SECONDS:-120}s)"
+timeout "${DCNV3_SECONDS:-120}" python3 benchmarks/bench_dcnv3_v4.py \
+    --budget $((${DCNV3_SECONDS:-120} - 20)) --csv "$OUT/dcnv3.csv" > "$OUT/dcnv3.log" 2>&1
+echo "dcnv3 bench exit status $?" >> "$OUT/dcnv3.log"
+tail -30 "$OUT/dcnv3.log"
 
 stamp "atomic and matrix instructions in the compiled kernels (PTX)"
 for f in $(find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name "deform_conv2d_*.ptx" 2>/dev/null); do

@@ -12,6 +12,9 @@ The catalogue:
 * :func:`deform_conv3d`, :class:`DeformConv3d`, :class:`DeformableConv3d` -- the same for
   volumes and video clips (trilinear sampling), registered as
   ``torch.ops.deformconv.deform_conv3d``.
+* :func:`dcnv3`, :func:`dcnv4`, :class:`DCNv3`, :class:`DCNv4` (and ``DCNv3NCHW``,
+  ``DCNv4NCHW``) -- the newer generation: InternImage's and FlashInternImage's grouped
+  deformable sampling operators and layers, with their checkpoint keys.
 * :func:`deform_roi_pool`, :class:`DeformRoIPool`, :class:`DeformRoIPoolPack`,
   :class:`ModulatedDeformRoIPoolPack` -- deformable RoI pooling (mmcv's semantics and keys).
 * :func:`convert_to_deformable`, :func:`offset_parameters`, :func:`deformable_layers` -- turn
@@ -33,6 +36,8 @@ from . import checkpoints
 from .backends import available_backends, get_backend, set_backend, use_backend
 from .backends.pytorch import column_budget, set_column_budget
 from .convert import convert_to_deformable, deformable_layers, offset_parameters
+from .dcnv3 import dcnv3, dcnv4, dcnv4_offset_mask_channels
+from .dcnv3_layers import DCNv3, DCNv3NCHW, DCNv4, DCNv4NCHW
 from .deform_conv1d import DeformableConv1d, DeformConv1d, deform_conv1d
 from .deform_conv2d import DeformConv2d, deform_conv2d
 from .deform_conv3d import DeformableConv3d, DeformConv3d, deform_conv3d
@@ -47,6 +52,10 @@ from .deformable_conv2d import DeformableConv2d
 __version__ = "0.1.0"
 
 __all__ = [
+    "DCNv3",
+    "DCNv3NCHW",
+    "DCNv4",
+    "DCNv4NCHW",
     "DeformConv1d",
     "DeformConv2d",
     "DeformConv3d",
@@ -61,6 +70,9 @@ __all__ = [
     "checkpoints",
     "column_budget",
     "convert_to_deformable",
+    "dcnv3",
+    "dcnv4",
+    "dcnv4_offset_mask_channels",
     "deform_conv1d",
     "deform_conv2d",
     "deform_conv3d",

@@ -15,18 +15,19 @@ from ._utils import FLOATING_DTYPES
 AXES = {1: ("w",), 2: ("h", "w"), 3: ("d", "h", "w")}
 
 
-def _check_tensors(named: dict[str, Tensor | None], dims: int) -> None:
+def check_tensors(named: dict[str, Tensor | None], dims: int) -> None:
+    """Tensors (or ``None``), ``dims + 2``-D (``bias`` 1-D), of one floating dtype and device:
+    ``named["input"]``'s."""
     for name, tensor in named.items():
         if tensor is not None and not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(tensor).__name__}")
-    for name in ("input", "offset", "weight", "mask"):
-        tensor = named[name]
-        if tensor is not None and tensor.dim() != dims + 2:
+    for name, tensor in named.items():
+        if name != "bias" and tensor is not None and tensor.dim() != dims + 2:
             raise ValueError(
                 f"{name} must be a {dims + 2}-D tensor, "
                 f"got {tensor.dim()}-D with shape {tuple(tensor.shape)}"
             )
-    bias = named["bias"]
+    bias = named.get("bias")
     if bias is not None and bias.dim() != 1:
         raise ValueError(f"bias must be a 1-D tensor, got shape {tuple(bias.shape)}")
     input = named["input"]
@@ -84,7 +85,7 @@ def check_arguments(
     dims = len(stride)
     axes = AXES[dims]
     named = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
-    _check_tensors(named, dims)
+    check_tensors(named, dims)
     for name, values in (("stride", stride), ("dilation", dilation)):
         if min(values) <= 0:
             raise ValueError(f"{name} must be positive, got {values}")

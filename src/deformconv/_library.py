@@ -1,5 +1,5 @@
-"""Registration of ``deformconv::deform_conv2d`` and ``deformconv::deform_conv3d`` as
-PyTorch operators.
+"""Registration of ``deformconv::deform_conv2d``, ``deformconv::deform_conv3d`` and
+``deformconv::dcnv3`` as PyTorch operators.
 
 Each op and its backward are ``torch.library`` custom ops with fake (meta) implementations
 and registered autograd, so ``torch.compile``, ``torch.export`` and ``opcheck`` see them as
@@ -142,3 +142,70 @@ def _register(dims: int) -> tuple[Any, Any]:
 
 deform_conv2d_op, deform_conv2d_backward_op = _register(2)
 deform_conv3d_op, deform_conv3d_backward_op = _register(3)
+
+
+@torch.library.custom_op(
+    f"{_NAMESPACE}::dcnv3",
+    mutates_args=(),
+    schema="(Tensor input, Tensor offset, Tensor mask, int[2] kernel_size, int[2] stride, "
+    "int[2] padding, int[2] dilation, int group, float offset_scale, bool remove_center) "
+    "-> Tensor",
+)
+def dcnv3_op(input, offset, mask, kernel_size, stride, padding, dilation, group, offset_scale,
+             remove_center) -> Tensor:  # fmt: skip
+    backend = backends.select(input.device, op="dcnv3")
+    output = backend.forward(input, offset, mask, tuple(kernel_size), tuple(stride),
+                             tuple(padding), tuple(dilation), group, offset_scale,
+                             remove_center)  # fmt: skip
+    return output.contiguous()
+
+
+@dcnv3_op.register_fake
+def _(input, offset, mask, kernel_size, stride, padding, dilation, group, offset_scale,
+      remove_center):  # fmt: skip
+    return input.new_empty(*offset.shape[:3], input.shape[3])
+
+
+@torch.library.custom_op(
+    f"{_NAMESPACE}::dcnv3_backward",
+    mutates_args=(),
+    schema="(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, int[2] kernel_size, "
+    "int[2] stride, int[2] padding, int[2] dilation, int group, float offset_scale, "
+    "bool remove_center, bool[3] needs_grad) -> (Tensor, Tensor, Tensor)",
+)
+def dcnv3_backward_op(grad_output, input, offset, mask, kernel_size, stride, padding, dilation,
+                      group, offset_scale, remove_center, needs_grad):  # fmt: skip
+    """Gradients for (input, offset, mask); an empty tensor where not needed."""
+    backend = backends.select(input.device, op="dcnv3")
+    grads = backend.backward(grad_output.contiguous(), input, offset, mask, tuple(kernel_size),
+                             tuple(stride), tuple(padding), tuple(dilation), group,
+                             offset_scale, remove_center, tuple(needs_grad))  # fmt: skip
+    return tuple(  # type: ignore[return-value]
+        input.new_empty(0) if grad is None else grad.contiguous() for grad in grads
+    )
+
+
+@dcnv3_backward_op.register_fake
+def _(grad_output, input, offset, mask, kernel_size, stride, padding, dilation, group,
+      offset_scale, remove_center, needs_grad):  # fmt: skip
+    return tuple(
+        torch.empty_like(t, memory_format=torch.contiguous_format) if need else input.new_empty(0)
+        for t, need in zip((input, offset, mask), needs_grad, strict=True)
+    )
+
+
+def _dcnv3_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    input, offset, mask, *settings = inputs
+    ctx.save_for_backward(input, offset, mask)
+    ctx.settings = settings
+
+
+def _dcnv3_backward(ctx: Any, grad_output: Tensor):
+    input, offset, mask = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    grads = dcnv3_backward_op(grad_output, input, offset, mask, *ctx.settings, needs)
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)),
+            *([None] * len(ctx.settings)))  # fmt: skip
+
+
+dcnv3_op.register_autograd(_dcnv3_backward, setup_context=_dcnv3_setup_context)

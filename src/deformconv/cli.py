@@ -1,7 +1,7 @@
 """The ``deformconv`` command: the demo experiment, the benchmarks, and what this machine has.
 
     deformconv demo [--quick] [--out DIR]   the scaled-digits experiment (a few minutes on a CPU)
-    deformconv bench [--cpu | --gpu | --3d] the benchmarks at their standard shapes
+    deformconv bench [--cpu | --gpu | --3d | --dcnv3]   the benchmarks, standard shapes
     deformconv info                         versions, backends and devices
 
 ``python -m deformconv`` is the same command.  The demo runs unchanged under
@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--gpu", action="store_true", help="the GPU benchmark")
     which.add_argument("--3d", dest="video", action="store_true",
                        help="deform_conv3d against nn.Conv3d on video-like clips")  # fmt: skip
+    which.add_argument("--dcnv3", action="store_true",
+                       help="DCNv3/DCNv4 against grid_sample and the memory floor")  # fmt: skip
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
 
     commands.add_parser("info", help="versions, backends and devices",
@@ -143,6 +145,8 @@ def _bench(args: argparse.Namespace) -> int:
     extra = [a for a in args.args if a != "--"]
     if args.video:
         from .bench import video as module
+    elif args.dcnv3:
+        from .bench import dcnv3 as module
     elif gpu:
         from .bench import gpu as module
     else:

@@ -22,12 +22,14 @@ from types import ModuleType
 
 import torch
 
-from . import pytorch, triton_backend
+from . import pytorch, pytorch_dcnv3, triton_backend, triton_dcnv3
 
 ENV_VAR = "DEFORMCONV_BACKEND"
 AUTO = "auto"
 
 _BACKENDS: dict[str, ModuleType] = {"torch": pytorch, "triton": triton_backend}
+#: The same backends' modules for the DCNv3 / DCNv4 operator.
+_DCNV3_BACKENDS: dict[str, ModuleType] = {"torch": pytorch_dcnv3, "triton": triton_dcnv3}
 _forced: str | None = None
 
 
@@ -74,16 +76,20 @@ def use_backend(name: str) -> Iterator[None]:
 
 def name_of(module: ModuleType) -> str:
     """The name under which backend ``module`` is registered (``"torch"``, ``"triton"``)."""
-    return next(name for name, registered in _BACKENDS.items() if registered is module)
+    for table in (_BACKENDS, _DCNV3_BACKENDS):
+        for name, registered in table.items():
+            if registered is module:
+                return name
+    raise ValueError(f"{module.__name__} is not a registered backend")
 
 
-def select(device: torch.device, dims: int = 2) -> ModuleType:
-    """The backend module that runs a ``dims``-D convolution on tensors of ``device`` under
-    the current setting.  "auto" picks the Triton kernels for 2-D CUDA tensors only."""
+def select(device: torch.device, dims: int = 2, op: str = "deform_conv") -> ModuleType:
+    """The backend module that runs ``op`` (``"deform_conv"`` with ``dims`` spatial axes, or
+    ``"dcnv3"``) on tensors of ``device`` under the current setting.  "auto" picks the Triton
+    kernels for 2-D CUDA tensors, the torch backend otherwise."""
+    table = _DCNV3_BACKENDS if op == "dcnv3" else _BACKENDS
     name = get_backend()
     if name == AUTO:
         cuda = device.type == "cuda" and triton_backend.unavailable_reason() is None
-        if cuda and dims == 2:
-            return triton_backend
-        return pytorch
-    return _BACKENDS[name]
+        name = "triton" if cuda and dims == 2 else "torch"
+    return table[name]

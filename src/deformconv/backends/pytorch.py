@@ -77,18 +77,30 @@ def _per_corner(pairs: list[tuple[Tensor, Tensor]], combine=operator.mul) -> lis
 
 
 def sampling_plan(
-    geo: Geometry, offsets: Tensor, first_pixel: int, *, derivatives: bool
+    geo: Geometry,
+    offsets: Tensor,
+    first_pixel: int,
+    *,
+    derivatives: bool,
+    taps: Tensor | None = None,
+    strict: bool = False,
 ) -> SamplingPlan:
     """Plan the samples of ``offsets.shape[0]`` output pixels starting at ``first_pixel``.
 
     ``offsets`` is ``(pixels, K, G, d)`` with the displacement along each axis (Δy, Δx in
-    2-D) in the last dimension, already in the compute dtype.
+    2-D) in the last dimension, already in the compute dtype.  ``taps`` ``(K, d)`` lists the
+    kernel coordinates of the taps (default: every tap of ``geo.kernel``, row-major).  With
+    ``strict``, a sample counts only when its position lies strictly inside ``(−1, size)`` on
+    every axis (DCNv3's rule); otherwise corners are judged one by one (torchvision's).
     """
     device, dtype = offsets.device, offsets.dtype
     pixel = torch.arange(first_pixel, first_pixel + offsets.shape[0], device=device)
     image = pixel // math.prod(geo.out_size)
     out_coords = _unravel(pixel, geo.out_size)
-    tap_coords = _unravel(torch.arange(geo.taps, device=device), geo.kernel)
+    if taps is None:
+        tap_coords = _unravel(torch.arange(geo.taps, device=device), geo.kernel)
+    else:
+        tap_coords = list(taps.unbind(1))
     bases = [
         out[:, None] * stride - pad + tap * dil
         for out, tap, stride, pad, dil in zip(
@@ -106,7 +118,11 @@ def sampling_plan(
     near = None
     for base, shift, size in zip(bases, shifts, geo.size, strict=True):
         position = base.to(dtype)[:, :, None] + shift
-        inside = (position > -2) & (position < size + 1)
+        inside = (
+            (position > -1) & (position < size)
+            if strict
+            else ((position > -2) & (position < size + 1))
+        )
         near = inside if near is None else near & inside
 
     rows, ok, fractions = [], [], []

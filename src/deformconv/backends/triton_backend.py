@@ -61,7 +61,7 @@ def uncovered(input: Tensor) -> str | None:
     return None
 
 
-def _fallback(reason: str) -> ModuleType:
+def fallback(reason: str) -> ModuleType:
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(
@@ -101,7 +101,7 @@ def forward(
 ) -> Tensor:
     reason = uncovered(input)
     if reason is not None:
-        return _fallback(reason).forward(
+        return fallback(reason).forward(
             input, offset, mask, weight, bias, stride, padding, dilation
         )
     _kernels()
@@ -124,7 +124,7 @@ def backward(
     """Gradients for (input, offset, mask, weight, bias); ``None`` where not requested."""
     reason = uncovered(input)
     if reason is not None:
-        return _fallback(reason).backward(
+        return fallback(reason).backward(
             grad_output, input, offset, mask, weight, stride, padding, dilation, needs_grad
         )
     _kernels()

@@ -1,0 +1,160 @@
+"""Pure-PyTorch backend of the DCNv3 / DCNv4 operator: any device, any floating dtype.
+
+It reuses the deformable-convolution backend's machinery: the input becomes a table of rows
+``(N·G·H·W, D)`` (one row per image, group and pixel; channels-last input makes this a cheap
+permutation), and :func:`~deformconv.backends.pytorch.sampling_plan` gives every (output
+pixel, point, group) its four bilinear corners.  DCNv3's positions are expressed as the
+plan's regular grid plus a displacement ``Δ = s·offset + (c − tap·dilation)(1 − s)``, and
+the plan applies DCNv3's border rule (a sample counts only strictly inside ``(−1, H) × (−1,
+W)``).  There are no weights to contract: the masked samples of a pixel's points are summed.
+The backward recomputes the samples; gradients of the positions come from the plan's weight
+derivatives, times ``offset_scale``.  Output pixels go in chunks that bound the temporary
+buffers by the same column budget as the convolution.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._geometry import Geometry
+from .._utils import compute_dtype
+from . import pytorch
+from .pytorch import sampling_plan
+
+
+def tap_coords(kernel: tuple[int, int], remove_center: bool, device) -> Tensor:
+    """``(P, 2)`` kernel coordinates (row, column) of the points in DCNv3's order: column by
+    column, the centre dropped when ``remove_center``."""
+    kernel_h, kernel_w = kernel
+    coords = [(j, i) for i in range(kernel_w) for j in range(kernel_h)]
+    if remove_center:
+        coords.remove((kernel_h // 2, kernel_w // 2))
+    return torch.tensor(coords, dtype=torch.long, device=device).view(-1, 2)
+
+
+def _geometry(input: Tensor, offset: Tensor, kernel, stride, padding, dilation, group):
+    batch, height, width, channels = input.shape
+    return Geometry(batch=batch, channels=channels, size=(height, width), out_channels=channels,
+                    kernel=tuple(kernel), out_size=tuple(offset.shape[1:3]),
+                    stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
+                    weight_groups=1, offset_groups=group)  # fmt: skip
+
+
+def _table(input: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
+    """``(N, H, W, G·D)`` → contiguous rows ``(N·G·H·W, D)``."""
+    depth = geo.channels // geo.offset_groups
+    table = input.reshape(geo.batch, math.prod(geo.size), geo.offset_groups, depth)
+    return table.transpose(1, 2).to(dtype).contiguous().view(-1, depth)
+
+
+def _displacements(offset: Tensor, geo: Geometry, taps: Tensor, scale: float, dtype):
+    """Offsets ``(N, Ho, Wo, G·P·2)`` as (Δh, Δw) from the plan's grid, ``(pixels, P, G, 2)``."""
+    points = taps.shape[0]
+    pairs = offset.reshape(geo.pixels, geo.offset_groups, points, 2).to(dtype)
+    pairs = pairs.flip(-1).transpose(1, 2)  # (w, h) → (h, w); (pixels, P, G, 2)
+    centre = torch.tensor([d * (k - 1) // 2 for d, k in zip(geo.dilation, geo.kernel,
+                                                             strict=True)])  # fmt: skip
+    spread = taps * torch.tensor(geo.dilation, device=taps.device)
+    shift = (centre.to(taps.device) - spread).to(dtype) * (1 - scale)
+    return (pairs * scale + shift[None, :, None, :]).contiguous()
+
+
+def _chunk(geo: Geometry, points: int, itemsize: int, buffers: int) -> int:
+    depth = geo.channels // geo.offset_groups
+    bytes_per_pixel = max(1, points * geo.offset_groups * depth * itemsize * buffers)
+    budget = min(pytorch.column_budget(), pytorch._PREFERRED_CHUNK_BYTES * buffers)
+    return max(1, min(geo.pixels, budget // bytes_per_pixel))
+
+
+def forward(input, offset, mask, kernel, stride, padding, dilation, group, offset_scale,
+            remove_center) -> Tensor:  # fmt: skip
+    geo = _geometry(input, offset, kernel, stride, padding, dilation, group)
+    dtype = compute_dtype(input.dtype)
+    taps = tap_coords(geo.kernel, remove_center, input.device)
+    points, depth = taps.shape[0], geo.channels // group
+    out = torch.empty(geo.pixels, group, depth, dtype=dtype, device=input.device)
+    if geo.pixels > 0:
+        table = _table(input, geo, dtype)
+        shifts = _displacements(offset, geo, taps, offset_scale, dtype)
+        masks = mask.reshape(geo.pixels, group, points).transpose(1, 2).to(dtype).contiguous()
+        step = _chunk(geo, points, table.element_size(), buffers=2)
+        gathered = table.new_empty(step * points * group, depth)
+        total = torch.empty_like(gathered)
+        for start in range(0, geo.pixels, step):
+            stop = min(geo.pixels, start + step)
+            m = (stop - start) * points * group
+            plan = sampling_plan(geo, shifts[start:stop], start, derivatives=False, taps=taps,
+                                 strict=True)  # fmt: skip
+            weights = plan.weights * masks[start:stop].view(-1)
+            for corner in range(plan.rows.shape[0]):
+                torch.index_select(table, 0, plan.rows[corner], out=gathered[:m])
+                if corner == 0:
+                    torch.mul(gathered[:m], weights[corner, :, None], out=total[:m])
+                else:
+                    total[:m].addcmul_(gathered[:m], weights[corner, :, None])
+            out[start:stop] = total[:m].view(stop - start, points, group, depth).sum(1)
+    return out.view(*input.shape[:1], *geo.out_size, geo.channels).to(input.dtype)
+
+
+def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation, group,
+             offset_scale, remove_center, needs_grad):  # fmt: skip
+    """Gradients for (input, offset, mask); ``None`` where not requested."""
+    need_input, need_offset, need_mask = needs_grad
+    geo = _geometry(input, offset, kernel, stride, padding, dilation, group)
+    dtype = compute_dtype(input.dtype)
+    taps = tap_coords(geo.kernel, remove_center, input.device)
+    points, depth = taps.shape[0], geo.channels // group
+    samples = geo.pixels * points * group
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=dtype, device=input.device)
+
+    table_grad = zeros(input.numel() // depth, depth) if need_input else None
+    position_grad = zeros(samples, 2) if need_offset else None
+    mask_grad = zeros(samples) if need_mask else None
+    if geo.pixels > 0 and any(needs_grad):
+        table = _table(input, geo, dtype)
+        shifts = _displacements(offset, geo, taps, offset_scale, dtype)
+        masks = mask.reshape(geo.pixels, group, points).transpose(1, 2).to(dtype).reshape(-1)
+        grad_out = grad_output.reshape(geo.pixels, 1, group, depth).to(dtype)
+        step = _chunk(geo, points, table.element_size(), buffers=3)
+        gathered = table.new_empty(step * points * group, depth)
+        product = torch.empty_like(gathered)
+        dots = table.new_empty(4, step * points * group)
+        for start in range(0, geo.pixels, step):
+            stop = min(geo.pixels, start + step)
+            first, last = start * points * group, stop * points * group
+            m = last - first
+            plan = sampling_plan(geo, shifts[start:stop], start, derivatives=need_offset,
+                                 taps=taps, strict=True)  # fmt: skip
+            chunk_masks = masks[first:last]
+            grads = grad_out[start:stop].expand(-1, points, -1, -1).reshape(m, depth)
+            for corner in range(4):
+                if need_offset or need_mask:
+                    sample = torch.index_select(table, 0, plan.rows[corner], out=gathered[:m])
+                    torch.mul(sample, grads, out=product[:m])
+                    torch.sum(product[:m], dim=1, out=dots[corner, :m])
+                if table_grad is not None:
+                    scale = plan.weights[corner] * chunk_masks
+                    torch.mul(grads, scale[:, None], out=product[:m])
+                    table_grad.index_add_(0, plan.rows[corner], product[:m])
+            if mask_grad is not None:
+                mask_grad[first:last] = (plan.weights * dots[:, :m]).sum(0)
+            if position_grad is not None:
+                position = (plan.d_weights * dots[:, :m]).sum(1).T
+                position_grad[first:last] = position * (chunk_masks * offset_scale)[:, None]
+
+    grad_input = grad_offset = grad_mask = None
+    if table_grad is not None:
+        grad_input = table_grad.view(geo.batch, group, math.prod(geo.size), depth).transpose(1, 2)
+        grad_input = grad_input.reshape(input.shape).to(input.dtype)
+    if position_grad is not None:
+        grad_offset = position_grad.view(geo.pixels, points, group, 2).flip(-1).transpose(1, 2)
+        grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype)
+    if mask_grad is not None:
+        grad_mask = mask_grad.view(geo.pixels, points, group).transpose(1, 2)
+        grad_mask = grad_mask.reshape(mask.shape).to(mask.dtype)
+    return grad_input, grad_offset, grad_mask

@@ -1,0 +1,215 @@
+"""Triton kernels of the DCNv3 / DCNv4 operator, on channels-last tensors.
+
+A program owns a tile of ``BLOCK_Q`` output pixels and one group, and walks the group's
+points; for each point it loads the tile's offsets and mask once and uses them for every
+channel of the group (``BLOCK_D`` channels at a time, contiguous in memory, so the corner
+loads are vector loads).  Samples are accumulated in float32.  A sample counts only strictly
+inside ``(-1, H) × (-1, W)`` (DCNv3's rule); corners outside the image are masked off, so
+nothing outside the input is read.  The backward kernel recomputes the samples, reduces the
+offset and mask gradients over the group's channels in registers, and adds the input gradient
+to a float32 buffer with atomics.
+"""
+
+import triton
+import triton.language as tl
+
+from .sampling import bilinear_tile, load_corner
+
+
+@triton.jit
+def dcnv3_point(
+    offset_ptr,
+    mask_ptr,
+    q,
+    point,
+    group,
+    out_h_index,
+    out_w_index,
+    height,
+    width,
+    active,
+    POINTS: tl.constexpr,
+    KERNEL_H: tl.constexpr,
+    KERNEL_W: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr,
+    PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    GROUPS: tl.constexpr,
+    REMOVE_CENTER: tl.constexpr,
+    offset_scale,
+):
+    """Corner ``(h0, w0)``, fractions, mask and validity of one point for a tile of pixels,
+    plus the element index of its offset pair and mask value."""
+    raw = point
+    if REMOVE_CENTER:
+        raw = point + tl.where(point >= (KERNEL_W // 2) * KERNEL_H + KERNEL_H // 2, 1, 0)
+    i = raw // KERNEL_H  # kernel column
+    j = raw % KERNEL_H  # kernel row
+    sample = q * (GROUPS * POINTS) + group * POINTS + point
+    dw = tl.load(offset_ptr + 2 * sample, mask=active, other=0.0).to(tl.float32)
+    dh = tl.load(offset_ptr + 2 * sample + 1, mask=active, other=0.0).to(tl.float32)
+    weight = tl.load(mask_ptr + sample, mask=active, other=0.0).to(tl.float32)
+    centre_h = (DIL_H * (KERNEL_H - 1)) // 2
+    centre_w = (DIL_W * (KERNEL_W - 1)) // 2
+    h = (out_h_index * STRIDE_H - PAD_H + centre_h).to(tl.float32)
+    w = (out_w_index * STRIDE_W - PAD_W + centre_w).to(tl.float32)
+    h += ((j * DIL_H - centre_h).to(tl.float32) + dh) * offset_scale
+    w += ((i * DIL_W - centre_w).to(tl.float32) + dw) * offset_scale
+    valid = active & (h > -1.0) & (w > -1.0) & (h < height) & (w < width)
+    h = tl.where(valid, h, 0.0)
+    w = tl.where(valid, w, 0.0)
+    h_low = tl.floor(h)
+    w_low = tl.floor(w)
+    return (h_low.to(tl.int32), w_low.to(tl.int32), h - h_low, w - w_low, weight, valid,
+            sample)  # fmt: skip
+
+
+@triton.jit
+def dcnv3_forward_kernel(
+    input_ptr,
+    offset_ptr,
+    mask_ptr,
+    out_ptr,
+    pixels,
+    height,
+    width,
+    out_h,
+    out_w,
+    offset_scale,
+    DEPTH: tl.constexpr,
+    POINTS: tl.constexpr,
+    KERNEL_H: tl.constexpr,
+    KERNEL_W: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr,
+    PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    GROUPS: tl.constexpr,
+    REMOVE_CENTER: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    group = tl.program_id(1)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    active = q < pixels
+    cols = d < DEPTH
+    channels = GROUPS * DEPTH
+    image = q // (out_h * out_w)
+    out_h_index = (q // out_w) % out_h
+    out_w_index = q % out_w
+    image_base = image.to(tl.int64) * height * width * channels
+    channel = group * DEPTH + d
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    for point in range(POINTS):
+        h0, w0, fh, fw, weight, valid, _ = dcnv3_point(
+            offset_ptr, mask_ptr, q, point, group, out_h_index, out_w_index, height, width,
+            active, POINTS, KERNEL_H, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+            GROUPS, REMOVE_CENTER, offset_scale,
+        )  # fmt: skip
+        acc += bilinear_tile(input_ptr, image_base, h0, w0, fh, fw, weight, channel,
+                             width * channels, channels, height, width, valid, cols)  # fmt: skip
+    out = out_ptr + (q.to(tl.int64) * channels)[:, None] + channel[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=active[:, None] & cols[None, :])
+
+
+@triton.jit
+def _scatter(grad_ptr, image_base, hh, ww, channel, row_stride, channels, height, width,
+             valid, cols, values):  # fmt: skip
+    inside = valid & (hh >= 0) & (hh < height) & (ww >= 0) & (ww < width)
+    pointers = grad_ptr + (image_base + hh * row_stride + ww * channels)[:, None] + channel[None, :]
+    tl.atomic_add(pointers, values, mask=inside[:, None] & cols[None, :], sem="relaxed")
+
+
+@triton.jit
+def dcnv3_backward_kernel(
+    input_ptr,
+    offset_ptr,
+    mask_ptr,
+    grad_out_ptr,
+    grad_input_ptr,
+    grad_offset_ptr,
+    grad_mask_ptr,
+    pixels,
+    height,
+    width,
+    out_h,
+    out_w,
+    offset_scale,
+    DEPTH: tl.constexpr,
+    POINTS: tl.constexpr,
+    KERNEL_H: tl.constexpr,
+    KERNEL_W: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr,
+    PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    GROUPS: tl.constexpr,
+    REMOVE_CENTER: tl.constexpr,
+    NEED_INPUT: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    group = tl.program_id(1)
+    active = q < pixels
+    channels = GROUPS * DEPTH
+    image = q // (out_h * out_w)
+    out_h_index = (q // out_w) % out_h
+    out_w_index = q % out_w
+    image_base = image.to(tl.int64) * height * width * channels
+    row_stride = width * channels
+    for point in range(POINTS):
+        h0, w0, fh, fw, weight, valid, sample = dcnv3_point(
+            offset_ptr, mask_ptr, q, point, group, out_h_index, out_w_index, height, width,
+            active, POINTS, KERNEL_H, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+            GROUPS, REMOVE_CENTER, offset_scale,
+        )  # fmt: skip
+        gh = 1.0 - fh
+        gw = 1.0 - fw
+        grad_mask = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        grad_h = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        grad_w = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        for d_start in range(0, DEPTH, BLOCK_D):
+            d = d_start + tl.arange(0, BLOCK_D)
+            cols = d < DEPTH
+            channel = group * DEPTH + d
+            rows = grad_out_ptr + (q.to(tl.int64) * channels)[:, None] + channel[None, :]
+            go = tl.load(rows, mask=active[:, None] & cols[None, :], other=0.0).to(tl.float32)
+            v00 = load_corner(input_ptr, image_base, h0, w0, channel, row_stride, channels,
+                              height, width, valid, cols)  # fmt: skip
+            v01 = load_corner(input_ptr, image_base, h0, w0 + 1, channel, row_stride, channels,
+                              height, width, valid, cols)  # fmt: skip
+            v10 = load_corner(input_ptr, image_base, h0 + 1, w0, channel, row_stride, channels,
+                              height, width, valid, cols)  # fmt: skip
+            v11 = load_corner(input_ptr, image_base, h0 + 1, w0 + 1, channel, row_stride,
+                              channels, height, width, valid, cols)  # fmt: skip
+            value = (v00 * gw[:, None] + v01 * fw[:, None]) * gh[:, None]
+            value += (v10 * gw[:, None] + v11 * fw[:, None]) * fh[:, None]
+            grad_mask += tl.sum(go * value, axis=1)
+            d_h = (v10 - v00) * gw[:, None] + (v11 - v01) * fw[:, None]
+            d_w = (v01 - v00) * gh[:, None] + (v11 - v10) * fh[:, None]
+            grad_h += tl.sum(go * d_h, axis=1)
+            grad_w += tl.sum(go * d_w, axis=1)
+            if NEED_INPUT:
+                g = go * weight[:, None]
+                _scatter(grad_input_ptr, image_base, h0, w0, channel, row_stride, channels,
+                         height, width, valid, cols, g * (gh * gw)[:, None])  # fmt: skip
+                _scatter(grad_input_ptr, image_base, h0, w0 + 1, channel, row_stride, channels,
+                         height, width, valid, cols, g * (gh * fw)[:, None])  # fmt: skip
+                _scatter(grad_input_ptr, image_base, h0 + 1, w0, channel, row_stride, channels,
+                         height, width, valid, cols, g * (fh * gw)[:, None])  # fmt: skip
+                _scatter(grad_input_ptr, image_base, h0 + 1, w0 + 1, channel, row_stride,
+                         channels, height, width, valid, cols, g * (fh * fw)[:, None])  # fmt: skip
+        grad_mask = tl.where(valid, grad_mask, 0.0)
+        scale = tl.where(valid, weight * offset_scale, 0.0)
+        tl.store(grad_mask_ptr + sample, grad_mask, mask=active)
+        tl.store(grad_offset_ptr + 2 * sample, grad_w * scale, mask=active)
+        tl.store(grad_offset_ptr + 2 * sample + 1, grad_h * scale, mask=active)

@@ -1,0 +1,242 @@
+"""dcnv3 / dcnv4 and their layers against the float64 loop reference of DCNv3's definition."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deformconv
+from dcnv3_reference import dcnv3_reference, points
+
+# Lopsided settings: pad_h != pad_w, non-square kernels, stride and dilation per axis,
+# offset_scale != 1, remove_center, channels per group not a power of two.
+CASES = {
+    "lopsided": {"size": (6, 7), "kernel": (3, 2), "stride": (1, 2), "padding": (2, 0),
+                 "dilation": (1, 2), "group": 2, "depth": 3, "scale": 0.7, "remove": False},
+    "remove-center": {"size": (5, 6), "kernel": (3, 5), "stride": (2, 1), "padding": (1, 2),
+                      "dilation": (2, 1), "group": 3, "depth": 5, "scale": 1.0, "remove": True},
+    "one-group-1x1": {"size": (4, 3), "kernel": (1, 1), "stride": (1, 1), "padding": (0, 1),
+                      "dilation": (1, 1), "group": 1, "depth": 6, "scale": 2.0,
+                      "remove": False},
+}  # fmt: skip
+
+
+def _out_size(case):
+    return tuple(
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(case["size"], case["kernel"], case["stride"], case["padding"],
+                                 case["dilation"], strict=True)
+    )  # fmt: skip
+
+
+def make_inputs(case, batch=2, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    group, count = case["group"], len(points(*case["kernel"], case["remove"]))
+    out = _out_size(case)
+    channels = group * case["depth"]
+    offset = torch.randn(batch, *out, group * count * 2, generator=generator) * 1.5
+    offset[..., ::4] = offset[..., ::4].round()  # integer positions too
+    return {
+        "input": torch.randn(batch, *case["size"], channels, generator=generator).to(dtype),
+        "offset": offset.to(dtype),
+        "mask": torch.rand(batch, *out, group * count, generator=generator).to(dtype),
+    }
+
+
+def _args(case):
+    return {"kernel_size": case["kernel"], "stride": case["stride"], "padding": case["padding"],
+            "dilation": case["dilation"], "group": case["group"],
+            "offset_scale": case["scale"], "remove_center": case["remove"]}  # fmt: skip
+
+
+def _reference(tensors, case):
+    return dcnv3_reference(tensors["input"], tensors["offset"], tensors["mask"], case["kernel"],
+                           case["stride"], case["padding"], case["dilation"], case["group"],
+                           case["scale"], case["remove"])  # fmt: skip
+
+
+def _check_against_reference(tensors, case, dtype=torch.float64, tolerance=1e-10):
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items()}
+    expected = _reference(leaves, case)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, list(leaves.values()), grad)
+    ours_leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in tensors.items()}
+    ours = deformconv.dcnv3(ours_leaves["input"], ours_leaves["offset"], ours_leaves["mask"],
+                            **_args(case))  # fmt: skip
+    torch.testing.assert_close(ours.double(), expected, rtol=tolerance, atol=tolerance)
+    ours_grads = torch.autograd.grad(ours, list(ours_leaves.values()), grad.to(dtype))
+    for name, mine, theirs in zip(leaves, ours_grads, expected_grads, strict=True):
+        torch.testing.assert_close(mine.double(), theirs, rtol=tolerance, atol=tolerance,
+                                   msg=name)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_backend_matches_reference(name):
+    with deformconv.use_backend("torch"):
+        _check_against_reference(make_inputs(CASES[name]), CASES[name])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_kernels_match_reference(name):
+    pytest.importorskip("triton")
+    with deformconv.use_backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to torch would warn
+        _check_against_reference(make_inputs(CASES[name]), CASES[name], torch.float32, 1e-4)
+
+
+def test_triton_kernels_in_half_precision():
+    pytest.importorskip("triton")
+    case = CASES["lopsided"]
+    tensors = make_inputs(case)
+    expected = _reference(tensors, case)
+    with deformconv.use_backend("triton"):
+        half = {k: v.half() for k, v in tensors.items()}
+        ours = deformconv.dcnv3(half["input"], half["offset"], half["mask"], **_args(case))
+    assert ours.dtype == torch.float16
+    error = (ours.double() - expected).norm() / expected.norm()
+    assert error < 2e-3
+
+
+def test_gradcheck():
+    case = {**CASES["lopsided"], "size": (3, 4), "depth": 2}
+    tensors = make_inputs(case, batch=1)
+    tensors["offset"] = tensors["offset"] + 0.05  # off the integers, where gradients jump
+    leaves = tuple(t.requires_grad_() for t in tensors.values())
+    with deformconv.use_backend("torch"):
+        assert torch.autograd.gradcheck(
+            lambda i, o, m: deformconv.dcnv3(i, o, m, **_args(case)), leaves, eps=1e-6, atol=1e-6
+        )
+
+
+def test_zero_offsets_and_uniform_mask_average_the_window():
+    x = torch.randn(2, 7, 8, 12)
+    offset = torch.zeros(2, 7, 8, 4 * 9 * 2)
+    mask = torch.full((2, 7, 8, 4 * 9), 1 / 9)
+    out = deformconv.dcnv3(x, offset, mask, 3, padding=1, group=4)
+    mean = F.avg_pool2d(x.permute(0, 3, 1, 2), 3, 1, 1).permute(0, 2, 3, 1)
+    torch.testing.assert_close(out, mean, rtol=1e-5, atol=1e-6)
+
+
+def test_border_offset_gradient_follows_dcnv3():
+    """At the initial state (zero offsets, padding (k-1)/2) the border points sit exactly at
+    -1, which DCNv3 does not sample: their offset gradient is 0."""
+    x = torch.randn(1, 4, 4, 2)
+    offset = torch.zeros(1, 4, 4, 9 * 2, requires_grad=True)
+    mask = torch.ones(1, 4, 4, 9)
+    deformconv.dcnv3(x, offset, mask, 3, padding=1).sum().backward()
+    # pixel (0, 0), point 0 = (row 0, column 0): both coordinates at -1
+    assert offset.grad[0, 0, 0, 0] == 0 and offset.grad[0, 0, 0, 1] == 0
+    assert offset.grad[0, 1, 1].abs().sum() > 0
+
+
+def test_dcnv4_reads_the_fused_layout():
+    case = {**CASES["remove-center"]}
+    tensors = make_inputs(case)
+    group, count = case["group"], len(points(*case["kernel"], True))
+    fused = torch.randn(*tensors["mask"].shape[:3], 3 * group * count + 5, dtype=torch.float64)
+    per_group = fused[..., : 3 * group * count].unflatten(-1, (group, 3 * count))
+    offset = per_group[..., : 2 * count].flatten(-2)
+    mask = per_group[..., 2 * count :].flatten(-2)
+    expected = _reference({"input": tensors["input"], "offset": offset, "mask": mask}, case)
+    fused.requires_grad_()
+    ours = deformconv.dcnv4(tensors["input"], fused, **_args(case))
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+    ours.sum().backward()
+    assert (fused.grad[..., 3 * group * count :] == 0).all()  # the padding is not read
+
+
+def test_dcnv4_offset_mask_channels_match_the_original_layer():
+    assert deformconv.dcnv4_offset_mask_channels(4, 3) == 112  # ceil(4·9·3 / 8)·8
+    assert deformconv.dcnv4_offset_mask_channels(4, 3, remove_center=True) == 96
+    assert deformconv.dcnv4_offset_mask_channels(3, (5, 3)) == 136
+
+
+def test_batch_zero_and_non_contiguous():
+    case = CASES["lopsided"]
+    tensors = make_inputs(case, dtype=torch.float32)
+    expected = deformconv.dcnv3(tensors["input"], tensors["offset"], tensors["mask"],
+                                **_args(case))  # fmt: skip
+    strided = {k: torch.cat([v, v], dim=-1)[..., ::2] for k, v in tensors.items()}
+    for key in strided:
+        strided[key].copy_(tensors[key])
+    ours = deformconv.dcnv3(strided["input"], strided["offset"], strided["mask"], **_args(case))
+    torch.testing.assert_close(ours, expected)
+    empty = {k: v[:0].requires_grad_() for k, v in tensors.items()}
+    out = deformconv.dcnv3(empty["input"], empty["offset"], empty["mask"], **_args(case))
+    assert out.shape == (0, *expected.shape[1:])
+    out.sum().backward()
+    assert empty["input"].grad.shape == empty["input"].shape
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"input": torch.zeros(2, 6, 7)}, ValueError, r"input must be a 4-D tensor, got 3-D"),
+        ({"group_channels": 4}, ValueError,
+         r"input has 6 channels \(last axis\), expected group \* group_channels = 2 \* 4 = 8"),
+        ({"offset": torch.zeros(2, 8, 3, 23)}, ValueError,
+         r"offset has shape \(2, 8, 3, 23\), expected \(2, 8, 3, 24\)"),
+        ({"mask": torch.zeros(2, 8, 3, 11)}, ValueError,
+         r"mask has shape \(2, 8, 3, 11\), expected \(2, 8, 3, 12\)"),
+        ({"remove_center": True}, ValueError, r"remove_center needs odd kernel sizes, got "
+         r"kernel_size \(3, 2\)"),
+        ({"mask": None}, TypeError, r"mask must be a Tensor, got NoneType"),
+        ({"offset": torch.zeros(2, 8, 3, 24, dtype=torch.float64)}, TypeError,
+         r"offset has dtype torch.float64, expected input's dtype torch.float32"),
+        ({"stride": 0}, ValueError, r"stride must be positive, got \(0, 0\)"),
+    ],
+)  # fmt: skip
+def test_errors(change, error, message):
+    case = CASES["lopsided"]
+    args = {**make_inputs(case, dtype=torch.float32), **_args(case), **change}
+    with pytest.raises(error, match=message):
+        deformconv.dcnv3(**args)
+
+
+def test_dcnv4_errors():
+    x = torch.zeros(1, 5, 5, 8)
+    with pytest.raises(
+        ValueError,
+        match=r"offset_mask has shape \(1, 5, 5, 53\), expected "
+        r"\(1, 5, 5, M\) with M >= 3 \* group \* points = 54",
+    ):
+        deformconv.dcnv4(x, torch.zeros(1, 5, 5, 53), 3, padding=1, group=2)  # fmt: skip
+
+
+def test_opcheck_and_compile():
+    case = CASES["lopsided"]
+    tensors = make_inputs(case, dtype=torch.float32)
+    args = _args(case)
+    op_args = (tensors["input"].requires_grad_(), tensors["offset"].requires_grad_(),
+               tensors["mask"].requires_grad_(), list(args["kernel_size"]), list(args["stride"]),
+               list(args["padding"]), list(args["dilation"]), args["group"],
+               args["offset_scale"], args["remove_center"])  # fmt: skip
+    with deformconv.use_backend("torch"):
+        torch.library.opcheck(torch.ops.deformconv.dcnv3.default, op_args)
+        torch._dynamo.reset()
+        layer = deformconv.DCNv4(channels=12, group=3)
+        with torch.no_grad():
+            layer.offset_mask.weight.normal_(std=0.1)
+        x = torch.randn(2, 25, 12, requires_grad=True)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), layer(x))
+        compiled(x).sum().backward()
+        assert x.grad is not None and layer.offset_mask.weight.grad is not None
+
+
+def test_benchmark_baseline_agrees_and_the_benchmark_runs(tmp_path, capsys):
+    from deformconv import cli
+    from deformconv.bench.dcnv3 import grid_sample_dcnv4
+
+    x = torch.randn(2, 9, 11, 12, dtype=torch.float64)
+    fused = torch.randn(2, 9, 11, deformconv.dcnv4_offset_mask_channels(3), dtype=torch.float64)
+    expected = deformconv.dcnv4(x, fused, 3, padding=1, group=3)
+    torch.testing.assert_close(grid_sample_dcnv4(x, fused, 3), expected)
+    out = tmp_path / "rows.csv"
+    assert cli.main(["bench", "--dcnv3", "--", "--quick", "--device", "cpu", "--repeats", "1",
+                     "--csv", str(out)]) == 0  # fmt: skip
+    assert "| N=2 14×14 G=4 D=32 | cpu | fp32 | fwd+bwd | grid_sample |" in capsys.readouterr().out
+    assert out.read_text().startswith("shape,device,dtype,mode,impl,ms,floor_ms,x_floor")
