@@ -71,6 +71,20 @@ def _check_groups(channels: int, weight: Tensor, bias: Tensor | None) -> None:
         )
 
 
+def output_size(size, kernel, stride, padding, dilation) -> tuple[int, ...]:
+    """The output size of a convolution over ``size``; ``ValueError`` when it is empty."""
+    out_size = tuple(
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(size, kernel, stride, padding, dilation, strict=True)
+    )
+    if min(out_size) <= 0:
+        raise ValueError(
+            f"input of spatial size {tuple(size)} is too small for kernel {tuple(kernel)} "
+            f"with padding {padding} and dilation {dilation}: output size would be {out_size}"
+        )
+    return out_size
+
+
 def check_arguments(
     input: Tensor,
     offset: Tensor,
@@ -111,16 +125,7 @@ def check_arguments(
             f"{offset_channels} // {dims * taps})"
         )
 
-    size = tuple(input.shape[2:])
-    out_size = tuple(
-        (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, k, s, p, d in zip(size, kernel, stride, padding, dilation, strict=True)
-    )
-    if min(out_size) <= 0:
-        raise ValueError(
-            f"input of spatial size {size} is too small for kernel {kernel} "
-            f"with padding {padding} and dilation {dilation}: output size would be {out_size}"
-        )
+    out_size = output_size(tuple(input.shape[2:]), kernel, stride, padding, dilation)
     out_names = ", ".join(f"out_{axis}" for axis in axes)
     for name, tensor, per_tap in (("offset", offset, dims), ("mask", mask, 1)):
         if tensor is None:

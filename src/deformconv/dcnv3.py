@@ -24,7 +24,7 @@ import math
 
 from torch import Tensor
 
-from ._checks import check_tensors
+from ._checks import check_tensors, output_size
 from ._library import dcnv3_op
 from ._utils import IntOrPair, _pair, autocast_inputs
 
@@ -59,16 +59,7 @@ def _settings(input, kernel_size, stride, padding, dilation, group, group_channe
             f"{group} * {group_channels} = {group * group_channels}"
         )
     points = _points(kernel, remove_center)
-    size = tuple(input.shape[1:3])
-    out_size = tuple(
-        (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, k, s, p, d in zip(size, kernel, stride, padding, dilation, strict=True)
-    )
-    if min(out_size) <= 0:
-        raise ValueError(
-            f"input of spatial size {size} is too small for kernel {kernel} with padding "
-            f"{padding} and dilation {dilation}: output size would be {out_size}"
-        )
+    out_size = output_size(tuple(input.shape[1:3]), kernel, stride, padding, dilation)
     return kernel, stride, padding, dilation, points, out_size
 
 

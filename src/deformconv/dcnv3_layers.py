@@ -45,13 +45,22 @@ def _activation(act_layer: str) -> nn.Module:
     return layers[act_layer]()
 
 
-def _check(channels: int, group: int, kernel_size: int, remove_center: bool) -> None:
+def _store_settings(layer: nn.Module, channels: int, kernel_size: int, stride: int, pad: int,
+                    dilation: int, group: int, offset_scale: float, dw_kernel_size: int | None,
+                    center_feature_scale: bool, remove_center: bool) -> None:  # fmt: skip
+    """Check the settings both layers share and keep them under the original attribute names."""
     if channels <= 0 or group <= 0 or channels % group:
         raise ValueError(
             f"channels must be a positive multiple of group, got channels={channels}, group={group}"
         )
     if remove_center and kernel_size % 2 == 0:
         raise ValueError(f"remove_center needs an odd kernel_size, got {kernel_size}")
+    layer.channels, layer.kernel_size, layer.dw_kernel_size = channels, kernel_size, dw_kernel_size
+    layer.stride, layer.pad, layer.dilation = stride, pad, dilation
+    layer.group, layer.group_channels = group, channels // group
+    layer.offset_scale = offset_scale
+    layer.center_feature_scale = center_feature_scale
+    layer.remove_center = int(remove_center)
 
 
 class _CenterFeatureScale(nn.Module):
@@ -103,14 +112,9 @@ class DCNv3(nn.Module):
         remove_center: bool = False,
     ) -> None:
         super().__init__()
-        _check(channels, group, kernel_size, remove_center)
         dw_kernel_size = kernel_size if dw_kernel_size is None else dw_kernel_size
-        self.channels, self.kernel_size, self.dw_kernel_size = channels, kernel_size, dw_kernel_size
-        self.stride, self.pad, self.dilation = stride, pad, dilation
-        self.group, self.group_channels = group, channels // group
-        self.offset_scale = offset_scale
-        self.center_feature_scale = center_feature_scale
-        self.remove_center = int(remove_center)
+        _store_settings(self, channels, kernel_size, stride, pad, dilation, group, offset_scale,
+                        dw_kernel_size, center_feature_scale, remove_center)  # fmt: skip
         points = kernel_size * kernel_size - self.remove_center
         self.dw_conv = nn.Sequential(
             nn.Conv2d(
@@ -196,13 +200,8 @@ class DCNv4(nn.Module):
         without_pointwise: bool = False,
     ) -> None:
         super().__init__()
-        _check(channels, group, kernel_size, remove_center)
-        self.channels, self.kernel_size, self.dw_kernel_size = channels, kernel_size, dw_kernel_size
-        self.stride, self.pad, self.dilation = stride, pad, dilation
-        self.group, self.group_channels = group, channels // group
-        self.offset_scale = offset_scale
-        self.center_feature_scale = center_feature_scale
-        self.remove_center = int(remove_center)
+        _store_settings(self, channels, kernel_size, stride, pad, dilation, group, offset_scale,
+                        dw_kernel_size, center_feature_scale, remove_center)  # fmt: skip
         self.without_pointwise = without_pointwise
         self.K = group * (kernel_size * kernel_size - self.remove_center)
         if dw_kernel_size is not None:

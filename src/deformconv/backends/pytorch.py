@@ -4,22 +4,25 @@ floating dtype, with any number of spatial axes (2-D and 3-D share every line).
 Design
 ------
 * The input is rearranged once into a channels-last *table* of rows
-  ``(N·G·S, C/G)``, one row per (image, offset group, input position), ``S`` positions per
-  image.  A sample of one (output position, kernel tap, offset group) is a weighted sum of
-  ``2**d`` table rows: four bilinear corners in 2-D, eight trilinear ones in 3-D.
+  ``(N·G·S + 1, C/G)``, one row per (image, offset group, input position), ``S`` positions
+  per image, and a last row of zeros.  A sample of one (output position, kernel tap, offset
+  group) is a weighted sum of ``2**d`` table rows: four bilinear corners in 2-D, eight
+  trilinear ones in 3-D.
 * A *sampling plan* holds, for every (output position, tap, offset group), the corner rows
-  and their interpolation weights, and for the backward the derivatives of those weights
-  along each axis.  Corners outside the input get weight 0 and a clamped, valid row number,
-  so nothing is ever read out of bounds, whatever the offsets hold.
-* Forward: the corners are gathered with ``index_select`` into a reused buffer and
-  accumulated into a column buffer ``(positions, K·C)``, which one batched matrix product per
-  weight group contracts with the weight.
+  (int32 where they fit) and their interpolation weights, and for the backward the
+  derivatives of those weights along each axis.  Corners outside the input point at the zero
+  row, so nothing is ever read out of bounds, whatever the offsets hold, and no weight needs
+  masking.
+* Forward: the weighted corners of every sample are summed by one fused gather
+  (:mod:`~deformconv.backends.gather`, ``embedding_bag``) into a column buffer
+  ``(positions, K·C)``, which one batched matrix product per weight group contracts with the
+  weight.
 * Backward: the samples are recomputed rather than stored.  ``grad_input`` scatters the
   weighted column gradients back with ``index_add_``; ``grad_offset`` and ``grad_mask`` come
-  from one dot product over channels per corner; ``grad_weight`` is one more matrix product.
+  from the dot product of every corner's row with its column gradient (one fused kernel);
+  ``grad_weight`` is one more matrix product.
 * Output positions are processed in chunks whose column buffers together fit the column
-  budget (:func:`set_column_budget`, 256 MiB by default); the buffers are allocated once per
-  call and reused by every chunk.
+  budget (:func:`set_column_budget`, 256 MiB by default).
 * float16 and bfloat16 are computed in float32 and rounded once at the end; float64 stays
   float64.
 
@@ -39,6 +42,7 @@ from torch import Tensor
 
 from .._geometry import Geometry, geometry
 from .._utils import compute_dtype
+from .gather import row_dots, scatter_rows, weighted_rows
 
 #: The default upper bound, in bytes, on the temporary column buffers of one call.
 DEFAULT_COLUMN_BUDGET = 256 * 2**20
@@ -49,9 +53,9 @@ _PREFERRED_CHUNK_BYTES = 4 * 2**20
 
 
 class SamplingPlan(NamedTuple):
-    """The ``2**d`` interpolation corners of each of ``M = pixels·K·G`` samples, corner-major
-    ``(2**d, M)``: input-table rows, weights and, for the backward, the weights' derivatives
-    along each axis ``(d, 2**d, M)``."""
+    """The ``2**d`` interpolation corners of each of ``M = pixels·K·G`` samples, ``(M, 2**d)``:
+    input-table rows, weights and, for the backward, the weights' derivatives along each axis
+    ``(d, M, 2**d)``."""
 
     rows: Tensor
     weights: Tensor
@@ -125,48 +129,69 @@ def sampling_plan(
         )
         near = inside if near is None else near & inside
 
+    # A corner counts only inside the input (the weights then fade to 0 within one pixel of
+    # the border); the rows of the others, and of samples that are not near, point at the
+    # table's last row, which is all zeros.  So no weight needs masking: such a corner adds 0
+    # to the sample and to every derivative, and its gradient lands in that spare row.  The
+    # derivatives follow the floor: one-sided at integer positions.
+    index = _index_dtype(geo)
+    strides = [math.prod(geo.size[axis + 1 :]) for axis in range(geo.dims)]
     rows, ok, fractions = [], [], []
-    for base, shift, size in zip(bases, shifts, geo.size, strict=True):
+    for base, shift, size, step in zip(bases, shifts, geo.size, strides, strict=True):
         shift = torch.where(near, shift, 0.0)
         shift_low = shift.floor()
         frac = shift - shift_low
         fractions.append((1 - frac, frac))
-        low = torch.where(near, base[:, :, None] + shift_low.long(), -2)
-        # A corner counts only inside the input; the weights then fade to 0 within one pixel
-        # of the border.  The derivatives follow the floor: one-sided at integer positions.
+        low = base.to(index)[:, :, None] + shift_low.to(index)
         ok.append(((low >= 0) & (low < size), (low >= -1) & (low < size - 1)))
-        rows.append((low.clamp(0, size - 1), (low + 1).clamp(0, size - 1)))
+        rows.append((low * step, low * step + step))
 
     group = torch.arange(geo.offset_groups, device=device)
     table_base = (image[:, None, None] * geo.offset_groups + group) * math.prod(geo.size)
-    strides = [math.prod(geo.size[axis + 1 :]) for axis in range(geo.dims)]
-    scaled = [(low * step, high * step) for (low, high), step in zip(rows, strides, strict=True)]
-    scaled[0] = (table_base + scaled[0][0], table_base + scaled[0][1])
-    corner_rows = torch.stack(_per_corner(scaled, operator.add))
-    corners = corner_rows.shape[0]
-    valid = torch.stack(_per_corner(ok)).to(dtype)
-    weights = torch.stack(_per_corner(fractions)).mul_(valid).view(corners, -1)
-    corner_rows = corner_rows.view(corners, -1)
+    rows[0] = (rows[0][0] + table_base.to(index), rows[0][1] + table_base.to(index))
+    valid = torch.stack(_per_corner(ok, operator.and_), dim=-1) & near[..., None]
+    corner_rows = torch.stack(_per_corner(rows, operator.add), dim=-1)
+    corners = corner_rows.shape[-1]
+    corner_rows = corner_rows.masked_fill_(~valid, zero_row(geo)).view(-1, corners)
+    weights = torch.stack(_per_corner(fractions), dim=-1).view(-1, corners)
     if not derivatives:
         return SamplingPlan(corner_rows, weights, None)
-    one = torch.ones_like(fractions[0][0])
     d_weights = torch.stack(
         [
             torch.stack(
-                _per_corner([(-one, one) if a == axis else f for a, f in enumerate(fractions)])
-            ).mul_(valid)
+                _per_corner([(-1.0, 1.0) if a == axis else f for a, f in enumerate(fractions)]),
+                dim=-1,
+            )
             for axis in range(geo.dims)
         ]
     )
-    return SamplingPlan(corner_rows, weights, d_weights.view(geo.dims, corners, -1))
+    return SamplingPlan(corner_rows, weights, d_weights.view(geo.dims, -1, corners))
+
+
+def zero_row(geo: Geometry) -> int:
+    """The index of the all-zero row after the input table's ``N·G·S`` rows."""
+    return geo.batch * geo.offset_groups * math.prod(geo.size)
+
+
+def _index_dtype(geo: Geometry) -> torch.dtype:
+    """int32 row numbers where they fit (less memory traffic), else int64."""
+    return torch.int32 if zero_row(geo) < 2**31 - 1 else torch.int64
+
+
+def table_rows(grouped: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(N, G, S, C/G)`` (any strides) → contiguous ``(N·G·S + 1, C/G)`` rows in ``dtype``,
+    the last all zeros (see :func:`sampling_plan`)."""
+    table = grouped.new_empty(grouped.shape[:3].numel() + 1, grouped.shape[3], dtype=dtype)
+    table[:-1].view(grouped.shape).copy_(grouped)
+    table[-1] = 0
+    return table
 
 
 def _input_table(input: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
-    """``(N, C, *size)`` → contiguous ``(N·G·S, C/G)`` rows in ``dtype``."""
+    """``(N, C, *size)`` → the table of :func:`table_rows`."""
     group_channels = geo.channels // geo.offset_groups
-    table = input.reshape(geo.batch, geo.offset_groups, group_channels, math.prod(geo.size))
-    table = table.transpose(2, 3).to(dtype, memory_format=torch.contiguous_format)
-    return table.contiguous().view(-1, group_channels)
+    grouped = input.reshape(geo.batch, geo.offset_groups, group_channels, math.prod(geo.size))
+    return table_rows(grouped.transpose(2, 3), dtype)
 
 
 def _per_pixel(tensor: Tensor, geo: Geometry, trailing: int, dtype: torch.dtype) -> Tensor:
@@ -233,20 +258,6 @@ def _chunks(total: int, size: int):
         yield start, min(total, start + size)
 
 
-def _sample_columns(
-    table: Tensor, plan: SamplingPlan, mask: Tensor | None, gathered: Tensor, out: Tensor
-) -> Tensor:
-    """Accumulate the (masked) bilinear samples of a plan into ``out`` ``(M, C/G)``."""
-    weights = plan.weights if mask is None else plan.weights * mask
-    for corner in range(plan.rows.shape[0]):
-        torch.index_select(table, 0, plan.rows[corner], out=gathered)
-        if corner == 0:
-            torch.mul(gathered, weights[corner, :, None], out=out)
-        else:
-            out.addcmul_(gathered, weights[corner, :, None])
-    return out
-
-
 def forward(
     input: Tensor,
     offset: Tensor,
@@ -269,14 +280,12 @@ def forward(
         masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(geo.pixels, -1)
         matrix = _weight_matrix(weight, geo, dtype)
         step = _chunk_pixels(geo, table.element_size(), buffers=2)
-        samples = step * geo.taps * geo.offset_groups
-        gathered = table.new_empty(samples, table.shape[1])
-        columns = table.new_empty(samples, table.shape[1])
         for start, stop in _chunks(geo.pixels, step):
-            m = (stop - start) * geo.taps * geo.offset_groups
             plan = sampling_plan(geo, offsets[start:stop], start, derivatives=False)
-            chunk_mask = None if masks is None else masks[start:stop].view(-1)
-            cols = _sample_columns(table, plan, chunk_mask, gathered[:m], columns[:m])
+            weights = plan.weights
+            if masks is not None:
+                weights = weights * masks[start:stop].view(-1, 1)
+            cols = weighted_rows(table, plan.rows, weights)
             cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
             out[start:stop] = torch.bmm(cols, matrix).transpose(0, 1)
     if bias is not None:
@@ -311,7 +320,7 @@ def backward(
     def zeros(*shape: int) -> Tensor:
         return torch.zeros(shape, dtype=dtype, device=input.device)
 
-    table_grad = zeros(input.numel() // group_channels, group_channels) if need_input else None
+    table_grad = zeros(zero_row(geo) + 1, group_channels) if need_input else None
     weight_grad = (
         zeros(groups, geo.taps * geo.channels // groups, out_per_group) if need_weight else None
     )
@@ -324,44 +333,35 @@ def backward(
         masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(-1)
         matrix_t = _weight_matrix(weight, geo, dtype).transpose(1, 2)
         step = _chunk_pixels(geo, table.element_size(), buffers=4)
-        gathered = table.new_empty(step * per_pixel, group_channels)
-        columns = torch.empty_like(gathered)
-        product = torch.empty_like(gathered)
-        dots = table.new_empty(2**geo.dims, step * per_pixel)
+        product = table.new_empty(step * per_pixel, group_channels)
         for start, stop in _chunks(geo.pixels, step):
             first, last = start * per_pixel, stop * per_pixel
             m = last - first
             plan = sampling_plan(geo, offsets[start:stop], start, derivatives=need_offset)
             chunk_grad = grad_out[start:stop].transpose(0, 1)
             grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix_t), geo)
-            weights = plan.weights if masks is None else plan.weights * masks[first:last]
-            for corner in range(plan.rows.shape[0]):
-                sample = torch.index_select(table, 0, plan.rows[corner], out=gathered[:m])
-                if need_offset or need_mask:
-                    torch.mul(sample, grad_cols, out=product[:m])
-                    torch.sum(product[:m], dim=1, out=dots[corner, :m])
-                if weight_grad is not None:
-                    if corner == 0:
-                        torch.mul(sample, weights[corner, :, None], out=columns[:m])
-                    else:
-                        columns[:m].addcmul_(sample, weights[corner, :, None])
-                if table_grad is not None:
-                    torch.mul(grad_cols, weights[corner, :, None], out=product[:m])
-                    table_grad.index_add_(0, plan.rows[corner], product[:m])
+            weights = plan.weights
+            if masks is not None:
+                weights = weights * masks[first:last, None]
             if weight_grad is not None:
-                cols = _grouped(columns[:m].view(stop - start, geo.taps, geo.channels), geo)
+                cols = weighted_rows(table, plan.rows, weights)
+                cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
                 weight_grad.baddbmm_(cols.transpose(1, 2), chunk_grad)
-            if mask_grad is not None:
-                mask_grad[first:last] = (plan.weights * dots[:, :m]).sum(0)
-            if position_grad is not None:
-                position_grad[first:last] = (plan.d_weights * dots[:, :m]).sum(1).T
-                if masks is not None:
-                    position_grad[first:last] *= masks[first:last, None]
+            if table_grad is not None:
+                scatter_rows(table_grad, plan.rows, weights, grad_cols, product[:m])
+            if need_offset or need_mask:
+                dots = row_dots(grad_cols, table, plan.rows)
+                if mask_grad is not None:
+                    mask_grad[first:last] = (plan.weights * dots).sum(1)
+                if position_grad is not None:
+                    position_grad[first:last] = (plan.d_weights * dots).sum(-1).T
+                    if masks is not None:
+                        position_grad[first:last] *= masks[first:last, None]
 
     sample_shape = (geo.batch, math.prod(geo.out_size), geo.taps, geo.offset_groups)
     grad_input = grad_offset = grad_mask = grad_weight = None
     if table_grad is not None:
-        grad_input = table_grad.view(
+        grad_input = table_grad[:-1].view(
             geo.batch, geo.offset_groups, math.prod(geo.size), group_channels
         )
         grad_input = grad_input.transpose(2, 3).reshape(input.shape).to(input.dtype)

@@ -1,12 +1,13 @@
 """Pure-PyTorch backend of the DCNv3 / DCNv4 operator: any device, any floating dtype.
 
 It reuses the deformable-convolution backend's machinery: the input becomes a table of rows
-``(N·G·H·W, D)`` (one row per image, group and pixel; channels-last input makes this a cheap
+``(N·G·H·W + 1, D)`` (one row per image, group and pixel; channels-last input makes this a cheap
 permutation), and :func:`~deformconv.backends.pytorch.sampling_plan` gives every (output
 pixel, point, group) its four bilinear corners.  DCNv3's positions are expressed as the
 plan's regular grid plus a displacement ``Δ = s·offset + (c − tap·dilation)(1 − s)``, and
 the plan applies DCNv3's border rule (a sample counts only strictly inside ``(−1, H) × (−1,
-W)``).  There are no weights to contract: the masked samples of a pixel's points are summed.
+W)``).  There are no weights to contract: all corners of all points of one pixel and group
+form one bag of :mod:`~deformconv.backends.gather`, summed by one fused gather.
 The backward recomputes the samples; gradients of the positions come from the plan's weight
 derivatives, times ``offset_scale``.  Output pixels go in chunks that bound the temporary
 buffers by the same column budget as the convolution.
@@ -22,7 +23,8 @@ from torch import Tensor
 from .._geometry import Geometry
 from .._utils import compute_dtype
 from . import pytorch
-from .pytorch import sampling_plan
+from .gather import row_dots, scatter_rows, weighted_rows
+from .pytorch import sampling_plan, table_rows, zero_row
 
 
 def tap_coords(kernel: tuple[int, int], remove_center: bool, device) -> Tensor:
@@ -44,10 +46,10 @@ def _geometry(input: Tensor, offset: Tensor, kernel, stride, padding, dilation, 
 
 
 def _table(input: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
-    """``(N, H, W, G·D)`` → contiguous rows ``(N·G·H·W, D)``."""
+    """``(N, H, W, G·D)`` → the rows of :func:`~deformconv.backends.pytorch.table_rows`."""
     depth = geo.channels // geo.offset_groups
-    table = input.reshape(geo.batch, math.prod(geo.size), geo.offset_groups, depth)
-    return table.transpose(1, 2).to(dtype).contiguous().view(-1, depth)
+    grouped = input.reshape(geo.batch, math.prod(geo.size), geo.offset_groups, depth)
+    return table_rows(grouped.transpose(1, 2), dtype)
 
 
 def _displacements(offset: Tensor, geo: Geometry, taps: Tensor, scale: float, dtype):
@@ -69,6 +71,14 @@ def _chunk(geo: Geometry, points: int, itemsize: int, buffers: int) -> int:
     return max(1, min(geo.pixels, budget // bytes_per_pixel))
 
 
+def _bags(plan_tensor: Tensor, pixels: int, points: int, group: int) -> Tensor:
+    """Plan rows or weights ``(pixels·P·G, 4)`` regrouped as one bag per (pixel, group):
+    ``(pixels·G, P·4)``."""
+    corners = plan_tensor.shape[-1]
+    bags = plan_tensor.view(pixels, points, group, corners).transpose(1, 2)
+    return bags.reshape(pixels * group, points * corners)
+
+
 def forward(input, offset, mask, kernel, stride, padding, dilation, group, offset_scale,
             remove_center) -> Tensor:  # fmt: skip
     geo = _geometry(input, offset, kernel, stride, padding, dilation, group)
@@ -81,21 +91,14 @@ def forward(input, offset, mask, kernel, stride, padding, dilation, group, offse
         shifts = _displacements(offset, geo, taps, offset_scale, dtype)
         masks = mask.reshape(geo.pixels, group, points).transpose(1, 2).to(dtype).contiguous()
         step = _chunk(geo, points, table.element_size(), buffers=2)
-        gathered = table.new_empty(step * points * group, depth)
-        total = torch.empty_like(gathered)
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
-            m = (stop - start) * points * group
             plan = sampling_plan(geo, shifts[start:stop], start, derivatives=False, taps=taps,
                                  strict=True)  # fmt: skip
-            weights = plan.weights * masks[start:stop].view(-1)
-            for corner in range(plan.rows.shape[0]):
-                torch.index_select(table, 0, plan.rows[corner], out=gathered[:m])
-                if corner == 0:
-                    torch.mul(gathered[:m], weights[corner, :, None], out=total[:m])
-                else:
-                    total[:m].addcmul_(gathered[:m], weights[corner, :, None])
-            out[start:stop] = total[:m].view(stop - start, points, group, depth).sum(1)
+            weights = plan.weights * masks[start:stop].view(-1, 1)
+            rows = _bags(plan.rows, stop - start, points, group)
+            weights = _bags(weights, stop - start, points, group)
+            out[start:stop] = weighted_rows(table, rows, weights).view(-1, group, depth)
     return out.view(*input.shape[:1], *geo.out_size, geo.channels).to(input.dtype)
 
 
@@ -112,7 +115,7 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
     def zeros(*shape: int) -> Tensor:
         return torch.zeros(shape, dtype=dtype, device=input.device)
 
-    table_grad = zeros(input.numel() // depth, depth) if need_input else None
+    table_grad = zeros(zero_row(geo) + 1, depth) if need_input else None
     position_grad = zeros(samples, 2) if need_offset else None
     mask_grad = zeros(samples) if need_mask else None
     if geo.pixels > 0 and any(needs_grad):
@@ -121,9 +124,7 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
         masks = mask.reshape(geo.pixels, group, points).transpose(1, 2).to(dtype).reshape(-1)
         grad_out = grad_output.reshape(geo.pixels, 1, group, depth).to(dtype)
         step = _chunk(geo, points, table.element_size(), buffers=3)
-        gathered = table.new_empty(step * points * group, depth)
-        product = torch.empty_like(gathered)
-        dots = table.new_empty(4, step * points * group)
+        product = table.new_empty(step * points * group, depth)
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
             first, last = start * points * group, stop * points * group
@@ -131,25 +132,26 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
             plan = sampling_plan(geo, shifts[start:stop], start, derivatives=need_offset,
                                  taps=taps, strict=True)  # fmt: skip
             chunk_masks = masks[first:last]
-            grads = grad_out[start:stop].expand(-1, points, -1, -1).reshape(m, depth)
-            for corner in range(4):
-                if need_offset or need_mask:
-                    sample = torch.index_select(table, 0, plan.rows[corner], out=gathered[:m])
-                    torch.mul(sample, grads, out=product[:m])
-                    torch.sum(product[:m], dim=1, out=dots[corner, :m])
-                if table_grad is not None:
-                    scale = plan.weights[corner] * chunk_masks
-                    torch.mul(grads, scale[:, None], out=product[:m])
-                    table_grad.index_add_(0, plan.rows[corner], product[:m])
-            if mask_grad is not None:
-                mask_grad[first:last] = (plan.weights * dots[:, :m]).sum(0)
-            if position_grad is not None:
-                position = (plan.d_weights * dots[:, :m]).sum(1).T
-                position_grad[first:last] = position * (chunk_masks * offset_scale)[:, None]
+            if table_grad is not None:
+                grads = grad_out[start:stop].expand(-1, points, -1, -1).reshape(m, depth)
+                weights = plan.weights * chunk_masks[:, None]
+                scatter_rows(table_grad, plan.rows, weights, grads, product[:m])
+            if need_offset or need_mask:
+                rows = _bags(plan.rows, stop - start, points, group)
+                bag_grads = grad_out[start:stop].reshape(-1, depth)
+                dots = row_dots(bag_grads, table, rows)  # (pixels·G, P·4)
+                dots = dots.view(stop - start, group, points, -1).transpose(1, 2)
+                dots = dots.reshape(m, -1)
+                if mask_grad is not None:
+                    mask_grad[first:last] = (plan.weights * dots).sum(1)
+                if position_grad is not None:
+                    position = (plan.d_weights * dots).sum(-1).T
+                    position_grad[first:last] = position * (chunk_masks * offset_scale)[:, None]
 
     grad_input = grad_offset = grad_mask = None
     if table_grad is not None:
-        grad_input = table_grad.view(geo.batch, group, math.prod(geo.size), depth).transpose(1, 2)
+        grad_input = table_grad[:-1].view(geo.batch, group, math.prod(geo.size), depth)
+        grad_input = grad_input.transpose(1, 2)
         grad_input = grad_input.reshape(input.shape).to(input.dtype)
     if position_grad is not None:
         grad_offset = position_grad.view(geo.pixels, points, group, 2).flip(-1).transpose(1, 2)

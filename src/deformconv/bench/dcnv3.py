@@ -28,13 +28,7 @@ import torch.nn.functional as F
 
 import deformconv
 from deformconv.backends.pytorch_dcnv3 import tap_coords
-
-START = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - START:6.1f}s] {message}",
-          flush=True)  # fmt: skip
+from deformconv.bench.gpu import START, log
 
 
 @dataclass(frozen=True)

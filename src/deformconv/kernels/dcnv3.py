@@ -17,6 +17,13 @@ from .sampling import bilinear_tile, load_corner
 
 
 @triton.jit
+def pixel_tile(q, out_h, out_w, height, width, channels):
+    """Element offset of each output pixel's input image (int64), and its row and column."""
+    image = q // (out_h * out_w)
+    return image.to(tl.int64) * height * width * channels, (q // out_w) % out_h, q % out_w
+
+
+@triton.jit
 def dcnv3_point(
     offset_ptr,
     mask_ptr,
@@ -100,10 +107,7 @@ def dcnv3_forward_kernel(
     active = q < pixels
     cols = d < DEPTH
     channels = GROUPS * DEPTH
-    image = q // (out_h * out_w)
-    out_h_index = (q // out_w) % out_h
-    out_w_index = q % out_w
-    image_base = image.to(tl.int64) * height * width * channels
+    image_base, out_h_index, out_w_index = pixel_tile(q, out_h, out_w, height, width, channels)
     channel = group * DEPTH + d
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for point in range(POINTS):
@@ -161,10 +165,7 @@ def dcnv3_backward_kernel(
     group = tl.program_id(1)
     active = q < pixels
     channels = GROUPS * DEPTH
-    image = q // (out_h * out_w)
-    out_h_index = (q // out_w) % out_h
-    out_w_index = q % out_w
-    image_base = image.to(tl.int64) * height * width * channels
+    image_base, out_h_index, out_w_index = pixel_tile(q, out_h, out_w, height, width, channels)
     row_stride = width * channels
     for point in range(POINTS):
         h0, w0, fh, fw, weight, valid, sample = dcnv3_point(
