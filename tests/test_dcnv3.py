@@ -87,17 +87,19 @@ def test_triton_kernels_match_reference(name):
         _check_against_reference(make_inputs(CASES[name]), CASES[name], torch.float32, 1e-4)
 
 
-def test_triton_kernels_in_half_precision():
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_triton_kernels_in_half_precision(dtype, tolerance):
     pytest.importorskip("triton")
     case = CASES["lopsided"]
     tensors = make_inputs(case)
     expected = _reference(tensors, case)
-    with deformconv.use_backend("triton"):
-        half = {k: v.half() for k, v in tensors.items()}
+    with deformconv.use_backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        half = {k: v.to(dtype) for k, v in tensors.items()}
         ours = deformconv.dcnv3(half["input"], half["offset"], half["mask"], **_args(case))
-    assert ours.dtype == torch.float16
+    assert ours.dtype == dtype
     error = (ours.double() - expected).norm() / expected.norm()
-    assert error < 2e-3
+    assert error < tolerance
 
 
 def test_gradcheck():

@@ -150,3 +150,17 @@ def test_dcnv4_needs_a_shape_for_non_square_inputs():
         layer(torch.randn(1, 12, 8))
     assert layer(torch.randn(1, 12, 8), shape=(3, 4)).shape == (1, 12, 8)
     assert layer(torch.randn(1, 16, 8)).shape == (1, 16, 8)  # 16 tokens: 4 × 4
+
+
+def test_torch_export_with_dynamic_batch(tmp_path):
+    layer = deformconv.DCNv3(channels=8, group=2).eval()
+    with torch.no_grad():
+        layer.offset.weight.normal_(std=0.1)
+    x = torch.randn(2, 6, 6, 8)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    program = torch.export.export(layer, (x,), dynamic_shapes={"input": {0: batch}})
+    path = tmp_path / "dcnv3.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path).module()
+    other = torch.randn(3, 6, 6, 8)
+    torch.testing.assert_close(loaded(other), layer(other))
