@@ -21,6 +21,9 @@ CASES = {
     "one-group-1x1": {"size": (4, 3), "kernel": (1, 1), "stride": (1, 1), "padding": (0, 1),
                       "dilation": (1, 1), "group": 1, "depth": 6, "scale": 2.0,
                       "remove": False},
+    # more channels per group than one kernel block holds (64): blocks along the channels
+    "wide-groups": {"size": (3, 4), "kernel": (1, 3), "stride": (1, 1), "padding": (0, 1),
+                    "dilation": (1, 1), "group": 2, "depth": 70, "scale": 1.0, "remove": False},
 }  # fmt: skip
 
 
