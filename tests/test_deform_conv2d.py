@@ -335,3 +335,17 @@ def test_corner_of_positions_that_round_across_an_integer():
     _, actual = output_and_grads(deformconv.deform_conv2d, tensors, config)
     for name, grad in expected.items():
         torch.testing.assert_close(actual[name].double(), grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_corner_dot_products_without_the_fused_kernel(monkeypatch):
+    """The loop that replaces ``_embedding_bag_per_sample_weights_backward`` where a PyTorch
+    lacks it gives the same gradients."""
+    from deformconv.backends import gather
+
+    config = LOPSIDED["straddling-groups"]
+    tensors = make_inputs(config)
+    expected = output_and_grads(deformconv.deform_conv2d, tensors, config)[1]
+    monkeypatch.setattr(gather, "_per_sample_weights_backward", None)
+    looped = output_and_grads(deformconv.deform_conv2d, tensors, config)[1]
+    for name in expected:
+        torch.testing.assert_close(looped[name], expected[name], rtol=1e-12, atol=1e-12)

@@ -30,13 +30,18 @@ def weighted_rows(table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
 
 def row_dots(grad: Tensor, table: Tensor, rows: Tensor) -> Tensor:
     """``(B, K)``: the dot product of every bag entry's table row with its bag's ``grad``."""
+    global _per_sample_weights_backward
     bags, size = rows.shape
     if _per_sample_weights_backward is not None and bags > 0:
         flat = rows.reshape(-1)
-        starts = torch.arange(0, bags * size, size, device=rows.device)
-        bag_of = torch.arange(bags, device=rows.device).repeat_interleave(size)
-        dots = _per_sample_weights_backward(grad, table, flat, starts, bag_of, 0, -1)
-        return dots.view(bags, size)
+        starts = torch.arange(0, bags * size, size, device=rows.device, dtype=rows.dtype)
+        bag_of = torch.arange(bags, device=rows.device, dtype=rows.dtype)
+        bag_of = bag_of.repeat_interleave(size)
+        try:
+            dots = _per_sample_weights_backward(grad, table, flat, starts, bag_of, 0, -1)
+            return dots.view(bags, size)
+        except (RuntimeError, TypeError):  # a private op: if a PyTorch changes it, loop
+            _per_sample_weights_backward = None
     dots = grad.new_empty(bags, size)
     for k in range(size):
         dots[:, k] = (table.index_select(0, rows[:, k]) * grad).sum(1)
