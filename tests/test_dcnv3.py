@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -245,3 +246,21 @@ def test_benchmark_baseline_agrees_and_the_benchmark_runs(tmp_path, capsys):
                      "--csv", str(out)]) == 0  # fmt: skip
     assert "| N=2 14×14 G=4 D=32 | cpu | fp32 | fwd+bwd | grid_sample |" in capsys.readouterr().out
     assert out.read_text().startswith("shape,device,dtype,mode,impl,ms,floor_ms,x_floor")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1e30])
+def test_non_finite_and_far_offsets_sample_zero(backend, bad):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    case = CASES["lopsided"]
+    tensors = make_inputs(case, dtype=torch.float32)
+    tensors["offset"][..., :2] = bad  # point 0 of group 0, both coordinates
+    leaves = {k: v.requires_grad_() for k, v in tensors.items()}
+    with deformconv.use_backend(backend):
+        out = deformconv.dcnv3(leaves["input"], leaves["offset"], leaves["mask"], **_args(case))
+        out.sum().backward()
+    assert torch.isfinite(out).all()
+    for leaf in leaves.values():
+        assert torch.isfinite(leaf.grad).all()
+    assert (leaves["offset"].grad[..., :2] == 0).all() and (leaves["mask"].grad[..., 0] == 0).all()
