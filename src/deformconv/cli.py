@@ -95,9 +95,14 @@ def info() -> str:
         lines.append("GPU: none visible to torch")
     reason = triton_backend.unavailable_reason()
     lines.append(f"backends: {', '.join(available_backends())}; setting: {backends.get_backend()}")
+    workloads = (("2-D", 2, "deform_conv"), ("3-D", 3, "deform_conv"), ("DCNv3/v4", 2, "dcnv3"))
     for label, device in (("CPU", "cpu"), ("CUDA", "cuda")):
-        chosen = backends.name_of(backends.select(torch.device(device)))
-        lines.append(f"  {label} tensors run on: {chosen}")
+        chosen = {
+            what: backends.name_of(backends.select(torch.device(device), dims, op))
+            for what, dims, op in workloads
+        }
+        runs = ", ".join(f"{what} {name}" for what, name in chosen.items())
+        lines.append(f"  {label} tensors run on: {runs}")
     if reason:
         lines[-1] += f" (triton unavailable: {reason})"
     return "\n".join(lines)
