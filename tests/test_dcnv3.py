@@ -264,3 +264,28 @@ def test_non_finite_and_far_offsets_sample_zero(backend, bad):
     for leaf in leaves.values():
         assert torch.isfinite(leaf.grad).all()
     assert (leaves["offset"].grad[..., :2] == 0).all() and (leaves["mask"].grad[..., 0] == 0).all()
+
+
+def test_triton_deterministic_mode_sums_in_fixed_point():
+    pytest.importorskip("triton")
+    case = CASES["remove-center"]
+    tensors = make_inputs(case)
+    grad = None
+    results = []
+    for deterministic in (False, True, True):
+        leaves = {k: v.float().requires_grad_() for k, v in tensors.items()}
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            with deformconv.use_backend("triton"):
+                out = deformconv.dcnv3(leaves["input"], leaves["offset"], leaves["mask"],
+                                       **_args(case))  # fmt: skip
+                grad = torch.randn_like(out) if grad is None else grad
+                results.append(torch.autograd.grad(out, list(leaves.values()), grad))
+        finally:
+            torch.use_deterministic_algorithms(False)
+    for float_path, fixed_point in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(fixed_point, float_path, rtol=1e-5, atol=1e-5)
+    # The input gradient took the other path: its exact sums round differently somewhere.
+    assert not torch.equal(results[0][0], results[1][0])
+    for first, second in zip(results[1], results[2], strict=True):
+        assert torch.equal(first, second)

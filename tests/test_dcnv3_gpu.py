@@ -72,3 +72,23 @@ def test_opcheck_of_the_triton_op():
          list(args["stride"]), list(args["padding"]), list(args["dilation"]), args["group"],
          args["offset_scale"], args["remove_center"]),
     )  # fmt: skip
+
+
+def test_deterministic_gradients_are_bit_identical():
+    case = CASES["lopsided"]
+    tensors = {k: v.cuda().float() for k, v in make_inputs(case, batch=8).items()}
+    grad = None
+    runs = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(3):
+            leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
+            out = deformconv.dcnv3(leaves["input"], leaves["offset"], leaves["mask"],
+                                   **_args(case))  # fmt: skip
+            grad = torch.randn_like(out) if grad is None else grad
+            runs.append(torch.autograd.grad(out, list(leaves.values()), grad))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for run in runs[1:]:
+        for first, other in zip(runs[0], run, strict=True):
+            assert torch.equal(first, other)

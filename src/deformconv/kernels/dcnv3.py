@@ -7,12 +7,14 @@ loads are vector loads).  Samples are accumulated in float32.  A sample counts o
 inside ``(-1, H) × (-1, W)`` (DCNv3's rule); corners outside the image are masked off, so
 nothing outside the input is read.  The backward kernel recomputes the samples, reduces the
 offset and mask gradients over the group's channels in registers, and adds the input gradient
-to a float32 buffer with atomics.
+to a float32 buffer with atomics, or, in deterministic mode, to an int64 fixed-point buffer
+whose sums do not depend on the order of the adds.
 """
 
 import triton
 import triton.language as tl
 
+from .deform_conv2d import scatter_corner
 from .sampling import bilinear_tile, load_corner
 
 
@@ -123,11 +125,25 @@ def dcnv3_forward_kernel(
 
 
 @triton.jit
-def _scatter(grad_ptr, image_base, hh, ww, channel, row_stride, channels, height, width,
-             valid, cols, values):  # fmt: skip
-    inside = valid & (hh >= 0) & (hh < height) & (ww >= 0) & (ww < width)
-    pointers = grad_ptr + (image_base + hh * row_stride + ww * channels)[:, None] + channel[None, :]
-    tl.atomic_add(pointers, values, mask=inside[:, None] & cols[None, :], sem="relaxed")
+def _scatter_bilinear(grad_ptr, image_base, h0, w0, fh, fw, channel, row_stride, channels,
+                      height, width, valid, cols, values, fixed_point_scale,
+                      DETERMINISTIC: tl.constexpr):  # fmt: skip
+    """Add ``values`` ``(BLOCK_Q, BLOCK_D)`` to the four bilinear corners, each times its
+    weight."""
+    gh = 1.0 - fh
+    gw = 1.0 - fw
+    scatter_corner(grad_ptr, image_base, h0, w0, channel, row_stride, channels, height, width,
+                   valid, cols, values * (gh * gw)[:, None], fixed_point_scale, DETERMINISTIC,
+                   "relaxed")  # fmt: skip
+    scatter_corner(grad_ptr, image_base, h0, w0 + 1, channel, row_stride, channels, height,
+                   width, valid, cols, values * (gh * fw)[:, None], fixed_point_scale,
+                   DETERMINISTIC, "relaxed")  # fmt: skip
+    scatter_corner(grad_ptr, image_base, h0 + 1, w0, channel, row_stride, channels, height,
+                   width, valid, cols, values * (fh * gw)[:, None], fixed_point_scale,
+                   DETERMINISTIC, "relaxed")  # fmt: skip
+    scatter_corner(grad_ptr, image_base, h0 + 1, w0 + 1, channel, row_stride, channels, height,
+                   width, valid, cols, values * (fh * fw)[:, None], fixed_point_scale,
+                   DETERMINISTIC, "relaxed")  # fmt: skip
 
 
 @triton.jit
@@ -139,6 +155,7 @@ def dcnv3_backward_kernel(
     grad_input_ptr,
     grad_offset_ptr,
     grad_mask_ptr,
+    fixed_point_ptr,
     pixels,
     height,
     width,
@@ -158,6 +175,7 @@ def dcnv3_backward_kernel(
     GROUPS: tl.constexpr,
     REMOVE_CENTER: tl.constexpr,
     NEED_INPUT: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -167,6 +185,9 @@ def dcnv3_backward_kernel(
     channels = GROUPS * DEPTH
     image_base, out_h_index, out_w_index = pixel_tile(q, out_h, out_w, height, width, channels)
     row_stride = width * channels
+    fixed_point_scale = 1.0
+    if DETERMINISTIC:
+        fixed_point_scale = tl.load(fixed_point_ptr)
     for point in range(POINTS):
         h0, w0, fh, fw, weight, valid, sample = dcnv3_point(
             offset_ptr, mask_ptr, q, point, group, out_h_index, out_w_index, height, width,
@@ -200,15 +221,10 @@ def dcnv3_backward_kernel(
             grad_h += tl.sum(go * d_h, axis=1)
             grad_w += tl.sum(go * d_w, axis=1)
             if NEED_INPUT:
-                g = go * weight[:, None]
-                _scatter(grad_input_ptr, image_base, h0, w0, channel, row_stride, channels,
-                         height, width, valid, cols, g * (gh * gw)[:, None])  # fmt: skip
-                _scatter(grad_input_ptr, image_base, h0, w0 + 1, channel, row_stride, channels,
-                         height, width, valid, cols, g * (gh * fw)[:, None])  # fmt: skip
-                _scatter(grad_input_ptr, image_base, h0 + 1, w0, channel, row_stride, channels,
-                         height, width, valid, cols, g * (fh * gw)[:, None])  # fmt: skip
-                _scatter(grad_input_ptr, image_base, h0 + 1, w0 + 1, channel, row_stride,
-                         channels, height, width, valid, cols, g * (fh * fw)[:, None])  # fmt: skip
+                _scatter_bilinear(grad_input_ptr, image_base, h0, w0, fh, fw, channel,
+                                  row_stride, channels, height, width, valid, cols,
+                                  go * weight[:, None], fixed_point_scale,
+                                  DETERMINISTIC)  # fmt: skip
         grad_mask = tl.where(valid, grad_mask, 0.0)
         scale = tl.where(valid, weight * offset_scale, 0.0)
         tl.store(grad_mask_ptr + sample, grad_mask, mask=active)

@@ -161,7 +161,7 @@ def deform_conv2d_forward_kernel(
 
 
 @triton.jit
-def _scatter_corner(
+def scatter_corner(
     grad_x_ptr,
     image_base,
     yy,
@@ -370,7 +370,7 @@ def deform_conv2d_backward_data_kernel(
                     acc_x += tl.sum(grad_col * d_dx, axis=1)
             if NEED_INPUT:
                 grad_col = grad_col * scale[:, None]
-                _scatter_corner(
+                scatter_corner(
                     grad_x_ptr,
                     grad_image_base,
                     y0,
@@ -387,7 +387,7 @@ def deform_conv2d_backward_data_kernel(
                     DETERMINISTIC,
                     ATOMIC_SEM,
                 )
-                _scatter_corner(
+                scatter_corner(
                     grad_x_ptr,
                     grad_image_base,
                     y0,
@@ -404,7 +404,7 @@ def deform_conv2d_backward_data_kernel(
                     DETERMINISTIC,
                     ATOMIC_SEM,
                 )
-                _scatter_corner(
+                scatter_corner(
                     grad_x_ptr,
                     grad_image_base,
                     y0 + 1,
@@ -421,7 +421,7 @@ def deform_conv2d_backward_data_kernel(
                     DETERMINISTIC,
                     ATOMIC_SEM,
                 )
-                _scatter_corner(
+                scatter_corner(
                     grad_x_ptr,
                     grad_image_base,
                     y0 + 1,

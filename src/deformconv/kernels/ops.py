@@ -196,8 +196,15 @@ def _fixed_point_scale(
     if mask is not None:
         bound = bound * mask.detach().abs().amax().float()
     bound = bound * float(shape.out_h * shape.out_w * shape.taps)
+    return fixed_point_scale(bound), bound
+
+
+def fixed_point_scale(bound: Tensor) -> Tensor:
+    """A power of two ``s`` with ``s · bound < 2**_FIXED_POINT_BITS``, where ``bound`` bounds
+    the sum of the magnitudes of every contribution to one gradient element (one-element
+    float32 tensor, no host sync)."""
     exponent = torch.floor(_FIXED_POINT_BITS - torch.log2(bound)).clamp(-100.0, 100.0)
-    return torch.exp2(torch.nan_to_num(exponent, nan=0.0)).reshape(1), bound
+    return torch.exp2(torch.nan_to_num(exponent, nan=0.0)).reshape(1)
 
 
 @triton_op(
