@@ -71,3 +71,14 @@ def test_environment_variable(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "auto")
     deformconv.set_backend(None)
     assert deformconv.get_backend() == "auto"
+
+
+def test_select_per_operator_family():
+    from deformconv.backends import pytorch, pytorch_dcnv3, select, triton_dcnv3
+
+    cpu = torch.device("cpu")
+    assert select(cpu, 3) is pytorch and select(cpu, op="dcnv3") is pytorch_dcnv3
+    with deformconv.use_backend("triton"):
+        assert select(cpu, op="dcnv3") is triton_dcnv3
+    with pytest.raises(ValueError, match=r"op must be one of \['dcnv3', 'deform_conv'\]"):
+        select(cpu, op="dcnv5")

@@ -1,9 +1,11 @@
 """Which implementation runs the deformable-convolution op.
 
 Every backend provides ``forward`` and ``backward`` with the signatures of
-:mod:`deformconv.backends.pytorch`.  ``"auto"`` picks the best backend available for the
-tensors' device; a user can force one with :func:`set_backend`, the context manager
-:func:`use_backend`, or the environment variable ``DEFORMCONV_BACKEND``.
+:mod:`deformconv.backends.pytorch` (deformable convolution, any dimensionality) and a second
+module with those of :mod:`deformconv.backends.pytorch_dcnv3` (DCNv3 / DCNv4).  ``"auto"``
+picks the best backend available for the tensors' device; a user can force one with
+:func:`set_backend`, the context manager :func:`use_backend`, or the environment variable
+``DEFORMCONV_BACKEND``.
 
 >>> import deformconv
 >>> deformconv.available_backends()
@@ -28,8 +30,11 @@ ENV_VAR = "DEFORMCONV_BACKEND"
 AUTO = "auto"
 
 _BACKENDS: dict[str, ModuleType] = {"torch": pytorch, "triton": triton_backend}
-#: The same backends' modules for the DCNv3 / DCNv4 operator.
-_DCNV3_BACKENDS: dict[str, ModuleType] = {"torch": pytorch_dcnv3, "triton": triton_dcnv3}
+#: Each backend's module per operator family.
+_OPS: dict[str, dict[str, ModuleType]] = {
+    "deform_conv": _BACKENDS,
+    "dcnv3": {"torch": pytorch_dcnv3, "triton": triton_dcnv3},
+}
 _forced: str | None = None
 
 
@@ -76,7 +81,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def name_of(module: ModuleType) -> str:
     """The name under which backend ``module`` is registered (``"torch"``, ``"triton"``)."""
-    for table in (_BACKENDS, _DCNV3_BACKENDS):
+    for table in _OPS.values():
         for name, registered in table.items():
             if registered is module:
                 return name
@@ -87,7 +92,9 @@ def select(device: torch.device, dims: int = 2, op: str = "deform_conv") -> Modu
     """The backend module that runs ``op`` (``"deform_conv"`` with ``dims`` spatial axes, or
     ``"dcnv3"``) on tensors of ``device`` under the current setting.  "auto" picks the Triton
     kernels for 2-D CUDA tensors, the torch backend otherwise."""
-    table = _DCNV3_BACKENDS if op == "dcnv3" else _BACKENDS
+    if op not in _OPS:
+        raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
+    table = _OPS[op]
     name = get_backend()
     if name == AUTO:
         cuda = device.type == "cuda" and triton_backend.unavailable_reason() is None
