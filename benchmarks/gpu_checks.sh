@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one bounded run: the Triton backend's tests on CUDA, then
-# benchmarks/bench_gpu.py and benchmarks/bench_dcnv3_v4.py.  Needs torch, triton, pytest and hypothesis (torchvision if it is to
+# benchmarks/bench_gpu.py, benchmarks/bench_dcnv3_v4.py and `deformconv demo --quick`.  Needs torch, triton, pytest and hypothesis (torchvision if it is to
 # be compared); runs from the source tree without installing.  Logs and tables go to $OUT.
 #
 #   OUT=gpu-results benchmarks/gpu_checks.sh [bench_gpu.py arguments]
@@ -36,6 +36,12 @@ timeout "${DCNV3_SECONDS:-120}" python3 benchmarks/bench_dcnv3_v4.py \
     --budget $((${DCNV3_SECONDS:-120} - 20)) --csv "$OUT/dcnv3.csv" > "$OUT/dcnv3.log" 2>&1
 echo "dcnv3 bench exit status $?" >> "$OUT/dcnv3.log"
 tail -30 "$OUT/dcnv3.log"
+
+stamp "demo --quick on the GPU (at most ${DEMO_SECONDS:-120}s)"
+timeout "${DEMO_SECONDS:-120}" python3 -m deformconv demo --quick --device cuda --no-progress \
+    --out "$OUT/demo" > "$OUT/demo.log" 2>&1
+echo "demo exit status $?" >> "$OUT/demo.log"
+tail -12 "$OUT/demo.log"
 
 stamp "atomic and matrix instructions in the compiled kernels (PTX)"
 for f in $(find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name "deform_conv2d_*.ptx" 2>/dev/null); do
