@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one bounded run: the Triton backend's tests on CUDA, then
-# benchmarks/bench_gpu.py, benchmarks/bench_dcnv3_v4.py and `deformconv demo --quick`.  Needs torch, triton, pytest and hypothesis (torchvision if it is to
-# be compared); runs from the source tree without installing.  Logs and tables go to $OUT.
+# benchmarks/bench_gpu.py, benchmarks/bench_dcnv3_v4.py and `deformconv demo --quick` (which
+# needs Pillow, matplotlib and tqdm).  Needs torch, triton, pytest and hypothesis (torchvision
+# if it is to be compared); runs from the source tree without installing.  Logs and tables go
+# to $OUT.
 #
 #   OUT=gpu-results benchmarks/gpu_checks.sh [bench_gpu.py arguments]
 set -uo pipefail
