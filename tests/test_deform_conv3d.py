@@ -296,3 +296,17 @@ def test_onnx_export_stops_with_an_error_naming_deform_conv3d(tmp_path, dynamo):
     with pytest.raises(Exception, match=message):
         torch.onnx.export(layer, (torch.randn(1, 2, 3, 4, 4),), str(tmp_path / "m.onnx"),
                           opset_version=19, dynamo=dynamo)  # fmt: skip
+
+
+def test_half_precision_and_autocast():
+    tensors = make_inputs()
+    expected = _run(deformconv.deform_conv3d, tensors, **_conv_args())
+    for dtype in (torch.float16, torch.bfloat16):
+        half = {k: v.to(dtype) for k, v in tensors.items()}
+        out = _run(deformconv.deform_conv3d, half, **_conv_args())
+        assert out.dtype == dtype
+        error = (out.double() - expected).norm() / expected.norm()
+        assert error < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    floats = {k: v.float() for k, v in tensors.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _run(deformconv.deform_conv3d, floats, **_conv_args()).dtype == torch.bfloat16
