@@ -164,3 +164,14 @@ def test_torch_export_with_dynamic_batch(tmp_path):
     loaded = torch.export.load(path).module()
     other = torch.randn(3, 6, 6, 8)
     torch.testing.assert_close(loaded(other), layer(other))
+
+
+def test_layers_under_cpu_autocast_run_in_bfloat16():
+    v3 = deformconv.DCNv3(channels=8, group=2)
+    v4 = deformconv.DCNv4(channels=8, group=2)
+    x = torch.randn(1, 5, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert v3(x).dtype == torch.bfloat16
+        assert v4(x.flatten(1, 2)).dtype == torch.bfloat16
+        offset, mask = torch.zeros(1, 5, 5, 36), torch.full((1, 5, 5, 18), 1 / 9)
+        assert deformconv.dcnv3(x, offset, mask, 3, padding=1, group=2).dtype == torch.bfloat16
