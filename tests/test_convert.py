@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 import deformconv
-from deformconv import DeformableConv2d, convert_to_deformable, offset_parameters
+from deformconv import (
+    DeformableConv2d,
+    convert_to_deformable,
+    deformable_layers,
+    offset_parameters,
+)
 
 
 class BasicBlock(nn.Module):
@@ -118,7 +123,12 @@ def test_string_padding(padding, expected):
     [
         (nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), None, "padding_mode 'reflect'"),
         (nn.Conv2d(2, 2, 4, padding="same"), None, "pads unevenly"),
-        (nn.Conv2d(2, 2, 3), "head.*", r"no nn.Conv2d of the model matches include='head.\*'"),
+        (
+            nn.Conv2d(2, 2, 3),
+            "head.*",
+            r"no convolution \(nn.Conv1d, nn.Conv2d, nn.Conv3d\) of the model matches "
+            r"include='head.\*'",
+        ),
     ],
     ids=["padding-mode", "uneven-same", "no-match"],
 )
@@ -145,3 +155,22 @@ def test_offset_parameters_train_alone():
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".conv_offset." in n for n in changed)
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_conv1d_and_conv3d_convert_too(modulated):
+    model = nn.Sequential(
+        nn.Conv3d(3, 4, (1, 3, 3), padding=(0, 1, 1)),
+        nn.ReLU(),
+        nn.Conv3d(4, 4, 3, stride=(1, 2, 2), padding=1),
+    )
+    clip = torch.randn(1, 3, 4, 9, 9)
+    converted = convert_to_deformable(model, modulated=modulated)
+    assert [type(m).__name__ for _, m in deformable_layers(converted)] == ["DeformableConv3d"] * 2
+    torch.testing.assert_close(converted(clip), model(clip), rtol=1e-4, atol=1e-5)
+    sequence = nn.Sequential(nn.Conv1d(2, 3, 5, padding="same"))
+    signal = torch.randn(2, 2, 30)
+    layer = convert_to_deformable(sequence, modulated=modulated)[0]
+    assert type(layer).__name__ == "DeformableConv1d" and layer.padding == (2,)
+    torch.testing.assert_close(layer(signal), sequence(signal), rtol=1e-4, atol=1e-5)
+    assert len(offset_parameters(converted)) == 4

@@ -23,14 +23,24 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ._layers import _SelfContained
+from .deform_conv1d import DeformableConv1d
+from .deform_conv3d import DeformableConv3d
 from .deformable_conv2d import DeformableConv2d
 
 __all__ = ["convert_to_deformable", "deformable_layers", "offset_parameters"]
 
-Selector = str | Iterable[str] | Callable[[str, nn.Conv2d], bool] | None
+Selector = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
+
+#: The deformable layer that replaces each kind of convolution.
+_DEFORMABLE: dict[type, type] = {
+    nn.Conv1d: DeformableConv1d,
+    nn.Conv2d: DeformableConv2d,
+    nn.Conv3d: DeformableConv3d,
+}
 
 
-def _selected(selector: Selector) -> Callable[[str, nn.Conv2d], bool]:
+def _selected(selector: Selector) -> Callable[[str, nn.Module], bool]:
     if selector is None:
         return lambda name, module: True
     if isinstance(selector, str):
@@ -41,13 +51,13 @@ def _selected(selector: Selector) -> Callable[[str, nn.Conv2d], bool]:
     return lambda name, module: name in names
 
 
-def _padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:
+def _padding(name: str, conv: nn.Module) -> tuple[int, ...]:
     if conv.padding_mode != "zeros":
         raise ValueError(
             f"{name}: padding_mode {conv.padding_mode!r} cannot be converted, only 'zeros'"
         )
     if conv.padding == "valid":
-        return (0, 0)
+        return (0,) * len(conv.kernel_size)
     if conv.padding == "same":
         spans = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
         if any(span % 2 for span in spans):
@@ -55,19 +65,17 @@ def _padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:
                 f"{name}: padding='same' with kernel {conv.kernel_size} and dilation "
                 f"{conv.dilation} pads unevenly, which deformable convolution cannot"
             )
-        return (spans[0] // 2, spans[1] // 2)
+        return tuple(span // 2 for span in spans)
     return tuple(conv.padding)  # type: ignore[return-value]
 
 
-def _deformable_from(
-    name: str, conv: nn.Conv2d, modulated: bool, offset_groups: int
-) -> DeformableConv2d:
+def _deformable_from(name: str, conv: nn.Module, modulated: bool, offset_groups: int) -> nn.Module:
     if conv.in_channels % offset_groups:
         raise ValueError(
             f"{name}: in_channels {conv.in_channels} is not divisible by "
             f"offset_groups {offset_groups}"
         )
-    layer = DeformableConv2d(
+    layer = _DEFORMABLE[type(conv)](
         conv.in_channels,
         conv.out_channels,
         conv.kernel_size,
@@ -101,7 +109,9 @@ def convert_to_deformable(
     offset_groups: int = 1,
     inplace: bool = False,
 ) -> nn.Module:
-    """Replace chosen :class:`torch.nn.Conv2d` layers of ``model`` by :class:`DeformableConv2d`.
+    """Replace chosen convolutions of ``model`` by deformable ones: :class:`torch.nn.Conv2d`
+    by :class:`DeformableConv2d`, and likewise ``Conv1d`` and ``Conv3d`` by
+    :class:`DeformableConv1d` and :class:`DeformableConv3d`.
 
     Each replaced layer keeps its weight, bias and settings and gets a zero-initialised offset
     predictor, so the converted model computes exactly what the original did until the offsets
@@ -132,10 +142,13 @@ def convert_to_deformable(
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Conv2d and chosen(name, module)
+        if type(module) in _DEFORMABLE and chosen(name, module)
     ]
     if not targets:
-        raise ValueError(f"no nn.Conv2d of the model matches include={include!r}")
+        raise ValueError(
+            f"no convolution (nn.Conv1d, nn.Conv2d, nn.Conv3d) of the model matches "
+            f"include={include!r}"
+        )
     for name, conv in targets:
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -143,10 +156,11 @@ def convert_to_deformable(
     return model
 
 
-def deformable_layers(model: nn.Module) -> Iterator[tuple[str, DeformableConv2d]]:
-    """The :class:`DeformableConv2d` layers of ``model`` with their names, in module order."""
+def deformable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The self-contained deformable layers of ``model`` (:class:`DeformableConv1d`,
+    :class:`DeformableConv2d`, :class:`DeformableConv3d`) with their names, in module order."""
     for name, module in model.named_modules():
-        if isinstance(module, DeformableConv2d):
+        if isinstance(module, _SelfContained):
             yield name, module
 
 

@@ -32,6 +32,7 @@ def _record(model: nn.Module, image: Tensor) -> list[tuple[DeformableConv2d, Ten
             )
         )
         for _, layer in deformable_layers(model)
+        if isinstance(layer, DeformableConv2d)
     ]
     try:
         was_training = model.training
@@ -123,7 +124,9 @@ def _to_image(points: Tensor, index: int, seen: list, image_size) -> Tensor:
 def offset_magnitudes(model: nn.Module, image: Tensor) -> list[tuple[str, Tensor]]:
     """For each deformable layer, the mean length of its offsets (in its input's pixels) at
     every output position: ``(name, (Ho, Wo))``."""
-    names = [name for name, _ in deformable_layers(model)]
+    names = [
+        name for name, layer in deformable_layers(model) if isinstance(layer, DeformableConv2d)
+    ]
     return [
         (name, offset.reshape(-1, 2, *offset.shape[-2:]).norm(dim=1).mean(0))
         for name, (_, offset, _) in zip(names, _record(model, image), strict=True)
