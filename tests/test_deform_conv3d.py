@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import deformconv
 
@@ -310,3 +312,36 @@ def test_half_precision_and_autocast():
     floats = {k: v.float() for k, v in tensors.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _run(deformconv.deform_conv3d, floats, **_conv_args()).dtype == torch.bfloat16
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    size=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4)),
+    kernel=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 2)),
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 2)),
+    padding=st.tuples(st.integers(0, 1), st.integers(0, 1), st.integers(0, 1)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 1), st.integers(1, 2)),
+    weight_groups=st.integers(1, 2),
+    offset_groups=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_random_configurations(size, kernel, stride, padding, dilation, weight_groups,
+                               offset_groups, seed):  # fmt: skip
+    config = {"batch": 1, "channels": 2 * weight_groups * offset_groups, "size": size,
+              "out_channels": 2 * weight_groups, "kernel": kernel, "stride": stride,
+              "padding": padding, "dilation": dilation, "weight_groups": weight_groups,
+              "offset_groups": offset_groups}  # fmt: skip
+    if min(_out_size(config)) <= 0:
+        return
+    tensors = make_inputs(config, seed=seed)
+    leaves = {k: v.requires_grad_() for k, v in tensors.items()}
+    args = _conv_args(config)
+    ours = _run(deformconv.deform_conv3d, leaves, **args)
+    expected = _run(reference, leaves, **args)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(ours)
+    mine = torch.autograd.grad(ours, list(leaves.values()), grad)
+    theirs = torch.autograd.grad(expected, list(leaves.values()), grad, allow_unused=True)
+    for name, a, b in zip(leaves, mine, theirs, strict=True):
+        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, rtol=1e-9,
+                                   atol=1e-9, msg=name)  # fmt: skip
