@@ -196,6 +196,8 @@ def test_batch_zero_and_non_contiguous():
         ({"remove_center": True}, ValueError, r"remove_center needs odd kernel sizes, got "
          r"kernel_size \(3, 2\)"),
         ({"mask": None}, TypeError, r"mask must be a Tensor, got NoneType"),
+        ({"kernel_size": 1, "remove_center": True}, ValueError,
+         r"remove_center leaves no point of kernel_size \(1, 1\)"),
         ({"offset": torch.zeros(2, 8, 3, 24, dtype=torch.float64)}, TypeError,
          r"offset has dtype torch.float64, expected input's dtype torch.float32"),
         ({"stride": 0}, ValueError, r"stride must be positive, got \(0, 0\)"),
@@ -313,9 +315,10 @@ def test_triton_deterministic_mode_sums_in_fixed_point():
 )
 def test_random_configurations(batch, size, kernel, stride, padding, dilation, group, depth,
                                scale, remove, seed):  # fmt: skip
+    removable = kernel[0] % 2 == 1 and kernel[1] % 2 == 1 and kernel != (1, 1)
     case = {"size": size, "kernel": kernel, "stride": stride, "padding": padding,
             "dilation": dilation, "group": group, "depth": depth, "scale": scale,
-            "remove": remove and kernel[0] % 2 == 1 and kernel[1] % 2 == 1}  # fmt: skip
+            "remove": remove and removable}  # fmt: skip
     if min(_out_size(case)) <= 0:
         return
     with deformconv.use_backend("torch"):

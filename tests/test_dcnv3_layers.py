@@ -136,6 +136,7 @@ def test_gradients_reach_every_parameter():
     [
         ({"channels": 10, "group": 4}, r"channels must be a positive multiple of group"),
         ({"kernel_size": 4, "remove_center": True}, r"remove_center needs an odd kernel_size"),
+        ({"kernel_size": 1, "remove_center": True}, r"odd kernel_size above 1, got 1"),
         ({"norm_layer": "GN"}, r"norm_layer must be 'LN' or 'BN', got 'GN'"),
     ],
 )

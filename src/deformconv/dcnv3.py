@@ -34,6 +34,8 @@ __all__ = ["dcnv3", "dcnv4", "dcnv4_offset_mask_channels"]
 def _points(kernel: tuple[int, int], remove_center: bool) -> int:
     if remove_center and (kernel[0] % 2 == 0 or kernel[1] % 2 == 0):
         raise ValueError(f"remove_center needs odd kernel sizes, got kernel_size {kernel}")
+    if remove_center and kernel == (1, 1):
+        raise ValueError("remove_center leaves no point of kernel_size (1, 1)")
     return kernel[0] * kernel[1] - int(remove_center)
 
 

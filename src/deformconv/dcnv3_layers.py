@@ -53,8 +53,8 @@ def _store_settings(layer: nn.Module, channels: int, kernel_size: int, stride: i
         raise ValueError(
             f"channels must be a positive multiple of group, got channels={channels}, group={group}"
         )
-    if remove_center and kernel_size % 2 == 0:
-        raise ValueError(f"remove_center needs an odd kernel_size, got {kernel_size}")
+    if remove_center and (kernel_size % 2 == 0 or kernel_size == 1):
+        raise ValueError(f"remove_center needs an odd kernel_size above 1, got {kernel_size}")
     layer.channels, layer.kernel_size, layer.dw_kernel_size = channels, kernel_size, dw_kernel_size
     layer.stride, layer.pad, layer.dilation = stride, pad, dilation
     layer.group, layer.group_channels = group, channels // group
