@@ -196,6 +196,8 @@ def test_batch_zero_and_non_contiguous():
         ({"remove_center": True}, ValueError, r"remove_center needs odd kernel sizes, got "
          r"kernel_size \(3, 2\)"),
         ({"mask": None}, TypeError, r"mask must be a Tensor, got NoneType"),
+        ({"input": torch.zeros(2, 6, 7, 0)}, ValueError,
+         r"input has 0 channels \(last axis\) for 2 groups: every group needs at least one"),
         ({"kernel_size": 1, "remove_center": True}, ValueError,
          r"remove_center leaves no point of kernel_size \(1, 1\)"),
         ({"offset": torch.zeros(2, 8, 3, 24, dtype=torch.float64)}, TypeError,

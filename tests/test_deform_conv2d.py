@@ -349,3 +349,19 @@ def test_corner_dot_products_without_the_fused_kernel(monkeypatch):
     looped = output_and_grads(deformconv.deform_conv2d, tensors, config)[1]
     for name in expected:
         torch.testing.assert_close(looped[name], expected[name], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_input_with_padding_gives_the_bias(backend):
+    """A 0-row input padded to a non-empty output: every sample falls outside."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x = torch.randn(1, 2, 0, 3, requires_grad=True)
+    weight = torch.randn(3, 2, 1, 1, requires_grad=True)
+    bias = torch.randn(3)
+    offset = torch.randn(1, 2, 2, 5, requires_grad=True)
+    with deformconv.use_backend(backend):
+        out = deformconv.deform_conv2d(x, offset, weight, bias, padding=1)
+        out.sum().backward()
+    torch.testing.assert_close(out, bias.view(1, 3, 1, 1).expand(1, 3, 2, 5))
+    assert x.grad.shape == x.shape and (offset.grad == 0).all() and (weight.grad == 0).all()

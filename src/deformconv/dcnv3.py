@@ -55,6 +55,11 @@ def _settings(input, kernel_size, stride, padding, dilation, group, group_channe
     channels = input.shape[-1]
     if group_channels is None:
         group_channels = channels // group
+    if channels == 0 or group_channels <= 0:
+        raise ValueError(
+            f"input has {channels} channels (last axis) for {group} groups: every group needs "
+            f"at least one channel, got group_channels = {group_channels}"
+        )
     if group * group_channels != channels:
         raise ValueError(
             f"input has {channels} channels (last axis), expected group * group_channels = "
