@@ -71,6 +71,15 @@ def _check_groups(channels: int, weight: Tensor, bias: Tensor | None) -> None:
         )
 
 
+def check_sizes(**sizes: tuple[int, ...]) -> None:
+    """``ValueError`` unless every size is positive (``padding``: non-negative)."""
+    for name, values in sizes.items():
+        least = 0 if name == "padding" else 1
+        if min(values) < least:
+            word = "positive" if least else "non-negative"
+            raise ValueError(f"{name} must be {word}, got {values}")
+
+
 def output_size(size, kernel, stride, padding, dilation) -> tuple[int, ...]:
     """The output size of a convolution over ``size``; ``ValueError`` when it is empty."""
     out_size = tuple(
@@ -100,11 +109,7 @@ def check_arguments(
     axes = AXES[dims]
     named = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
     check_tensors(named, dims)
-    for name, values in (("stride", stride), ("dilation", dilation)):
-        if min(values) <= 0:
-            raise ValueError(f"{name} must be positive, got {values}")
-    if min(padding) < 0:
-        raise ValueError(f"padding must be non-negative, got {padding}")
+    check_sizes(stride=stride, dilation=dilation, padding=padding)
 
     batch, channels = input.shape[:2]
     _check_groups(channels, weight, bias)

@@ -24,7 +24,7 @@ import math
 
 from torch import Tensor
 
-from ._checks import check_tensors, output_size
+from ._checks import check_sizes, check_tensors, output_size
 from ._library import dcnv3_op
 from ._utils import IntOrPair, _pair, autocast_inputs
 
@@ -45,11 +45,7 @@ def _settings(input, kernel_size, stride, padding, dilation, group, group_channe
     stride = _pair(stride, "stride")
     padding = _pair(padding, "padding")
     dilation = _pair(dilation, "dilation")
-    for name, values, least in (("kernel_size", kernel, 1), ("stride", stride, 1),
-                                ("dilation", dilation, 1), ("padding", padding, 0)):  # fmt: skip
-        if min(values) < least:
-            word = "positive" if least else "non-negative"
-            raise ValueError(f"{name} must be {word}, got {values}")
+    check_sizes(kernel_size=kernel, stride=stride, dilation=dilation, padding=padding)
     if isinstance(group, bool) or not isinstance(group, int) or group <= 0:
         raise ValueError(f"group must be a positive int, got {group!r}")
     channels = input.shape[-1]

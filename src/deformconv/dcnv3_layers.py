@@ -63,16 +63,13 @@ def _store_settings(layer: nn.Module, channels: int, kernel_size: int, stride: i
     layer.remove_center = int(remove_center)
 
 
-class _CenterFeatureScale(nn.Module):
+def _center_feature_scale(layer: nn.Module, x: Tensor, projected: Tensor, query: Tensor) -> Tensor:
     """The optional blend ``x·(1 − s) + projected·s`` with ``s = sigmoid(W·query + b)`` per
     group; the parameters live on the layer, under the original names."""
-
-    @staticmethod
-    def blend(layer: nn.Module, x: Tensor, projected: Tensor, query: Tensor) -> Tensor:
-        scale = F.linear(query, layer.center_feature_scale_proj_weight,
-                         layer.center_feature_scale_proj_bias).sigmoid()  # fmt: skip
-        scale = scale.repeat_interleave(layer.channels // layer.group, dim=-1)
-        return x * (1 - scale) + projected * scale
+    scale = F.linear(query, layer.center_feature_scale_proj_weight,
+                     layer.center_feature_scale_proj_bias).sigmoid()  # fmt: skip
+    scale = scale.repeat_interleave(layer.channels // layer.group, dim=-1)
+    return x * (1 - scale) + projected * scale
 
 
 def _add_center_feature_scale(layer: nn.Module, channels: int, group: int) -> None:
@@ -162,7 +159,7 @@ class DCNv3(nn.Module):
                   self.group, self.group_channels, self.offset_scale,
                   bool(self.remove_center))  # fmt: skip
         if self.center_feature_scale:
-            x = _CenterFeatureScale.blend(self, x, projected, features)
+            x = _center_feature_scale(self, x, projected, features)
         return self.output_proj(x)
 
 
@@ -250,7 +247,7 @@ class DCNv4(nn.Module):
                   self.group, self.group_channels, self.offset_scale,
                   bool(self.remove_center))  # fmt: skip
         if self.center_feature_scale:
-            x = _CenterFeatureScale.blend(self, x, projected, x)
+            x = _center_feature_scale(self, x, projected, x)
         x = x.reshape(batch, -1, x.shape[-1])
         return x if self.without_pointwise else self.output_proj(x)
 

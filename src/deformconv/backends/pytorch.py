@@ -247,10 +247,12 @@ def column_budget() -> int:
     return _column_budget
 
 
-def _chunk_pixels(geo: Geometry, itemsize: int, buffers: int) -> int:
-    bytes_per_pixel = max(1, geo.taps * geo.channels * itemsize * buffers)
+def chunk_pixels(pixels: int, values_per_pixel: int, itemsize: int, buffers: int) -> int:
+    """Output pixels per chunk: ``buffers`` temporary buffers of ``values_per_pixel`` values
+    per pixel stay within the column budget (and near the preferred chunk size)."""
+    bytes_per_pixel = max(1, values_per_pixel * itemsize * buffers)
     budget = min(_column_budget, _PREFERRED_CHUNK_BYTES * buffers)
-    return max(1, min(geo.pixels, budget // bytes_per_pixel))
+    return max(1, min(pixels, budget // bytes_per_pixel))
 
 
 def _chunks(total: int, size: int):
@@ -279,7 +281,7 @@ def forward(
         offsets = _per_pixel(offset, geo, geo.dims, dtype)
         masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(geo.pixels, -1)
         matrix = _weight_matrix(weight, geo, dtype)
-        step = _chunk_pixels(geo, table.element_size(), buffers=2)
+        step = chunk_pixels(geo.pixels, geo.taps * geo.channels, table.element_size(), 2)
         for start, stop in _chunks(geo.pixels, step):
             plan = sampling_plan(geo, offsets[start:stop], start, derivatives=False)
             weights = plan.weights
@@ -332,7 +334,7 @@ def backward(
         offsets = _per_pixel(offset, geo, geo.dims, dtype)
         masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(-1)
         matrix_t = _weight_matrix(weight, geo, dtype).transpose(1, 2)
-        step = _chunk_pixels(geo, table.element_size(), buffers=4)
+        step = chunk_pixels(geo.pixels, geo.taps * geo.channels, table.element_size(), 4)
         product = table.new_empty(step * per_pixel, group_channels)
         for start, stop in _chunks(geo.pixels, step):
             first, last = start * per_pixel, stop * per_pixel

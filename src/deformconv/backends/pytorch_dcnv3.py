@@ -22,9 +22,8 @@ from torch import Tensor
 
 from .._geometry import Geometry
 from .._utils import compute_dtype
-from . import pytorch
 from .gather import row_dots, scatter_rows, weighted_rows
-from .pytorch import sampling_plan, table_rows, zero_row
+from .pytorch import chunk_pixels, sampling_plan, table_rows, zero_row
 
 
 def tap_coords(kernel: tuple[int, int], remove_center: bool, device) -> Tensor:
@@ -64,13 +63,6 @@ def _displacements(offset: Tensor, geo: Geometry, taps: Tensor, scale: float, dt
     return (pairs * scale + shift[None, :, None, :]).contiguous()
 
 
-def _chunk(geo: Geometry, points: int, itemsize: int, buffers: int) -> int:
-    depth = geo.channels // geo.offset_groups
-    bytes_per_pixel = max(1, points * geo.offset_groups * depth * itemsize * buffers)
-    budget = min(pytorch.column_budget(), pytorch._PREFERRED_CHUNK_BYTES * buffers)
-    return max(1, min(geo.pixels, budget // bytes_per_pixel))
-
-
 def _bags(plan_tensor: Tensor, pixels: int, points: int, group: int) -> Tensor:
     """Plan rows or weights ``(pixels·P·G, 4)`` regrouped as one bag per (pixel, group):
     ``(pixels·G, P·4)``."""
@@ -90,7 +82,7 @@ def forward(input, offset, mask, kernel, stride, padding, dilation, group, offse
         table = _table(input, geo, dtype)
         shifts = _displacements(offset, geo, taps, offset_scale, dtype)
         masks = mask.reshape(geo.pixels, group, points).transpose(1, 2).to(dtype).contiguous()
-        step = _chunk(geo, points, table.element_size(), buffers=2)
+        step = chunk_pixels(geo.pixels, points * geo.channels, table.element_size(), 2)
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
             plan = sampling_plan(geo, shifts[start:stop], start, derivatives=False, taps=taps,
@@ -123,7 +115,7 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
         shifts = _displacements(offset, geo, taps, offset_scale, dtype)
         masks = mask.reshape(geo.pixels, group, points).transpose(1, 2).to(dtype).reshape(-1)
         grad_out = grad_output.reshape(geo.pixels, 1, group, depth).to(dtype)
-        step = _chunk(geo, points, table.element_size(), buffers=3)
+        step = chunk_pixels(geo.pixels, points * geo.channels, table.element_size(), 3)
         product = table.new_empty(step * points * group, depth)
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import deformconv
 from deformconv.backends.pytorch_dcnv3 import tap_coords
+from deformconv.bench import timed
 from deformconv.bench.gpu import START, log
 
 
@@ -106,22 +107,12 @@ def _runner(name: str, stage: Stage, tensors: dict, backward: bool):
     return run
 
 
-def _timed(run, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def copy_bandwidth(device) -> float:
     """Bytes per second of a large device-to-device copy (read + write)."""
     size = (1 << 28) if device.type == "cuda" else (1 << 26)
     source = torch.empty(size // 4, device=device)
     target = torch.empty_like(source)
-    times = [_timed(lambda: target.copy_(source), device) for _ in range(10)]
+    times = [timed(lambda: target.copy_(source), device) for _ in range(10)]
     return 2 * size / statistics.median(times[2:])
 
 
@@ -154,7 +145,7 @@ def measure(stages, batch, device, dtypes, names, repeats, budget) -> list[dict]
                 times = {name: [] for name in names}
                 for _ in range(repeats):
                     for name, run in runs.items():
-                        times[name].append(_timed(run, device))
+                        times[name].append(timed(run, device))
                 floor = floor_ms(stage, batch, tensors["input"].element_size(), bandwidth)
                 for name in names:
                     ms = statistics.median(times[name]) * 1e3

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import deformconv
+from deformconv.bench import timed
 
 
 @dataclass(frozen=True)
@@ -82,16 +82,6 @@ def _runner(name: str, clip: Clip, t: dict, backward: bool):
     return run
 
 
-def _timed(run, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def time_clips(clips, device: torch.device, dtypes, repeats: int) -> list[dict]:
     rows = []
     names = ["deform_conv3d", "nn.Conv3d"]
@@ -105,7 +95,7 @@ def time_clips(clips, device: torch.device, dtypes, repeats: int) -> list[dict]:
                 times: dict[str, list[float]] = {name: [] for name in names}
                 for _ in range(repeats):  # interleaved
                     for name, run in runs.items():
-                        times[name].append(_timed(run, device))
+                        times[name].append(timed(run, device))
                 medians = {name: statistics.median(times[name]) * 1e3 for name in names}
                 ratio = medians["deform_conv3d"] / medians["nn.Conv3d"]
                 dtype_name = str(dtype).removeprefix("torch.")
