@@ -6,6 +6,11 @@
 # to $OUT.
 #
 #   OUT=gpu-results benchmarks/gpu_checks.sh [bench_gpu.py arguments]
+#
+# Each step is bounded by its variable's seconds (0 skips it): TEST_SECONDS, BENCH_SECONDS,
+# DCNV3_SECONDS, DEMO_SECONDS.  TEST_WORKERS runs the tests in that many processes (needs
+# pytest-xdist; Triton compiles in parallel then); DCNV3_ARGS go to bench_dcnv3_v4.py;
+# DEMO_OUT is where the demo writes (default $OUT/demo).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
@@ -19,31 +24,45 @@ stamp "environment"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'triton', triton.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee "$OUT/env.log"
 
-stamp "tests (at most ${TEST_SECONDS}s)"
-timeout "$TEST_SECONDS" python3 -m pytest -q -p no:cacheprovider --maxfail=15 \
-    tests/test_triton_gpu.py tests/test_dcnv3_gpu.py tests/test_triton_backend.py \
-    > "$OUT/tests.log" 2>&1
-echo "pytest exit status $?" >> "$OUT/tests.log"
-grep -E "passed|failed|error|FAILED|ERROR|exit status" "$OUT/tests.log" | tail -25
+DCNV3_SECONDS=${DCNV3_SECONDS:-120}
+DEMO_SECONDS=${DEMO_SECONDS:-120}
+workers=()
+[ "${TEST_WORKERS:-0}" -gt 0 ] && workers=(-n "$TEST_WORKERS")
 
-stamp "benchmark (at most ${BENCH_SECONDS}s)"
-timeout "$BENCH_SECONDS" python3 benchmarks/bench_gpu.py --budget $((BENCH_SECONDS - 40)) \
-    --out "$OUT/bench.md" --csv "$OUT/bench.csv" "$@" > "$OUT/bench.log" 2>&1
-echo "bench exit status $?" >> "$OUT/bench.log"
-tail -5 "$OUT/bench.log"
-cat "$OUT/bench.md" 2>/dev/null
+if [ "$TEST_SECONDS" -gt 0 ]; then
+    stamp "tests (at most ${TEST_SECONDS}s)"
+    timeout "$TEST_SECONDS" python3 -m pytest -q -p no:cacheprovider --maxfail=15 "${workers[@]}" \
+        tests/test_dcnv3_gpu.py tests/test_triton_gpu.py tests/test_triton_backend.py \
+        > "$OUT/tests.log" 2>&1
+    echo "pytest exit status $?" >> "$OUT/tests.log"
+    grep -E "passed|failed|error|FAILED|ERROR|exit status" "$OUT/tests.log" | tail -25
+fi
 
-stamp "DCNv3/DCNv4 benchmark (at most ${DCNV3_SECONDS:-120}s)"
-timeout "${DCNV3_SECONDS:-120}" python3 benchmarks/bench_dcnv3_v4.py \
-    --budget $((${DCNV3_SECONDS:-120} - 20)) --csv "$OUT/dcnv3.csv" > "$OUT/dcnv3.log" 2>&1
-echo "dcnv3 bench exit status $?" >> "$OUT/dcnv3.log"
-tail -30 "$OUT/dcnv3.log"
+if [ "$BENCH_SECONDS" -gt 0 ]; then
+    stamp "benchmark (at most ${BENCH_SECONDS}s)"
+    timeout "$BENCH_SECONDS" python3 benchmarks/bench_gpu.py --budget $((BENCH_SECONDS - 40)) \
+        --out "$OUT/bench.md" --csv "$OUT/bench.csv" "$@" > "$OUT/bench.log" 2>&1
+    echo "bench exit status $?" >> "$OUT/bench.log"
+    tail -5 "$OUT/bench.log"
+    cat "$OUT/bench.md" 2>/dev/null
+fi
 
-stamp "demo --quick on the GPU (at most ${DEMO_SECONDS:-120}s)"
-timeout "${DEMO_SECONDS:-120}" python3 -m deformconv demo --quick --device cuda --no-progress \
-    --out "$OUT/demo" > "$OUT/demo.log" 2>&1
-echo "demo exit status $?" >> "$OUT/demo.log"
-tail -12 "$OUT/demo.log"
+if [ "$DCNV3_SECONDS" -gt 0 ]; then
+    stamp "DCNv3/DCNv4 benchmark (at most ${DCNV3_SECONDS}s)"
+    timeout "$DCNV3_SECONDS" python3 benchmarks/bench_dcnv3_v4.py ${DCNV3_ARGS:-} \
+        --budget $((DCNV3_SECONDS - 20)) --csv "$OUT/dcnv3.csv" > "$OUT/dcnv3.log" 2>&1
+    echo "dcnv3 bench exit status $?" >> "$OUT/dcnv3.log"
+    tail -40 "$OUT/dcnv3.log"
+fi
+
+if [ "$DEMO_SECONDS" -gt 0 ]; then
+    stamp "demo --quick on the GPU (at most ${DEMO_SECONDS}s)"
+    timeout "$DEMO_SECONDS" python3 -m deformconv demo --quick --device cuda --no-progress \
+        --out "${DEMO_OUT:-$OUT/demo}" > "$OUT/demo.log" 2>&1
+    echo "demo exit status $?" >> "$OUT/demo.log"
+    ls -l "${DEMO_OUT:-$OUT/demo}" >> "$OUT/demo.log" 2>&1
+    tail -12 "$OUT/demo.log"
+fi
 
 stamp "atomic and matrix instructions in the compiled kernels (PTX)"
 for f in $(find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name "deform_conv2d_*.ptx" 2>/dev/null); do

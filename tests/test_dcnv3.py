@@ -58,6 +58,15 @@ def _args(case):
             "offset_scale": case["scale"], "remove_center": case["remove"]}  # fmt: skip
 
 
+def op_args(tensors, case):
+    """Arguments of the registered op: offsets and mask with the groups split out."""
+    args = _args(case)
+    return (tensors["input"], tensors["offset"].unflatten(-1, (case["group"], -1)),
+            tensors["mask"].unflatten(-1, (case["group"], -1)), list(args["kernel_size"]),
+            list(args["stride"]), list(args["padding"]), list(args["dilation"]), args["group"],
+            args["offset_scale"], args["remove_center"])  # fmt: skip
+
+
 def _reference(tensors, case):
     return dcnv3_reference(tensors["input"], tensors["offset"], tensors["mask"], case["kernel"],
                            case["stride"], case["padding"], case["dilation"], case["group"],
@@ -144,20 +153,60 @@ def test_border_offset_gradient_follows_dcnv3():
     assert offset.grad[0, 1, 1].abs().sum() > 0
 
 
-def test_dcnv4_reads_the_fused_layout():
+@pytest.mark.parametrize(
+    ("backend", "dtype", "tolerance"),
+    [("torch", torch.float64, 1e-10), ("triton", torch.float32, 1e-4)],
+)
+def test_dcnv4_reads_the_fused_layout(backend, dtype, tolerance):
+    if backend == "triton":
+        pytest.importorskip("triton")
     case = {**CASES["remove-center"]}
     tensors = make_inputs(case)
     group, count = case["group"], len(points(*case["kernel"], True))
     fused = torch.randn(*tensors["mask"].shape[:3], 3 * group * count + 5, dtype=torch.float64)
-    per_group = fused[..., : 3 * group * count].unflatten(-1, (group, 3 * count))
+    reference_fused = fused.clone().requires_grad_()
+    per_group = reference_fused[..., : 3 * group * count].unflatten(-1, (group, 3 * count))
     offset = per_group[..., : 2 * count].flatten(-2)
     mask = per_group[..., 2 * count :].flatten(-2)
-    expected = _reference({"input": tensors["input"], "offset": offset, "mask": mask}, case)
-    fused.requires_grad_()
-    ours = deformconv.dcnv4(tensors["input"], fused, **_args(case))
-    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
-    ours.sum().backward()
-    assert (fused.grad[..., 3 * group * count :] == 0).all()  # the padding is not read
+    leaves = {"input": tensors["input"].clone().requires_grad_(), "offset": offset, "mask": mask}
+    expected = _reference(leaves, case)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, [leaves["input"], reference_fused], grad)
+    x = tensors["input"].to(dtype).requires_grad_()
+    fused = fused.to(dtype).requires_grad_()
+    with deformconv.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to torch would warn
+        ours = deformconv.dcnv4(x, fused, **_args(case))
+        grads = torch.autograd.grad(ours, [x, fused], grad.to(dtype))
+    torch.testing.assert_close(ours.double(), expected, rtol=tolerance, atol=tolerance)
+    for actual, wanted in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(actual.double(), wanted, rtol=tolerance, atol=tolerance)
+    assert (grads[1][..., 3 * group * count :] == 0).all()  # the padding is not read
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"BLOCK_Q": 16, "TILE_W": 4, "BLOCK_D": 4}, {"BLOCK_Q": 8, "TILE_W": 8, "BLOCK_D": 4},
+     {"BLOCK_Q": 16, "TILE_W": 0, "BLOCK_D": 4, "index64": True},
+     {"BLOCK_Q": 16, "TILE_W": 0, "UNROLL": True}],
+    ids=["4x4-patches", "8-wide-rows", "64-bit-indexing", "unrolled-points"],
+)  # fmt: skip
+def test_triton_tile_shapes_and_64_bit_indexing(settings, monkeypatch):
+    """Patches of pixels (partial ones at the borders: the outputs are 8×3 and 2×6), channel
+    blocks narrower than a group, 64-bit element offsets and unrolled points give the same
+    results."""
+    pytest.importorskip("triton")
+    from deformconv.kernels import dcnv3_ops
+
+    settings = dict(settings)
+    if settings.pop("index64", False):
+        monkeypatch.setattr(dcnv3_ops, "needs_int64", lambda *tensors: True)
+    monkeypatch.setitem(dcnv3_ops.CONFIG_OVERRIDES, "forward", settings)
+    monkeypatch.setitem(dcnv3_ops.CONFIG_OVERRIDES, "backward", settings)
+    for name in ("lopsided", "remove-center"):
+        with deformconv.use_backend("triton"), warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            _check_against_reference(make_inputs(CASES[name]), CASES[name], torch.float32, 1e-4)
 
 
 def test_dcnv4_offset_mask_channels_match_the_original_layer():
@@ -224,14 +273,9 @@ def test_dcnv4_errors():
 
 def test_opcheck_and_compile():
     case = CASES["lopsided"]
-    tensors = make_inputs(case, dtype=torch.float32)
-    args = _args(case)
-    op_args = (tensors["input"].requires_grad_(), tensors["offset"].requires_grad_(),
-               tensors["mask"].requires_grad_(), list(args["kernel_size"]), list(args["stride"]),
-               list(args["padding"]), list(args["dilation"]), args["group"],
-               args["offset_scale"], args["remove_center"])  # fmt: skip
+    tensors = {k: v.float().requires_grad_() for k, v in make_inputs(case).items()}
     with deformconv.use_backend("torch"):
-        torch.library.opcheck(torch.ops.deformconv.dcnv3.default, op_args)
+        torch.library.opcheck(torch.ops.deformconv.dcnv3.default, op_args(tensors, case))
         torch._dynamo.reset()
         layer = deformconv.DCNv4(channels=12, group=3)
         with torch.no_grad():

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import deformconv
 from deformconv.backends import select, triton_dcnv3
-from test_dcnv3 import CASES, _args, make_inputs
+from test_dcnv3 import CASES, _args, make_inputs, op_args
 
 TOLERANCES = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 
@@ -36,8 +36,11 @@ def test_output_and_gradients_against_float64(name, dtype):
         grads = torch.autograd.grad(out, list(leaves.values()), grad_output.to(cast))
         return [out, *grads]
 
-    grad_output = torch.randn(run(torch.float64, "torch")[0].shape, device="cuda",
-                              dtype=torch.float64)  # fmt: skip
+    out_shape = (*tensors["offset"].shape[:3], tensors["input"].shape[3])
+    grad_output = torch.randn(out_shape, device="cuda", dtype=torch.float64)
+    # The reference sees the same rounded inputs: rounding an offset onto an integer moves
+    # the bilinear corner, which changes the offset gradient by a step, not by rounding.
+    tensors = {k: v.to(dtype).double() for k, v in tensors.items()}
     expected = run(torch.float64, "torch")
     for label, ours, theirs in zip(("out", "input", "offset", "mask"), run(dtype, "triton"),
                                    expected, strict=True):  # fmt: skip
@@ -62,16 +65,14 @@ def test_layers_compile_with_inductor(layer_class):
     assert x.grad is not None
 
 
-def test_opcheck_of_the_triton_op():
+def test_opcheck_on_cuda():
     case = CASES["lopsided"]
     tensors = {k: v.cuda().float().requires_grad_() for k, v in make_inputs(case).items()}
-    args = _args(case)
-    torch.library.opcheck(
-        torch.ops.deformconv.triton_dcnv3.default,
-        (tensors["input"], tensors["offset"], tensors["mask"], list(args["kernel_size"]),
-         list(args["stride"]), list(args["padding"]), list(args["dilation"]), args["group"],
-         args["offset_scale"], args["remove_center"]),
-    )  # fmt: skip
+    args = op_args(tensors, case)
+    torch.library.opcheck(torch.ops.deformconv.dcnv3.default, args)
+    # The Triton op has no autograd of its own (the dcnv3 op's autograd calls its backward).
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.deformconv.triton_dcnv3.default, plain)
 
 
 def test_deterministic_gradients_are_bit_identical():
@@ -92,3 +93,28 @@ def test_deterministic_gradients_are_bit_identical():
     for run in runs[1:]:
         for first, other in zip(runs[0], run, strict=True):
             assert torch.equal(first, other)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"BLOCK_Q": 64, "TILE_W": 8, "UNROLL": False}, {"BLOCK_Q": 32, "TILE_W": 0, "UNROLL": True},
+     {"BLOCK_Q": 16, "TILE_W": 4, "UNROLL": True, "BLOCK_D": 4}],
+    ids=["8x8-patches", "unrolled", "4x4-patches-unrolled-narrow"],
+)  # fmt: skip
+def test_kernel_settings_compiled(settings, monkeypatch):
+    from deformconv.kernels import dcnv3_ops
+
+    monkeypatch.setitem(dcnv3_ops.CONFIG_OVERRIDES, "forward", settings)
+    monkeypatch.setitem(dcnv3_ops.CONFIG_OVERRIDES, "backward", settings)
+    for name in ("lopsided", "wide-groups"):
+        case = CASES[name]
+        tensors = {k: v.cuda() for k, v in make_inputs(case).items()}
+        results = {}
+        for backend, dtype in (("torch", torch.float64), ("triton", torch.float32)):
+            leaves = {k: v.to(dtype).requires_grad_() for k, v in tensors.items()}
+            with deformconv.use_backend(backend):
+                out = deformconv.dcnv3(*leaves.values(), **_args(case))
+            grad = torch.linspace(-1.0, 1.0, out.numel(), device="cuda").view_as(out).to(dtype)
+            results[backend] = [out, *torch.autograd.grad(out, list(leaves.values()), grad)]
+        for ours, theirs in zip(results["triton"], results["torch"], strict=True):
+            torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)

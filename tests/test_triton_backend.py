@@ -78,7 +78,7 @@ def test_64_bit_indexing_gives_the_same_results(monkeypatch):
     tensors = on_device(make_inputs(config, dtype=torch.float32, seed=3), torch.float32)
     expected, expected_grads = output_and_grads(triton_deform_conv2d, tensors, config)
     monkeypatch.setattr(ops, "_INT32_LIMIT", 8)  # every tensor takes the int64 path
-    assert ops._needs_int64(tensors["input"])
+    assert ops.needs_int64(tensors["input"])
     actual, actual_grads = output_and_grads(triton_deform_conv2d, tensors, config)
     # The same sums, up to the order of the atomic adds.
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)

@@ -153,6 +153,9 @@ deform_conv3d_op, deform_conv3d_backward_op = _register(3)
 )
 def dcnv3_op(input, offset, mask, kernel_size, stride, padding, dilation, group, offset_scale,
              remove_center) -> Tensor:  # fmt: skip
+    """``input`` ``(N, H, W, C)``, ``offset`` ``(N, Ho, Wo, G, 2P)``, ``mask`` ``(N, Ho, Wo, G,
+    P)``: the public layouts with the groups split out, so that DCNv4's fused tensor passes as
+    two views of itself."""
     backend = backends.select(input.device, op="dcnv3")
     output = backend.forward(input, offset, mask, tuple(kernel_size), tuple(stride),
                              tuple(padding), tuple(dilation), group, offset_scale,

@@ -124,6 +124,8 @@ def dcnv3(
     _check_shape("offset", offset, (batch, *out_size, group * points * 2),
                  "N, Ho, Wo, group * points * 2")  # fmt: skip
     _check_shape("mask", mask, (batch, *out_size, group * points), "N, Ho, Wo, group * points")
+    offset = offset.unflatten(-1, (group, 2 * points))
+    mask = mask.unflatten(-1, (group, points))
     return dcnv3_op(input, offset, mask, kernel, stride, padding, dilation, group,
                     float(offset_scale), bool(remove_center))  # fmt: skip
 
@@ -179,8 +181,7 @@ def dcnv4(
             f"offset_mask has shape {tuple(offset_mask.shape)}, expected ({sizes}, M) with "
             f"M >= 3 * group * points = {used}"
         )
-    fused = offset_mask[..., :used].unflatten(-1, (group, 3 * points))
-    offset = fused[..., : 2 * points].flatten(-2)
-    mask = fused[..., 2 * points :].flatten(-2)
+    fused = offset_mask[..., :used].unflatten(-1, (group, 3 * points))  # a view: no copy
+    offset, mask = fused[..., : 2 * points], fused[..., 2 * points :]
     return dcnv3_op(input, offset, mask, kernel, stride, padding, dilation, group,
                     float(offset_scale), bool(remove_center))  # fmt: skip

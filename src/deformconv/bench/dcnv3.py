@@ -125,6 +125,84 @@ def floor_ms(stage: Stage, batch: int, itemsize: int, bandwidth: float) -> float
     return nbytes / bandwidth * 1e3
 
 
+def _times(runs: dict, device, repeats: int) -> dict:
+    """Milliseconds per call of each run: on a GPU the median of ``triton.testing.do_bench``
+    (CUDA events over a queue of calls), on the CPU the median of interleaved repeats."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return {name: do_bench(run, warmup=10, rep=60, return_mode="median")
+                for name, run in runs.items()}  # fmt: skip
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(timed(run, device))
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
+#: Kernel settings the ``--tune`` sweep times at the first stage (fp16); ``TILE_W`` > 0 makes
+#: the pixel tile a patch ``BLOCK_Q / TILE_W`` rows high, ``UNROLL`` unrolls the points.
+TUNING = {
+    "forward": [
+        {"BLOCK_Q": 64, "TILE_W": 0, "UNROLL": False, "num_warps": 4},
+        {"BLOCK_Q": 32, "TILE_W": 0, "UNROLL": False, "num_warps": 2},
+        {"BLOCK_Q": 64, "TILE_W": 8, "UNROLL": False, "num_warps": 4},
+        {"BLOCK_Q": 64, "TILE_W": 0, "UNROLL": True, "num_warps": 4},
+        {"BLOCK_Q": 32, "TILE_W": 0, "UNROLL": True, "num_warps": 2},
+        {"BLOCK_Q": 128, "TILE_W": 0, "UNROLL": True, "num_warps": 4},
+        {"BLOCK_Q": 64, "TILE_W": 8, "UNROLL": True, "num_warps": 4},
+    ],
+    "backward": [
+        {"BLOCK_Q": 32, "TILE_W": 0, "UNROLL": False, "num_warps": 4},
+        {"BLOCK_Q": 16, "TILE_W": 0, "UNROLL": False, "num_warps": 4},
+        {"BLOCK_Q": 32, "TILE_W": 0, "UNROLL": True, "num_warps": 4},
+        {"BLOCK_Q": 16, "TILE_W": 0, "UNROLL": True, "num_warps": 2},
+        {"BLOCK_Q": 64, "TILE_W": 0, "UNROLL": True, "num_warps": 4},
+    ],
+}
+
+
+def tune(stage: Stage, batch: int, device, bandwidth: float) -> list[dict]:
+    """The Triton kernels alone on DCNv4's fused tensor (read in place), one row per setting,
+    then the forward on separate contiguous offsets and mask (DCNv3's layout)."""
+    from triton.testing import do_bench
+
+    from deformconv.kernels import dcnv3_ops
+
+    tensors = make_inputs(stage, batch, device, torch.float16)
+    used = 3 * stage.group * 9
+    fused = tensors["offset_mask"][..., :used].unflatten(-1, (stage.group, 27))
+    args = ([3, 3], [1, 1], [1, 1], [1, 1], stage.group, 1.0, False)
+    grad = torch.randn_like(tensors["input"])
+    floor = floor_ms(stage, batch, 2, bandwidth)
+    x, offset, mask = tensors["input"], fused[..., :18], fused[..., 18:]
+    calls = {
+        "forward": lambda: dcnv3_ops.triton_dcnv3(x, offset, mask, *args),
+        "backward": lambda: dcnv3_ops.triton_dcnv3_backward(grad, x, offset, mask, *args, True,
+                                                            False),
+    }  # fmt: skip
+    rows = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        log(f"tune {row}")
+
+    for kernel, configs in TUNING.items():
+        for config in configs:
+            dcnv3_ops.CONFIG_OVERRIDES[kernel] = config
+            try:
+                ms = do_bench(calls[kernel], warmup=10, rep=40, return_mode="median")
+                record({"kernel": kernel, **config, "ms": ms, "x_floor": ms / floor})
+            except Exception as error:  # a setting the compiler rejects is a result too
+                record({"kernel": kernel, **config, "error": f"{type(error).__name__}: {error}"})
+            finally:
+                dcnv3_ops.CONFIG_OVERRIDES[kernel] = {}
+    offset, mask = offset.contiguous(), mask.contiguous()
+    ms = do_bench(calls["forward"], warmup=10, rep=40, return_mode="median")
+    record({"kernel": "forward, contiguous offsets and mask", "ms": ms, "x_floor": ms / floor})
+    return rows
+
+
 def measure(stages, batch, device, dtypes, names, repeats, budget) -> list[dict]:
     bandwidth = copy_bandwidth(device)
     log(f"copy bandwidth on {device.type}: {bandwidth / 1e9:.1f} GB/s")
@@ -142,13 +220,10 @@ def measure(stages, batch, device, dtypes, names, repeats, budget) -> list[dict]
                 runs = {name: _runner(name, stage, tensors, backward) for name in names}
                 for run in runs.values():
                     run()  # warm-up (and compilation)
-                times = {name: [] for name in names}
-                for _ in range(repeats):
-                    for name, run in runs.items():
-                        times[name].append(timed(run, device))
+                times = _times(runs, device, repeats)
                 floor = floor_ms(stage, batch, tensors["input"].element_size(), bandwidth)
                 for name in names:
-                    ms = statistics.median(times[name]) * 1e3
+                    ms = times[name]
                     row = {"shape": stage.label(batch), "device": device.type, "dtype": dtype_name,
                            "mode": mode, "impl": name, "ms": ms, "floor_ms": floor,
                            "x_floor": ms / floor}  # fmt: skip
@@ -176,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per entry")
     parser.add_argument("--budget", type=float, default=600.0, help="seconds in all")
     parser.add_argument("--csv", help="also write the rows to this CSV file")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="GPU: first time the kernels' tile settings at the first stage",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
@@ -187,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else (20 if gpu else 5))
     log(f"deformconv {deformconv.__version__}, torch {torch.__version__}, {device.type}, "
         f"batch {batch}, {torch.get_num_threads()} CPU threads")  # fmt: skip
+    if args.tune and gpu:
+        tune(stages[0], batch, device, copy_bandwidth(device))
     rows = measure(stages, batch, device, dtypes, names, repeats, args.budget)
     print(markdown(rows))
     if args.csv and rows:

@@ -3,12 +3,15 @@
 A program owns a tile of ``BLOCK_Q`` output pixels and one group, and walks the group's
 points; for each point it loads the tile's offsets and mask once and uses them for every
 channel of the group (``BLOCK_D`` channels at a time, contiguous in memory, so the corner
-loads are vector loads).  Samples are accumulated in float32.  A sample counts only strictly
-inside ``(-1, H) × (-1, W)`` (DCNv3's rule); corners outside the image are masked off, so
-nothing outside the input is read.  The backward kernel recomputes the samples, reduces the
-offset and mask gradients over the group's channels in registers, and adds the input gradient
-to a float32 buffer with atomics, or, in deterministic mode, to an int64 fixed-point buffer
-whose sums do not depend on the order of the adds.
+loads are vector loads).  The tile is ``BLOCK_Q`` consecutive pixels, or with ``TILE_W`` a
+``BLOCK_Q / TILE_W × TILE_W`` patch of one image, whose samples overlap more.  Offsets and
+mask are read through a pixel stride and a group stride, so DCNv4's fused tensor is read in
+place.  Element offsets are 32-bit unless ``INDEX64``.  Samples are accumulated in float32.
+A sample counts only strictly inside ``(-1, H) × (-1, W)`` (DCNv3's rule); corners outside
+the image are masked off, so nothing outside the input is read.  The backward kernel
+recomputes the samples, reduces the offset and mask gradients over the group's channels in
+registers, and adds the input gradient to a float32 buffer with atomics, or, in deterministic
+mode, to an int64 fixed-point buffer whose sums do not depend on the order of the adds.
 """
 
 import triton
@@ -19,10 +22,32 @@ from .sampling import bilinear_tile, load_corner
 
 
 @triton.jit
-def pixel_tile(q, out_h, out_w, height, width, channels):
-    """Element offset of each output pixel's input image (int64), and its row and column."""
-    image = q // (out_h * out_w)
-    return image.to(tl.int64) * height * width * channels, (q // out_w) % out_h, q % out_w
+def pixel_tile(tile, out_h, out_w, pixels, BLOCK_Q: tl.constexpr, TILE_W: tl.constexpr,
+               INDEX64: tl.constexpr):  # fmt: skip
+    """The output pixels of program ``tile``: their flat index ``q``, which exist, their
+    image, row and column.  ``TILE_W`` 0: ``BLOCK_Q`` consecutive pixels; else a patch of
+    ``BLOCK_Q // TILE_W`` rows × ``TILE_W`` columns of one image."""
+    local = tl.arange(0, BLOCK_Q)
+    if TILE_W == 0:
+        q = tile * BLOCK_Q + local
+        if INDEX64:
+            q = q.to(tl.int64)
+        active = q < pixels
+        image = q // (out_h * out_w)
+        row = (q // out_w) % out_h
+        column = q % out_w
+    else:
+        tiles_w = tl.cdiv(out_w, TILE_W)
+        tiles_h = tl.cdiv(out_h, BLOCK_Q // TILE_W)
+        image = tile // (tiles_h * tiles_w)
+        within = tile % (tiles_h * tiles_w)
+        row = (within // tiles_w) * (BLOCK_Q // TILE_W) + local // TILE_W
+        column = (within % tiles_w) * TILE_W + local % TILE_W
+        active = (row < out_h) & (column < out_w)
+        if INDEX64:
+            image = image.to(tl.int64)
+        q = (image * out_h + row) * out_w + column
+    return q, active, image, row, column
 
 
 @triton.jit
@@ -37,6 +62,10 @@ def dcnv3_point(
     height,
     width,
     active,
+    offset_pixel_stride,
+    offset_group_stride,
+    mask_pixel_stride,
+    mask_group_stride,
     POINTS: tl.constexpr,
     KERNEL_H: tl.constexpr,
     KERNEL_W: tl.constexpr,
@@ -51,16 +80,20 @@ def dcnv3_point(
     offset_scale,
 ):
     """Corner ``(h0, w0)``, fractions, mask and validity of one point for a tile of pixels,
-    plus the element index of its offset pair and mask value."""
+    plus the point's index in a contiguous ``(pixels, GROUPS, POINTS)`` layout.
+    Offsets and mask are read through their pixel and group strides; a point's (Δw, Δh)
+    pair and mask value are contiguous along the points."""
     raw = point
     if REMOVE_CENTER:
         raw = point + tl.where(point >= (KERNEL_W // 2) * KERNEL_H + KERNEL_H // 2, 1, 0)
     i = raw // KERNEL_H  # kernel column
     j = raw % KERNEL_H  # kernel row
     sample = q * (GROUPS * POINTS) + group * POINTS + point
-    dw = tl.load(offset_ptr + 2 * sample, mask=active, other=0.0).to(tl.float32)
-    dh = tl.load(offset_ptr + 2 * sample + 1, mask=active, other=0.0).to(tl.float32)
-    weight = tl.load(mask_ptr + sample, mask=active, other=0.0).to(tl.float32)
+    pair = offset_ptr + q * offset_pixel_stride + group * offset_group_stride + 2 * point
+    dw = tl.load(pair, mask=active, other=0.0).to(tl.float32)
+    dh = tl.load(pair + 1, mask=active, other=0.0).to(tl.float32)
+    weight = mask_ptr + q * mask_pixel_stride + group * mask_group_stride + point
+    weight = tl.load(weight, mask=active, other=0.0).to(tl.float32)
     centre_h = (DIL_H * (KERNEL_H - 1)) // 2
     centre_w = (DIL_W * (KERNEL_W - 1)) // 2
     h = (out_h_index * STRIDE_H - PAD_H + centre_h).to(tl.float32)
@@ -87,6 +120,10 @@ def dcnv3_forward_kernel(
     width,
     out_h,
     out_w,
+    offset_pixel_stride,
+    offset_group_stride,
+    mask_pixel_stride,
+    mask_group_stride,
     offset_scale,
     DEPTH: tl.constexpr,
     POINTS: tl.constexpr,
@@ -100,27 +137,35 @@ def dcnv3_forward_kernel(
     DIL_W: tl.constexpr,
     GROUPS: tl.constexpr,
     REMOVE_CENTER: tl.constexpr,
+    INDEX64: tl.constexpr,
+    TILE_W: tl.constexpr,
+    UNROLL: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q, active, image, out_h_index, out_w_index = pixel_tile(
+        tl.program_id(0), out_h, out_w, pixels, BLOCK_Q, TILE_W, INDEX64
+    )
     group = tl.program_id(1)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    active = q < pixels
     cols = d < DEPTH
     channels = GROUPS * DEPTH
-    image_base, out_h_index, out_w_index = pixel_tile(q, out_h, out_w, height, width, channels)
+    image_base = image * height * width * channels
     channel = group * DEPTH + d
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    for point in range(POINTS):
-        h0, w0, fh, fw, weight, valid, _ = dcnv3_point(
-            offset_ptr, mask_ptr, q, point, group, out_h_index, out_w_index, height, width,
-            active, POINTS, KERNEL_H, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-            GROUPS, REMOVE_CENTER, offset_scale,
-        )  # fmt: skip
-        acc += bilinear_tile(input_ptr, image_base, h0, w0, fh, fw, weight, channel,
-                             width * channels, channels, height, width, valid, cols)  # fmt: skip
-    out = out_ptr + (q.to(tl.int64) * channels)[:, None] + channel[None, :]
+    for first in range(0, POINTS, UNROLL):
+        for step in tl.static_range(UNROLL):  # UNROLL consecutive points, unrolled
+            point = first + step
+            h0, w0, fh, fw, weight, valid, _ = dcnv3_point(
+                offset_ptr, mask_ptr, q, point, group, out_h_index, out_w_index, height, width,
+                active, offset_pixel_stride, offset_group_stride, mask_pixel_stride,
+                mask_group_stride, POINTS, KERNEL_H, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+                DIL_H, DIL_W, GROUPS, REMOVE_CENTER, offset_scale,
+            )  # fmt: skip
+            acc += bilinear_tile(input_ptr, image_base, h0, w0, fh, fw, weight, channel,
+                                 width * channels, channels, height, width, valid,
+                                 cols)  # fmt: skip
+    out = out_ptr + (q * channels)[:, None] + channel[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=active[:, None] & cols[None, :])
 
 
@@ -161,6 +206,10 @@ def dcnv3_backward_kernel(
     width,
     out_h,
     out_w,
+    offset_pixel_stride,
+    offset_group_stride,
+    mask_pixel_stride,
+    mask_group_stride,
     offset_scale,
     DEPTH: tl.constexpr,
     POINTS: tl.constexpr,
@@ -176,57 +225,73 @@ def dcnv3_backward_kernel(
     REMOVE_CENTER: tl.constexpr,
     NEED_INPUT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
+    INDEX64: tl.constexpr,
+    TILE_W: tl.constexpr,
+    UNROLL: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q, active, image, out_h_index, out_w_index = pixel_tile(
+        tl.program_id(0), out_h, out_w, pixels, BLOCK_Q, TILE_W, INDEX64
+    )
     group = tl.program_id(1)
-    active = q < pixels
     channels = GROUPS * DEPTH
-    image_base, out_h_index, out_w_index = pixel_tile(q, out_h, out_w, height, width, channels)
+    image_base = image * height * width * channels
     row_stride = width * channels
     fixed_point_scale = 1.0
     if DETERMINISTIC:
         fixed_point_scale = tl.load(fixed_point_ptr)
-    for point in range(POINTS):
-        h0, w0, fh, fw, weight, valid, sample = dcnv3_point(
-            offset_ptr, mask_ptr, q, point, group, out_h_index, out_w_index, height, width,
-            active, POINTS, KERNEL_H, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-            GROUPS, REMOVE_CENTER, offset_scale,
-        )  # fmt: skip
-        gh = 1.0 - fh
-        gw = 1.0 - fw
-        grad_mask = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-        grad_h = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-        grad_w = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-        for d_start in range(0, DEPTH, BLOCK_D):
-            d = d_start + tl.arange(0, BLOCK_D)
-            cols = d < DEPTH
-            channel = group * DEPTH + d
-            rows = grad_out_ptr + (q.to(tl.int64) * channels)[:, None] + channel[None, :]
-            go = tl.load(rows, mask=active[:, None] & cols[None, :], other=0.0).to(tl.float32)
-            v00 = load_corner(input_ptr, image_base, h0, w0, channel, row_stride, channels,
-                              height, width, valid, cols)  # fmt: skip
-            v01 = load_corner(input_ptr, image_base, h0, w0 + 1, channel, row_stride, channels,
-                              height, width, valid, cols)  # fmt: skip
-            v10 = load_corner(input_ptr, image_base, h0 + 1, w0, channel, row_stride, channels,
-                              height, width, valid, cols)  # fmt: skip
-            v11 = load_corner(input_ptr, image_base, h0 + 1, w0 + 1, channel, row_stride,
-                              channels, height, width, valid, cols)  # fmt: skip
-            value = (v00 * gw[:, None] + v01 * fw[:, None]) * gh[:, None]
-            value += (v10 * gw[:, None] + v11 * fw[:, None]) * fh[:, None]
-            grad_mask += tl.sum(go * value, axis=1)
-            d_h = (v10 - v00) * gw[:, None] + (v11 - v01) * fw[:, None]
-            d_w = (v01 - v00) * gh[:, None] + (v11 - v10) * fh[:, None]
-            grad_h += tl.sum(go * d_h, axis=1)
-            grad_w += tl.sum(go * d_w, axis=1)
-            if NEED_INPUT:
-                _scatter_bilinear(grad_input_ptr, image_base, h0, w0, fh, fw, channel,
-                                  row_stride, channels, height, width, valid, cols,
-                                  go * weight[:, None], fixed_point_scale,
-                                  DETERMINISTIC)  # fmt: skip
-        grad_mask = tl.where(valid, grad_mask, 0.0)
-        scale = tl.where(valid, weight * offset_scale, 0.0)
-        tl.store(grad_mask_ptr + sample, grad_mask, mask=active)
-        tl.store(grad_offset_ptr + 2 * sample, grad_w * scale, mask=active)
-        tl.store(grad_offset_ptr + 2 * sample + 1, grad_h * scale, mask=active)
+    # With one block of channels, the output gradient is loaded once for all points.
+    d = tl.arange(0, BLOCK_D)
+    rows = grad_out_ptr + (q * channels)[:, None] + (group * DEPTH + d)[None, :]
+    go_once = tl.load(rows, mask=active[:, None] & (d < DEPTH)[None, :], other=0.0)
+    go_once = go_once.to(tl.float32)
+    for first in range(0, POINTS, UNROLL):
+        for step in tl.static_range(UNROLL):  # UNROLL consecutive points, unrolled
+            point = first + step
+            h0, w0, fh, fw, weight, valid, sample = dcnv3_point(
+                offset_ptr, mask_ptr, q, point, group, out_h_index, out_w_index, height, width,
+                active, offset_pixel_stride, offset_group_stride, mask_pixel_stride,
+                mask_group_stride, POINTS, KERNEL_H, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+                DIL_H, DIL_W, GROUPS, REMOVE_CENTER, offset_scale,
+            )  # fmt: skip
+            gh = 1.0 - fh
+            gw = 1.0 - fw
+            grad_mask = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+            grad_h = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+            grad_w = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+            for d_start in range(0, DEPTH, BLOCK_D):
+                d = d_start + tl.arange(0, BLOCK_D)
+                cols = d < DEPTH
+                channel = group * DEPTH + d
+                if DEPTH <= BLOCK_D:
+                    go = go_once
+                else:
+                    rows = grad_out_ptr + (q * channels)[:, None] + channel[None, :]
+                    go = tl.load(rows, mask=active[:, None] & cols[None, :], other=0.0)
+                    go = go.to(tl.float32)
+                v00 = load_corner(input_ptr, image_base, h0, w0, channel, row_stride,
+                                  channels, height, width, valid, cols)  # fmt: skip
+                v01 = load_corner(input_ptr, image_base, h0, w0 + 1, channel, row_stride,
+                                  channels, height, width, valid, cols)  # fmt: skip
+                v10 = load_corner(input_ptr, image_base, h0 + 1, w0, channel, row_stride,
+                                  channels, height, width, valid, cols)  # fmt: skip
+                v11 = load_corner(input_ptr, image_base, h0 + 1, w0 + 1, channel, row_stride,
+                                  channels, height, width, valid, cols)  # fmt: skip
+                value = (v00 * gw[:, None] + v01 * fw[:, None]) * gh[:, None]
+                value += (v10 * gw[:, None] + v11 * fw[:, None]) * fh[:, None]
+                grad_mask += tl.sum(go * value, axis=1)
+                d_h = (v10 - v00) * gw[:, None] + (v11 - v01) * fw[:, None]
+                d_w = (v01 - v00) * gh[:, None] + (v11 - v10) * fh[:, None]
+                grad_h += tl.sum(go * d_h, axis=1)
+                grad_w += tl.sum(go * d_w, axis=1)
+                if NEED_INPUT:
+                    _scatter_bilinear(grad_input_ptr, image_base, h0, w0, fh, fw, channel,
+                                      row_stride, channels, height, width, valid, cols,
+                                      go * weight[:, None], fixed_point_scale,
+                                      DETERMINISTIC)  # fmt: skip
+            grad_mask = tl.where(valid, grad_mask, 0.0)
+            scale = tl.where(valid, weight * offset_scale, 0.0)
+            tl.store(grad_mask_ptr + sample, grad_mask, mask=active)
+            tl.store(grad_offset_ptr + 2 * sample, grad_w * scale, mask=active)
+            tl.store(grad_offset_ptr + 2 * sample + 1, grad_h * scale, mask=active)

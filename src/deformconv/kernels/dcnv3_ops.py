@@ -1,6 +1,8 @@
 """Launchers of the Triton DCNv3 kernels, registered as ``torch.library`` ``triton_op``\\ s:
 ``deformconv::triton_dcnv3`` and ``deformconv::triton_dcnv3_backward``.  Arguments are
-assumed checked by the public functions."""
+assumed checked by the public functions; offsets are ``(N, Ho, Wo, G, 2P)`` and the mask
+``(N, Ho, Wo, G, P)``, views of any strides with contiguous points (DCNv4's fused tensor
+sliced without a copy), anything else is copied first."""
 
 from collections.abc import Sequence
 
@@ -10,34 +12,71 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .dcnv3 import dcnv3_backward_kernel, dcnv3_forward_kernel
-from .ops import fixed_point_scale
+from .ops import fixed_point_scale, needs_int64
 
 
 def _block_d(depth: int) -> int:
     return max(4, min(64, triton.next_power_of_2(depth)))
 
 
-def _settings(input, offset, kernel_size, stride, padding, dilation, group, remove_center):
+def forward_config(depth: int) -> dict:
+    """Tile sizes and launch settings of the forward kernel (``TILE_W`` 0: the tile is
+    ``BLOCK_Q`` consecutive pixels)."""
+    return {"BLOCK_Q": 64, "TILE_W": 0, "UNROLL": False, "BLOCK_D": _block_d(depth),
+            "num_warps": 4}  # fmt: skip
+
+
+def backward_config(depth: int) -> dict:
+    """Tile sizes and launch settings of the backward kernel."""
+    return {"BLOCK_Q": 32, "TILE_W": 0, "UNROLL": False, "BLOCK_D": _block_d(depth),
+            "num_warps": 4}  # fmt: skip
+
+
+#: Per-kernel settings that replace the ones above (for tuning runs).
+CONFIG_OVERRIDES: dict[str, dict] = {"forward": {}, "backward": {}}
+
+
+def _pixels_and_groups(tensor: Tensor) -> tuple[Tensor, int, int]:
+    """``tensor`` ``(N, Ho, Wo, G, X)`` and its pixel and group strides, if one stride steps
+    through its pixels and its last axis is contiguous; else a contiguous copy's."""
+    _, out_h, out_w, groups, last = tensor.shape
+    strides = tensor.stride()
+    pixel = strides[2] if out_w > 1 else strides[1] if out_h > 1 else strides[0]
+    wanted = (out_h * out_w * pixel, out_w * pixel, pixel, strides[3], 1)
+    if any(n > 1 and s != w for n, s, w in zip(tensor.shape, strides, wanted, strict=True)):
+        return tensor.contiguous(), groups * last, last
+    return tensor, pixel, strides[3]
+
+
+def _launch(kernel, config: dict, depth_blocks: bool, input: Tensor, offset: Tensor,
+            mask: Tensor, pointers: tuple, kernel_size, stride, padding, dilation, group,
+            offset_scale, remove_center, **options) -> None:  # fmt: skip
+    """Launch ``kernel`` over tiles of output pixels × groups (× blocks of channels with
+    ``depth_blocks``): ``pointers`` are the tensors it takes after the input, offsets and
+    mask; ``options`` its own constants.  ``config["UNROLL"]`` unrolls the loop over the
+    points."""
     batch, height, width, channels = input.shape
     out_h, out_w = offset.shape[1:3]
     kernel_h, kernel_w = kernel_size
+    depth = channels // group
     points = kernel_h * kernel_w - int(remove_center)
-    sizes = (batch * out_h * out_w, height, width, out_h, out_w)
-    constants = {
-        "DEPTH": channels // group,
-        "POINTS": points,
-        "KERNEL_H": kernel_h,
-        "KERNEL_W": kernel_w,
-        "STRIDE_H": stride[0],
-        "STRIDE_W": stride[1],
-        "PAD_H": padding[0],
-        "PAD_W": padding[1],
-        "DIL_H": dilation[0],
-        "DIL_W": dilation[1],
-        "GROUPS": group,
-        "REMOVE_CENTER": bool(remove_center),
-    }
-    return sizes, constants
+    config = {**config, "UNROLL": points if config["UNROLL"] else 1}
+    offset, offset_pixel, offset_group = _pixels_and_groups(offset)
+    mask, mask_pixel, mask_group = _pixels_and_groups(mask)
+    if config["TILE_W"]:
+        tiles = triton.cdiv(out_h, config["BLOCK_Q"] // config["TILE_W"])
+        tiles *= batch * triton.cdiv(out_w, config["TILE_W"])
+    else:
+        tiles = triton.cdiv(batch * out_h * out_w, config["BLOCK_Q"])
+    grid = (tiles, group, triton.cdiv(depth, config["BLOCK_D"]) if depth_blocks else 1)
+    wrap_triton(kernel)[grid](
+        input, offset, mask, *pointers, batch * out_h * out_w, height, width, out_h, out_w,
+        offset_pixel, offset_group, mask_pixel, mask_group, offset_scale, DEPTH=depth,
+        POINTS=points, KERNEL_H=kernel_h, KERNEL_W=kernel_w,
+        STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        DIL_H=dilation[0], DIL_W=dilation[1], GROUPS=group, REMOVE_CENTER=bool(remove_center),
+        INDEX64=needs_int64(input, offset, mask, *pointers), **options, **config,
+    )  # fmt: skip
 
 
 @triton_op(
@@ -59,18 +98,13 @@ def triton_dcnv3(
     offset_scale: float,
     remove_center: bool,
 ) -> Tensor:
-    input, offset, mask = input.contiguous(), offset.contiguous(), mask.contiguous()
+    input = input.contiguous()
     out = input.new_empty(*offset.shape[:3], input.shape[3])
-    sizes, constants = _settings(input, offset, kernel_size, stride, padding, dilation, group,
-                                 remove_center)  # fmt: skip
     if out.numel() == 0:
         return out
-    block_q, block_d = 64, _block_d(constants["DEPTH"])
-    grid = (triton.cdiv(sizes[0], block_q), group, triton.cdiv(constants["DEPTH"], block_d))
-    wrap_triton(dcnv3_forward_kernel)[grid](
-        input, offset, mask, out, *sizes, offset_scale, **constants, BLOCK_Q=block_q,
-        BLOCK_D=block_d, num_warps=4,
-    )  # fmt: skip
+    config = {**forward_config(input.shape[3] // group), **CONFIG_OVERRIDES["forward"]}
+    _launch(dcnv3_forward_kernel, config, True, input, offset, mask, (out,), kernel_size, stride,
+            padding, dilation, group, offset_scale, remove_center)  # fmt: skip
     return out
 
 
@@ -96,33 +130,29 @@ def triton_dcnv3_backward(
     need_input: bool,
     deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for (input, offset, mask); the input's is empty unless ``need_input``.  With
-    ``deterministic`` the input gradient is summed in int64 fixed point: bit-reproducible."""
-    grad_output = grad_output.contiguous()
-    input, offset, mask = input.contiguous(), offset.contiguous(), mask.contiguous()
-    sizes, constants = _settings(input, offset, kernel_size, stride, padding, dilation, group,
-                                 remove_center)  # fmt: skip
+    """Gradients for (input, offset, mask), contiguous; the input's is empty unless
+    ``need_input``.  With ``deterministic`` the input gradient is summed in int64 fixed
+    point: bit-reproducible."""
+    grad_output, input = grad_output.contiguous(), input.contiguous()
     accumulator = torch.int64 if deterministic else torch.float32
     grad_input = torch.zeros(input.shape if need_input else (0,), dtype=accumulator,
                              device=input.device)  # fmt: skip
     scale = bound = None
     if deterministic and need_input:
         # Each input element receives at most 4·P contributions per output pixel of its image.
+        points = kernel_size[0] * kernel_size[1] - int(remove_center)
         bound = grad_output.detach().abs().amax().float() * mask.detach().abs().amax().float()
-        bound = bound * float(4 * constants["POINTS"] * sizes[3] * sizes[4])
+        bound = bound * float(4 * points * offset.shape[1] * offset.shape[2])
         scale = fixed_point_scale(bound)
     grad_offset = torch.zeros(offset.shape, dtype=torch.float32, device=input.device)
     grad_mask = torch.zeros(mask.shape, dtype=torch.float32, device=input.device)
-    if sizes[0] > 0:
-        block_q, block_d = 32, _block_d(constants["DEPTH"])
-        grid = (triton.cdiv(sizes[0], block_q), group)
-        wrap_triton(dcnv3_backward_kernel)[grid](
-            input, offset, mask, grad_output, grad_input if need_input else grad_offset,
-            grad_offset, grad_mask, grad_offset if scale is None else scale, *sizes,
-            offset_scale, **constants, NEED_INPUT=need_input,
-            DETERMINISTIC=deterministic and need_input, BLOCK_Q=block_q, BLOCK_D=block_d,
-            num_warps=4,
-        )  # fmt: skip
+    if grad_output.numel() > 0:
+        config = {**backward_config(input.shape[3] // group), **CONFIG_OVERRIDES["backward"]}
+        pointers = (grad_output, grad_input if need_input else grad_offset, grad_offset,
+                    grad_mask, grad_offset if scale is None else scale)  # fmt: skip
+        _launch(dcnv3_backward_kernel, config, False, input, offset, mask, pointers, kernel_size,
+                stride, padding, dilation, group, offset_scale, remove_center,
+                NEED_INPUT=need_input, DETERMINISTIC=deterministic and need_input)  # fmt: skip
     if scale is not None:
         # Exact integer sums → float32 → over a power of two: bit-reproducible.  ``bound * 0``
         # is 0, or NaN when the gradients hold NaN or infinity.

@@ -33,7 +33,7 @@ def _span(tensor: Tensor) -> int:
     )
 
 
-def _needs_int64(*tensors: Tensor | None) -> bool:
+def needs_int64(*tensors: Tensor | None) -> bool:
     return any(t is not None and _span(t) > _INT32_LIMIT for t in tensors)
 
 
@@ -177,7 +177,7 @@ def triton_deform_conv2d(
         KW=shape.kernel_w,
         HAS_MASK=mask is not None,
         HAS_BIAS=bias is not None,
-        INDEX64=_needs_int64(input, offset, mask, out),
+        INDEX64=needs_int64(input, offset, mask, out),
         PRECISION=precision,
         **config,
     )
@@ -238,7 +238,7 @@ def triton_deform_conv2d_backward(
     source = _gather_layout(input)
     launch = _Launch(
         shape=shape,
-        index64=_needs_int64(source, offset, mask, grad_output),
+        index64=needs_int64(source, offset, mask, grad_output),
         precision=precision,
         active=shape.pixels > 0 and input.numel() > 0,
     )
@@ -329,7 +329,7 @@ def _launch_backward_data(
         NEED_MASK=grad_mask.numel() > 0,
         DETERMINISTIC=scale is not None,
         ATOMIC_SEM=ATOMIC_SEMANTICS,
-        INDEX64=launch.index64 or (need_input and _needs_int64(accumulator)),
+        INDEX64=launch.index64 or (need_input and needs_int64(accumulator)),
         PRECISION=launch.precision,
         **config,
     )
