@@ -97,10 +97,9 @@ def test_deterministic_gradients_are_bit_identical():
 
 @pytest.mark.parametrize(
     "settings",
-    [{"BLOCK_Q": 64, "TILE_W": 8, "UNROLL": False}, {"BLOCK_Q": 32, "TILE_W": 0, "UNROLL": True},
-     {"BLOCK_Q": 16, "TILE_W": 4, "UNROLL": True, "BLOCK_D": 4}],
-    ids=["8x8-patches", "unrolled", "4x4-patches-unrolled-narrow"],
-)  # fmt: skip
+    [{"BLOCK_Q": 128, "num_warps": 8}, {"BLOCK_Q": 16, "BLOCK_D": 4, "num_warps": 2}],
+    ids=["wide-tiles", "narrow-blocks"],
+)
 def test_kernel_settings_compiled(settings, monkeypatch):
     from deformconv.kernels import dcnv3_ops
 

@@ -140,25 +140,10 @@ def _times(runs: dict, device, repeats: int) -> dict:
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
-#: Kernel settings the ``--tune`` sweep times at the first stage (fp16); ``TILE_W`` > 0 makes
-#: the pixel tile a patch ``BLOCK_Q / TILE_W`` rows high, ``UNROLL`` unrolls the points.
+#: Kernel settings the ``--tune`` sweep times at the first stage (fp16).
 TUNING = {
-    "forward": [
-        {"BLOCK_Q": 64, "TILE_W": 0, "UNROLL": False, "num_warps": 4},
-        {"BLOCK_Q": 32, "TILE_W": 0, "UNROLL": False, "num_warps": 2},
-        {"BLOCK_Q": 64, "TILE_W": 8, "UNROLL": False, "num_warps": 4},
-        {"BLOCK_Q": 64, "TILE_W": 0, "UNROLL": True, "num_warps": 4},
-        {"BLOCK_Q": 32, "TILE_W": 0, "UNROLL": True, "num_warps": 2},
-        {"BLOCK_Q": 128, "TILE_W": 0, "UNROLL": True, "num_warps": 4},
-        {"BLOCK_Q": 64, "TILE_W": 8, "UNROLL": True, "num_warps": 4},
-    ],
-    "backward": [
-        {"BLOCK_Q": 32, "TILE_W": 0, "UNROLL": False, "num_warps": 4},
-        {"BLOCK_Q": 16, "TILE_W": 0, "UNROLL": False, "num_warps": 4},
-        {"BLOCK_Q": 32, "TILE_W": 0, "UNROLL": True, "num_warps": 4},
-        {"BLOCK_Q": 16, "TILE_W": 0, "UNROLL": True, "num_warps": 2},
-        {"BLOCK_Q": 64, "TILE_W": 0, "UNROLL": True, "num_warps": 4},
-    ],
+    "forward": [{"BLOCK_Q": q, "num_warps": w} for q, w in ((64, 4), (32, 2), (128, 8))],
+    "backward": [{"BLOCK_Q": q, "num_warps": w} for q, w in ((32, 4), (16, 4), (64, 4))],
 }
 
 

@@ -3,15 +3,14 @@
 A program owns a tile of ``BLOCK_Q`` output pixels and one group, and walks the group's
 points; for each point it loads the tile's offsets and mask once and uses them for every
 channel of the group (``BLOCK_D`` channels at a time, contiguous in memory, so the corner
-loads are vector loads).  The tile is ``BLOCK_Q`` consecutive pixels, or with ``TILE_W`` a
-``BLOCK_Q / TILE_W × TILE_W`` patch of one image, whose samples overlap more.  Offsets and
-mask are read through a pixel stride and a group stride, so DCNv4's fused tensor is read in
-place.  Element offsets are 32-bit unless ``INDEX64``.  Samples are accumulated in float32.
-A sample counts only strictly inside ``(-1, H) × (-1, W)`` (DCNv3's rule); corners outside
-the image are masked off, so nothing outside the input is read.  The backward kernel
-recomputes the samples, reduces the offset and mask gradients over the group's channels in
-registers, and adds the input gradient to a float32 buffer with atomics, or, in deterministic
-mode, to an int64 fixed-point buffer whose sums do not depend on the order of the adds.
+loads are vector loads).  Offsets and mask are read through a pixel stride and a group
+stride, so DCNv4's fused tensor is read in place.  Element offsets are 32-bit unless
+``INDEX64``.  Samples are accumulated in float32.  A sample counts only strictly inside
+``(-1, H) × (-1, W)`` (DCNv3's rule); corners outside the image are masked off, so nothing
+outside the input is read.  The backward kernel recomputes the samples, reduces the offset
+and mask gradients over the group's channels in registers, and adds the input gradient to a
+float32 buffer with atomics, or, in deterministic mode, to an int64 fixed-point buffer whose
+sums do not depend on the order of the adds.
 """
 
 import triton
@@ -22,32 +21,13 @@ from .sampling import bilinear_tile, load_corner
 
 
 @triton.jit
-def pixel_tile(tile, out_h, out_w, pixels, BLOCK_Q: tl.constexpr, TILE_W: tl.constexpr,
-               INDEX64: tl.constexpr):  # fmt: skip
-    """The output pixels of program ``tile``: their flat index ``q``, which exist, their
-    image, row and column.  ``TILE_W`` 0: ``BLOCK_Q`` consecutive pixels; else a patch of
-    ``BLOCK_Q // TILE_W`` rows × ``TILE_W`` columns of one image."""
-    local = tl.arange(0, BLOCK_Q)
-    if TILE_W == 0:
-        q = tile * BLOCK_Q + local
-        if INDEX64:
-            q = q.to(tl.int64)
-        active = q < pixels
-        image = q // (out_h * out_w)
-        row = (q // out_w) % out_h
-        column = q % out_w
-    else:
-        tiles_w = tl.cdiv(out_w, TILE_W)
-        tiles_h = tl.cdiv(out_h, BLOCK_Q // TILE_W)
-        image = tile // (tiles_h * tiles_w)
-        within = tile % (tiles_h * tiles_w)
-        row = (within // tiles_w) * (BLOCK_Q // TILE_W) + local // TILE_W
-        column = (within % tiles_w) * TILE_W + local % TILE_W
-        active = (row < out_h) & (column < out_w)
-        if INDEX64:
-            image = image.to(tl.int64)
-        q = (image * out_h + row) * out_w + column
-    return q, active, image, row, column
+def pixel_tile(tile, out_h, out_w, pixels, BLOCK_Q: tl.constexpr, INDEX64: tl.constexpr):
+    """The ``BLOCK_Q`` consecutive output pixels of program ``tile``: their flat index, which
+    exist, their image, row and column."""
+    q = tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    if INDEX64:
+        q = q.to(tl.int64)
+    return q, q < pixels, q // (out_h * out_w), (q // out_w) % out_h, q % out_w
 
 
 @triton.jit
@@ -138,13 +118,11 @@ def dcnv3_forward_kernel(
     GROUPS: tl.constexpr,
     REMOVE_CENTER: tl.constexpr,
     INDEX64: tl.constexpr,
-    TILE_W: tl.constexpr,
-    UNROLL: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     q, active, image, out_h_index, out_w_index = pixel_tile(
-        tl.program_id(0), out_h, out_w, pixels, BLOCK_Q, TILE_W, INDEX64
+        tl.program_id(0), out_h, out_w, pixels, BLOCK_Q, INDEX64
     )
     group = tl.program_id(1)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -153,18 +131,16 @@ def dcnv3_forward_kernel(
     image_base = image * height * width * channels
     channel = group * DEPTH + d
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    for first in range(0, POINTS, UNROLL):
-        for step in tl.static_range(UNROLL):  # UNROLL consecutive points, unrolled
-            point = first + step
-            h0, w0, fh, fw, weight, valid, _ = dcnv3_point(
-                offset_ptr, mask_ptr, q, point, group, out_h_index, out_w_index, height, width,
-                active, offset_pixel_stride, offset_group_stride, mask_pixel_stride,
-                mask_group_stride, POINTS, KERNEL_H, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
-                DIL_H, DIL_W, GROUPS, REMOVE_CENTER, offset_scale,
-            )  # fmt: skip
-            acc += bilinear_tile(input_ptr, image_base, h0, w0, fh, fw, weight, channel,
-                                 width * channels, channels, height, width, valid,
-                                 cols)  # fmt: skip
+    for point in range(POINTS):
+        h0, w0, fh, fw, weight, valid, _ = dcnv3_point(
+            offset_ptr, mask_ptr, q, point, group, out_h_index, out_w_index, height, width,
+            active, offset_pixel_stride, offset_group_stride, mask_pixel_stride,
+            mask_group_stride, POINTS, KERNEL_H, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+            DIL_H, DIL_W, GROUPS, REMOVE_CENTER, offset_scale,
+        )  # fmt: skip
+        acc += bilinear_tile(input_ptr, image_base, h0, w0, fh, fw, weight, channel,
+                             width * channels, channels, height, width, valid,
+                             cols)  # fmt: skip
     out = out_ptr + (q * channels)[:, None] + channel[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=active[:, None] & cols[None, :])
 
@@ -226,13 +202,11 @@ def dcnv3_backward_kernel(
     NEED_INPUT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     INDEX64: tl.constexpr,
-    TILE_W: tl.constexpr,
-    UNROLL: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     q, active, image, out_h_index, out_w_index = pixel_tile(
-        tl.program_id(0), out_h, out_w, pixels, BLOCK_Q, TILE_W, INDEX64
+        tl.program_id(0), out_h, out_w, pixels, BLOCK_Q, INDEX64
     )
     group = tl.program_id(1)
     channels = GROUPS * DEPTH
@@ -246,52 +220,50 @@ def dcnv3_backward_kernel(
     rows = grad_out_ptr + (q * channels)[:, None] + (group * DEPTH + d)[None, :]
     go_once = tl.load(rows, mask=active[:, None] & (d < DEPTH)[None, :], other=0.0)
     go_once = go_once.to(tl.float32)
-    for first in range(0, POINTS, UNROLL):
-        for step in tl.static_range(UNROLL):  # UNROLL consecutive points, unrolled
-            point = first + step
-            h0, w0, fh, fw, weight, valid, sample = dcnv3_point(
-                offset_ptr, mask_ptr, q, point, group, out_h_index, out_w_index, height, width,
-                active, offset_pixel_stride, offset_group_stride, mask_pixel_stride,
-                mask_group_stride, POINTS, KERNEL_H, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
-                DIL_H, DIL_W, GROUPS, REMOVE_CENTER, offset_scale,
-            )  # fmt: skip
-            gh = 1.0 - fh
-            gw = 1.0 - fw
-            grad_mask = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-            grad_h = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-            grad_w = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-            for d_start in range(0, DEPTH, BLOCK_D):
-                d = d_start + tl.arange(0, BLOCK_D)
-                cols = d < DEPTH
-                channel = group * DEPTH + d
-                if DEPTH <= BLOCK_D:
-                    go = go_once
-                else:
-                    rows = grad_out_ptr + (q * channels)[:, None] + channel[None, :]
-                    go = tl.load(rows, mask=active[:, None] & cols[None, :], other=0.0)
-                    go = go.to(tl.float32)
-                v00 = load_corner(input_ptr, image_base, h0, w0, channel, row_stride,
-                                  channels, height, width, valid, cols)  # fmt: skip
-                v01 = load_corner(input_ptr, image_base, h0, w0 + 1, channel, row_stride,
-                                  channels, height, width, valid, cols)  # fmt: skip
-                v10 = load_corner(input_ptr, image_base, h0 + 1, w0, channel, row_stride,
-                                  channels, height, width, valid, cols)  # fmt: skip
-                v11 = load_corner(input_ptr, image_base, h0 + 1, w0 + 1, channel, row_stride,
-                                  channels, height, width, valid, cols)  # fmt: skip
-                value = (v00 * gw[:, None] + v01 * fw[:, None]) * gh[:, None]
-                value += (v10 * gw[:, None] + v11 * fw[:, None]) * fh[:, None]
-                grad_mask += tl.sum(go * value, axis=1)
-                d_h = (v10 - v00) * gw[:, None] + (v11 - v01) * fw[:, None]
-                d_w = (v01 - v00) * gh[:, None] + (v11 - v10) * fh[:, None]
-                grad_h += tl.sum(go * d_h, axis=1)
-                grad_w += tl.sum(go * d_w, axis=1)
-                if NEED_INPUT:
-                    _scatter_bilinear(grad_input_ptr, image_base, h0, w0, fh, fw, channel,
-                                      row_stride, channels, height, width, valid, cols,
-                                      go * weight[:, None], fixed_point_scale,
-                                      DETERMINISTIC)  # fmt: skip
-            grad_mask = tl.where(valid, grad_mask, 0.0)
-            scale = tl.where(valid, weight * offset_scale, 0.0)
-            tl.store(grad_mask_ptr + sample, grad_mask, mask=active)
-            tl.store(grad_offset_ptr + 2 * sample, grad_w * scale, mask=active)
-            tl.store(grad_offset_ptr + 2 * sample + 1, grad_h * scale, mask=active)
+    for point in range(POINTS):
+        h0, w0, fh, fw, weight, valid, sample = dcnv3_point(
+            offset_ptr, mask_ptr, q, point, group, out_h_index, out_w_index, height, width,
+            active, offset_pixel_stride, offset_group_stride, mask_pixel_stride,
+            mask_group_stride, POINTS, KERNEL_H, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+            DIL_H, DIL_W, GROUPS, REMOVE_CENTER, offset_scale,
+        )  # fmt: skip
+        gh = 1.0 - fh
+        gw = 1.0 - fw
+        grad_mask = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        grad_h = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        grad_w = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        for d_start in range(0, DEPTH, BLOCK_D):
+            d = d_start + tl.arange(0, BLOCK_D)
+            cols = d < DEPTH
+            channel = group * DEPTH + d
+            if DEPTH <= BLOCK_D:
+                go = go_once
+            else:
+                rows = grad_out_ptr + (q * channels)[:, None] + channel[None, :]
+                go = tl.load(rows, mask=active[:, None] & cols[None, :], other=0.0)
+                go = go.to(tl.float32)
+            v00 = load_corner(input_ptr, image_base, h0, w0, channel, row_stride,
+                              channels, height, width, valid, cols)  # fmt: skip
+            v01 = load_corner(input_ptr, image_base, h0, w0 + 1, channel, row_stride,
+                              channels, height, width, valid, cols)  # fmt: skip
+            v10 = load_corner(input_ptr, image_base, h0 + 1, w0, channel, row_stride,
+                              channels, height, width, valid, cols)  # fmt: skip
+            v11 = load_corner(input_ptr, image_base, h0 + 1, w0 + 1, channel, row_stride,
+                              channels, height, width, valid, cols)  # fmt: skip
+            value = (v00 * gw[:, None] + v01 * fw[:, None]) * gh[:, None]
+            value += (v10 * gw[:, None] + v11 * fw[:, None]) * fh[:, None]
+            grad_mask += tl.sum(go * value, axis=1)
+            d_h = (v10 - v00) * gw[:, None] + (v11 - v01) * fw[:, None]
+            d_w = (v01 - v00) * gh[:, None] + (v11 - v10) * fh[:, None]
+            grad_h += tl.sum(go * d_h, axis=1)
+            grad_w += tl.sum(go * d_w, axis=1)
+            if NEED_INPUT:
+                _scatter_bilinear(grad_input_ptr, image_base, h0, w0, fh, fw, channel,
+                                  row_stride, channels, height, width, valid, cols,
+                                  go * weight[:, None], fixed_point_scale,
+                                  DETERMINISTIC)  # fmt: skip
+        grad_mask = tl.where(valid, grad_mask, 0.0)
+        scale = tl.where(valid, weight * offset_scale, 0.0)
+        tl.store(grad_mask_ptr + sample, grad_mask, mask=active)
+        tl.store(grad_offset_ptr + 2 * sample, grad_w * scale, mask=active)
+        tl.store(grad_offset_ptr + 2 * sample + 1, grad_h * scale, mask=active)

@@ -20,16 +20,13 @@ def _block_d(depth: int) -> int:
 
 
 def forward_config(depth: int) -> dict:
-    """Tile sizes and launch settings of the forward kernel (``TILE_W`` 0: the tile is
-    ``BLOCK_Q`` consecutive pixels)."""
-    return {"BLOCK_Q": 64, "TILE_W": 0, "UNROLL": False, "BLOCK_D": _block_d(depth),
-            "num_warps": 4}  # fmt: skip
+    """Tile sizes and launch settings of the forward kernel."""
+    return {"BLOCK_Q": 64, "BLOCK_D": _block_d(depth), "num_warps": 4}
 
 
 def backward_config(depth: int) -> dict:
     """Tile sizes and launch settings of the backward kernel."""
-    return {"BLOCK_Q": 32, "TILE_W": 0, "UNROLL": False, "BLOCK_D": _block_d(depth),
-            "num_warps": 4}  # fmt: skip
+    return {"BLOCK_Q": 32, "BLOCK_D": _block_d(depth), "num_warps": 4}
 
 
 #: Per-kernel settings that replace the ones above (for tuning runs).
@@ -53,21 +50,15 @@ def _launch(kernel, config: dict, depth_blocks: bool, input: Tensor, offset: Ten
             offset_scale, remove_center, **options) -> None:  # fmt: skip
     """Launch ``kernel`` over tiles of output pixels × groups (× blocks of channels with
     ``depth_blocks``): ``pointers`` are the tensors it takes after the input, offsets and
-    mask; ``options`` its own constants.  ``config["UNROLL"]`` unrolls the loop over the
-    points."""
+    mask; ``options`` its own constants."""
     batch, height, width, channels = input.shape
     out_h, out_w = offset.shape[1:3]
     kernel_h, kernel_w = kernel_size
     depth = channels // group
     points = kernel_h * kernel_w - int(remove_center)
-    config = {**config, "UNROLL": points if config["UNROLL"] else 1}
     offset, offset_pixel, offset_group = _pixels_and_groups(offset)
     mask, mask_pixel, mask_group = _pixels_and_groups(mask)
-    if config["TILE_W"]:
-        tiles = triton.cdiv(out_h, config["BLOCK_Q"] // config["TILE_W"])
-        tiles *= batch * triton.cdiv(out_w, config["TILE_W"])
-    else:
-        tiles = triton.cdiv(batch * out_h * out_w, config["BLOCK_Q"])
+    tiles = triton.cdiv(batch * out_h * out_w, config["BLOCK_Q"])
     grid = (tiles, group, triton.cdiv(depth, config["BLOCK_D"]) if depth_blocks else 1)
     wrap_triton(kernel)[grid](
         input, offset, mask, *pointers, batch * out_h * out_w, height, width, out_h, out_w,
