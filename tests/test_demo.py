@@ -126,6 +126,31 @@ def test_cli_demo_arguments():
         cli._parser().parse_args(["bench", "--cpu", "--gpu"])
 
 
+@pytest.mark.parametrize(
+    ("device", "backend", "expected"),
+    [("cuda", "nccl", torch.device("cuda", 1)), ("cpu", "gloo", "cpu")],
+)
+def test_cli_demo_under_torchrun_takes_one_gpu_per_process(
+    device, backend, expected, monkeypatch, tmp_path
+):
+    """What ``torchrun`` gives a process (``WORLD_SIZE``, ``LOCAL_RANK``) picks the process
+    group (NCCL on GPUs, gloo on CPUs) and, on GPUs, the process's own device."""
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "init_process_group", lambda b: calls.append(("init", b)))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    monkeypatch.setattr(experiment, "run", lambda settings, out, d, progress: calls.append(
+        ("run", d)))  # fmt: skip
+    assert cli.main(["demo", "--quick", "--device", device, "--out", str(tmp_path)]) == 0
+    expected = torch.device(expected)
+    setup = [("set_device", expected)] if expected.type == "cuda" else []
+    assert calls == [*setup, ("init", backend), ("run", expected), ("destroy",)]
+
+
 def test_quickstart_example_runs():
     example = TESTS.parent / "examples" / "quickstart.py"
     result = _run([sys.executable, str(example)])
