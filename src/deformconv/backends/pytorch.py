@@ -47,9 +47,10 @@ from .gather import row_dots, scatter_rows, weighted_rows
 #: The default upper bound, in bytes, on the temporary column buffers of one call.
 DEFAULT_COLUMN_BUDGET = 256 * 2**20
 _column_budget = DEFAULT_COLUMN_BUDGET
-#: Chunks are kept near this size even when the budget allows more: smaller buffers stay in
-#: cache and are reused, which is faster than one large pass.
-_PREFERRED_CHUNK_BYTES = 4 * 2**20
+#: On the CPU, chunks are kept near this size even when the budget allows more: smaller
+#: buffers stay in cache and are reused, which is faster than one large pass.  Other devices
+#: take chunks as large as the budget allows: each chunk costs a few dozen kernel launches.
+_PREFERRED_CPU_CHUNK_BYTES = 4 * 2**20
 
 
 class SamplingPlan(NamedTuple):
@@ -247,11 +248,20 @@ def column_budget() -> int:
     return _column_budget
 
 
-def chunk_pixels(pixels: int, values_per_pixel: int, itemsize: int, buffers: int) -> int:
+def chunk_pixels(pixels: int, values_per_pixel: int, buffers: int, like: Tensor) -> int:
     """Output pixels per chunk: ``buffers`` temporary buffers of ``values_per_pixel`` values
-    per pixel stay within the column budget (and near the preferred chunk size)."""
-    bytes_per_pixel = max(1, values_per_pixel * itemsize * buffers)
-    budget = min(_column_budget, _PREFERRED_CHUNK_BYTES * buffers)
+    per pixel, of ``like``'s dtype and device, stay within the column budget (and, on the CPU,
+    near the preferred chunk size).
+
+    >>> chunk_pixels(10**6, 576, 2, torch.empty(0))  # 4 MiB a buffer on the CPU
+    1820
+    >>> chunk_pixels(10**6, 576, 2, torch.empty(0, device="meta"))  # the whole budget
+    58254
+    """
+    bytes_per_pixel = max(1, values_per_pixel * like.element_size() * buffers)
+    budget = _column_budget
+    if like.device.type == "cpu":
+        budget = min(budget, _PREFERRED_CPU_CHUNK_BYTES * buffers)
     return max(1, min(pixels, budget // bytes_per_pixel))
 
 
@@ -281,7 +291,7 @@ def forward(
         offsets = _per_pixel(offset, geo, geo.dims, dtype)
         masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(geo.pixels, -1)
         matrix = _weight_matrix(weight, geo, dtype)
-        step = chunk_pixels(geo.pixels, geo.taps * geo.channels, table.element_size(), 2)
+        step = chunk_pixels(geo.pixels, geo.taps * geo.channels, 2, table)
         for start, stop in _chunks(geo.pixels, step):
             plan = sampling_plan(geo, offsets[start:stop], start, derivatives=False)
             weights = plan.weights
@@ -334,7 +344,7 @@ def backward(
         offsets = _per_pixel(offset, geo, geo.dims, dtype)
         masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(-1)
         matrix_t = _weight_matrix(weight, geo, dtype).transpose(1, 2)
-        step = chunk_pixels(geo.pixels, geo.taps * geo.channels, table.element_size(), 4)
+        step = chunk_pixels(geo.pixels, geo.taps * geo.channels, 4, table)
         product = table.new_empty(step * per_pixel, group_channels)
         for start, stop in _chunks(geo.pixels, step):
             first, last = start * per_pixel, stop * per_pixel

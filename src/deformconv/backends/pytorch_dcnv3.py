@@ -82,7 +82,7 @@ def forward(input, offset, mask, kernel, stride, padding, dilation, group, offse
         table = _table(input, geo, dtype)
         shifts = _displacements(offset, geo, taps, offset_scale, dtype)
         masks = mask.reshape(geo.pixels, group, points).transpose(1, 2).to(dtype).contiguous()
-        step = chunk_pixels(geo.pixels, points * geo.channels, table.element_size(), 2)
+        step = chunk_pixels(geo.pixels, points * geo.channels, 2, table)
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
             plan = sampling_plan(geo, shifts[start:stop], start, derivatives=False, taps=taps,
@@ -115,7 +115,7 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
         shifts = _displacements(offset, geo, taps, offset_scale, dtype)
         masks = mask.reshape(geo.pixels, group, points).transpose(1, 2).to(dtype).reshape(-1)
         grad_out = grad_output.reshape(geo.pixels, 1, group, depth).to(dtype)
-        step = chunk_pixels(geo.pixels, points * geo.channels, table.element_size(), 3)
+        step = chunk_pixels(geo.pixels, points * geo.channels, 3, table)
         product = table.new_empty(step * points * group, depth)
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
