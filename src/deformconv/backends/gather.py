@@ -50,9 +50,11 @@ def row_dots(grad: Tensor, table: Tensor, rows: Tensor) -> Tensor:
 
 def scatter_rows(table_grad: Tensor, rows: Tensor, weights: Tensor, grad: Tensor,
                  buffer: Tensor) -> None:  # fmt: skip
-    """``table_grad[rows[b, k]] += weights[b, k] · grad[b]``; ``buffer`` is ``grad``-shaped
-    scratch space."""
+    """``table_grad[rows[b, k]] += weights[b, k] · grad[b]``.  ``buffer`` is scratch space of
+    shape ``(..., D)`` with ``B`` rows in all, and ``grad`` broadcasts to that shape, so a
+    gradient that several bags share need not be repeated."""
+    shape = (*buffer.shape[:-1], 1)
     for k in range(rows.shape[1]):
-        torch.mul(grad, weights[:, k, None], out=buffer)
+        torch.mul(grad, weights[:, k].view(shape), out=buffer)
         # int64: index_add_ is several times slower with an int32 index on the CPU.
-        table_grad.index_add_(0, rows[:, k].to(torch.int64), buffer)
+        table_grad.index_add_(0, rows[:, k].to(torch.int64), buffer.view(-1, buffer.shape[-1]))

@@ -50,7 +50,7 @@ _column_budget = DEFAULT_COLUMN_BUDGET
 #: On the CPU, chunks are kept near this size even when the budget allows more: smaller
 #: buffers stay in cache and are reused, which is faster than one large pass.  Other devices
 #: take chunks as large as the budget allows: each chunk costs a few dozen kernel launches.
-_PREFERRED_CPU_CHUNK_BYTES = 4 * 2**20
+_PREFERRED_CPU_CHUNK_BYTES = 16 * 2**20
 
 
 class SamplingPlan(NamedTuple):
@@ -253,8 +253,8 @@ def chunk_pixels(pixels: int, values_per_pixel: int, buffers: int, like: Tensor)
     per pixel, of ``like``'s dtype and device, stay within the column budget (and, on the CPU,
     near the preferred chunk size).
 
-    >>> chunk_pixels(10**6, 576, 2, torch.empty(0))  # 4 MiB a buffer on the CPU
-    1820
+    >>> chunk_pixels(10**6, 576, 2, torch.empty(0))  # 16 MiB a buffer on the CPU
+    7281
     >>> chunk_pixels(10**6, 576, 2, torch.empty(0, device="meta"))  # the whole budget
     58254
     """

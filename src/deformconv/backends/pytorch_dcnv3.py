@@ -116,7 +116,7 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
         masks = mask.reshape(geo.pixels, group, points).transpose(1, 2).to(dtype).reshape(-1)
         grad_out = grad_output.reshape(geo.pixels, 1, group, depth).to(dtype)
         step = chunk_pixels(geo.pixels, points * geo.channels, 3, table)
-        product = table.new_empty(step * points * group, depth)
+        product = table.new_empty(step, points, group, depth)
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
             first, last = start * points * group, stop * points * group
@@ -125,9 +125,9 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
                                  taps=taps, strict=True)  # fmt: skip
             chunk_masks = masks[first:last]
             if table_grad is not None:
-                grads = grad_out[start:stop].expand(-1, points, -1, -1).reshape(m, depth)
                 weights = plan.weights * chunk_masks[:, None]
-                scatter_rows(table_grad, plan.rows, weights, grads, product[:m])
+                scatter_rows(table_grad, plan.rows, weights, grad_out[start:stop],
+                             product[: stop - start])  # fmt: skip
             if need_offset or need_mask:
                 rows = _bags(plan.rows, stop - start, points, group)
                 bag_grads = grad_out[start:stop].reshape(-1, depth)
