@@ -231,6 +231,12 @@ def test_batch_zero_and_non_contiguous(backend):
         ours = deformconv.dcnv3(strided["input"], strided["offset"], strided["mask"],
                                 **_args(case))  # fmt: skip
         torch.testing.assert_close(ours, expected)
+        # One mask for the whole batch, expanded (stride 0 over the images).
+        shared = tensors["mask"][:1].expand_as(tensors["mask"])
+        ours = deformconv.dcnv3(tensors["input"], tensors["offset"], shared, **_args(case))
+        expected = deformconv.dcnv3(tensors["input"], tensors["offset"], shared.contiguous(),
+                                    **_args(case))  # fmt: skip
+        torch.testing.assert_close(ours, expected)
         empty = {k: v[:0].requires_grad_() for k, v in tensors.items()}
         out = deformconv.dcnv3(empty["input"], empty["offset"], empty["mask"], **_args(case))
         assert out.shape == (0, *expected.shape[1:])
