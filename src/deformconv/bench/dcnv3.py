@@ -142,8 +142,17 @@ def _times(runs: dict, device, repeats: int) -> dict:
 
 #: Kernel settings the ``--tune`` sweep times at the first stage (fp16).
 TUNING = {
-    "forward": [{"BLOCK_Q": q, "num_warps": w} for q, w in ((64, 4), (32, 2), (128, 8))],
-    "backward": [{"BLOCK_Q": q, "num_warps": w} for q, w in ((32, 4), (16, 4), (64, 4))],
+    "forward": [
+        {"BLOCK_Q": 64, "BLOCK_D": 32, "num_warps": 4},
+        {"BLOCK_Q": 32, "BLOCK_D": 32, "num_warps": 4},
+        {"BLOCK_Q": 32, "BLOCK_D": 16, "num_warps": 4},
+        {"BLOCK_Q": 128, "BLOCK_D": 32, "num_warps": 8},
+    ],
+    "backward": [
+        {"BLOCK_Q": 32, "BLOCK_D": 32, "num_warps": 4},
+        {"BLOCK_Q": 16, "BLOCK_D": 32, "num_warps": 4},
+        {"BLOCK_Q": 32, "BLOCK_D": 8, "num_warps": 4},
+    ],
 }
 
 
