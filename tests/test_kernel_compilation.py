@@ -21,6 +21,9 @@ KERNELS = ["deform_conv2d_forward_kernel", "deform_conv2d_backward_data_kernel",
 
 
 def test_every_kernel_compiles_for_ampere_and_hopper():
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if version < (3, 9):
+        pytest.skip(f"written against Triton 3.9's compiler API, found {triton.__version__}")
     nvidia = Path(triton.__file__).parent / "backends" / "nvidia"
     if not (nvidia / "bin" / "ptxas").exists():
         pytest.skip("this Triton build has no NVIDIA backend with ptxas")
