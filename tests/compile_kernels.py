@@ -4,9 +4,10 @@ The launchers (``deformconv.kernels.ops`` and ``deformconv.kernels.dcnv3_ops``) 
 small CPU tensors with ``wrap_triton`` replaced by a recorder, so each launch they would make
 is captured with its real arguments and constants; each is then compiled by Triton's own
 compiler for the target (``sm_90`` by default: Hopper) down to a cubin (Triton ships
-``ptxas``).  A kernel that the interpreter runs but the compiler rejects fails here.  Prints
-registers, local memory (spills) and shared memory per launch, read from the cubin by the
-``cuobjdump`` that Triton ships.
+``ptxas``), specialized on its arguments as the JIT would specialize it.  A kernel that the
+interpreter runs but the compiler rejects fails here.  Prints registers, local memory
+(spills) and shared memory per launch, read from the cubin by the ``cuobjdump`` that Triton
+ships.
 
     TRITON_INTERPRET=0 python tests/compile_kernels.py [--arch 80 90] [--jobs N]
 
@@ -162,14 +163,40 @@ def resources(cubin: bytes) -> str:
 _LAUNCHES: list[Launch] = []
 
 
+def _specialized(launch: Launch, target: GPUTarget) -> tuple[ASTSource, dict]:
+    """The source and options Triton's JIT would compile for this launch on ``target``: with
+    its argument specialization (16-byte aligned pointers, integers divisible by 16), which
+    decides vector loads and so registers.  Uses the JIT's own binder, a Triton internal:
+    where that is missing, the plain signature (compiles the same code, less specialized)."""
+    try:
+        from triton import knobs
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        kernel = launch.kernel
+        backend = make_backend(target)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        kwargs = {**launch.kwargs, "debug": False,
+                  "instrumentation_mode": knobs.compilation.instrumentation_mode,
+                  "fpsan_homomorphic_casts": knobs.compilation.fpsan_homomorphic_casts}  # fmt: skip
+        bound, specialization, options = binder(*launch.args, **kwargs)
+        options, signature, constants, attrs = kernel._pack_args(
+            backend, kwargs, bound, specialization, options
+        )
+        return ASTSource(kernel, signature, constants, attrs), options.__dict__
+    except (AttributeError, ImportError, TypeError, KeyError):
+        signature, constants, options = _signature(launch)
+        return ASTSource(launch.kernel, signature, constants), options
+
+
 def _compile(index: int, arch: int) -> str:
     """Compile launch ``index`` of ``_LAUNCHES`` for ``sm_<arch>``: a report line."""
     launch = _LAUNCHES[index]
-    signature, constants, options = _signature(launch)
     name = f"{launch.kernel.fn.__name__} [{launch.label}]"
+    target = GPUTarget("cuda", arch, 32)
     try:
-        compiled = triton.compile(ASTSource(launch.kernel, signature, constants),
-                                  target=GPUTarget("cuda", arch, 32), options=options)  # fmt: skip
+        source, options = _specialized(launch, target)
+        compiled = triton.compile(source, target=target, options=options)
     except Exception as error:  # report every failure, not only the first
         return f"FAILED sm_{arch} {name}: {type(error).__name__}: {str(error)[:2000]}"
     return f"ok sm_{arch} {name}: {resources(compiled.asm['cubin'])}"
