@@ -7,15 +7,16 @@
 #
 #   OUT=gpu-results benchmarks/gpu_checks.sh [bench_gpu.py arguments]
 #
-# Each step is bounded by its variable's seconds (0 skips it): TEST_SECONDS, BENCH_SECONDS,
-# DCNV3_SECONDS, DEMO_SECONDS.  TEST_WORKERS runs the tests in that many processes (needs
-# pytest-xdist; Triton compiles in parallel then); DCNV3_ARGS go to bench_dcnv3_v4.py;
+# Each step is bounded by its variable's seconds (0 skips it): TEST_SECONDS (150),
+# BENCH_SECONDS (180), DCNV3_SECONDS (120), DEMO_SECONDS (60); the defaults fit one 10-minute
+# call.  TEST_WORKERS runs the tests in that many processes (default 8 where pytest-xdist is
+# installed, else 1; Triton compiles in parallel then); DCNV3_ARGS go to bench_dcnv3_v4.py;
 # DEMO_OUT is where the demo writes (default $OUT/demo).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
-TEST_SECONDS=${TEST_SECONDS:-240}
-BENCH_SECONDS=${BENCH_SECONDS:-300}
+TEST_SECONDS=${TEST_SECONDS:-150}
+BENCH_SECONDS=${BENCH_SECONDS:-180}
 mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -25,9 +26,13 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 'triton', triton.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee "$OUT/env.log"
 
 DCNV3_SECONDS=${DCNV3_SECONDS:-120}
-DEMO_SECONDS=${DEMO_SECONDS:-120}
+DEMO_SECONDS=${DEMO_SECONDS:-60}
+if [ -z "${TEST_WORKERS:-}" ]; then
+    TEST_WORKERS=1
+    python3 -c "import xdist" 2>/dev/null && TEST_WORKERS=8
+fi
 workers=()
-[ "${TEST_WORKERS:-0}" -gt 0 ] && workers=(-n "$TEST_WORKERS")
+[ "$TEST_WORKERS" -gt 1 ] && workers=(-n "$TEST_WORKERS")
 
 if [ "$TEST_SECONDS" -gt 0 ]; then
     stamp "tests (at most ${TEST_SECONDS}s)"
