@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import deformconv
 from deformconv.backends.pytorch_dcnv3 import tap_coords
 from deformconv.bench import timed
-from deformconv.bench.gpu import START, log
+from deformconv.bench.gpu import START, bench, log
 
 
 @dataclass(frozen=True)
@@ -129,10 +129,7 @@ def _times(runs: dict, device, repeats: int) -> dict:
     """Milliseconds per call of each run: on a GPU the median of ``triton.testing.do_bench``
     (CUDA events over a queue of calls), on the CPU the median of interleaved repeats."""
     if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return {name: do_bench(run, warmup=10, rep=60, return_mode="median")
-                for name, run in runs.items()}  # fmt: skip
+        return {name: bench(run) for name, run in runs.items()}
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -159,8 +156,6 @@ TUNING = {
 def tune(stage: Stage, batch: int, device, bandwidth: float) -> list[dict]:
     """The Triton kernels alone on DCNv4's fused tensor (read in place), one row per setting,
     then the forward on separate contiguous offsets and mask (DCNv3's layout)."""
-    from triton.testing import do_bench
-
     from deformconv.kernels import dcnv3_ops
 
     tensors = make_inputs(stage, batch, device, torch.float16)
@@ -185,14 +180,14 @@ def tune(stage: Stage, batch: int, device, bandwidth: float) -> list[dict]:
         for config in configs:
             dcnv3_ops.CONFIG_OVERRIDES[kernel] = config
             try:
-                ms = do_bench(calls[kernel], warmup=10, rep=40, return_mode="median")
+                ms = bench(calls[kernel])
                 record({"kernel": kernel, **config, "ms": ms, "x_floor": ms / floor})
             except Exception as error:  # a setting the compiler rejects is a result too
                 record({"kernel": kernel, **config, "error": f"{type(error).__name__}: {error}"})
             finally:
                 dcnv3_ops.CONFIG_OVERRIDES[kernel] = {}
     offset, mask = offset.contiguous(), mask.contiguous()
-    ms = do_bench(calls["forward"], warmup=10, rep=40, return_mode="median")
+    ms = bench(calls["forward"])
     record({"kernel": "forward, contiguous offsets and mask", "ms": ms, "x_floor": ms / floor})
     return rows
 
