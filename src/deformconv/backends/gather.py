@@ -8,8 +8,9 @@ A *bag* is a fixed number of (row, weight) pairs: the interpolation corners of o
   ``embedding_bag`` call (multi-threaded, no ``(B·K, D)`` intermediate);
 * :func:`row_dots`: ``table[rows[b, k]] · grad[b]`` for every pair, the gradient of the former
   with respect to its weights (the fused kernel ``embedding_bag``'s own backward uses);
-* :func:`scatter_rows`: the gradient with respect to the table, accumulated into
-  ``table_grad`` with ``index_add_``.
+* :func:`scatter_corners`: the gradient with respect to the table, accumulated into
+  ``table_grad``, for bags whose rows lie at fixed deltas from a first row (the corners of
+  a sample in the padded table of :mod:`~deformconv.backends.plan`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+#: Gaps in the sorted rows of :func:`scatter_corners` beyond this many rows split its output
+#: range: an empty row costs a write and an add, a split a few calls.
+GAP_ROWS = 1024
 
 _per_sample_weights_backward = getattr(
     torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None
@@ -48,13 +53,34 @@ def row_dots(grad: Tensor, table: Tensor, rows: Tensor) -> Tensor:
     return dots
 
 
-def scatter_rows(table_grad: Tensor, rows: Tensor, weights: Tensor, grad: Tensor,
-                 buffer: Tensor) -> None:  # fmt: skip
-    """``table_grad[rows[b, k]] += weights[b, k] · grad[b]``.  ``buffer`` is scratch space of
-    shape ``(..., D)`` with ``B`` rows in all, and ``grad`` broadcasts to that shape, so a
-    gradient that several bags share need not be repeated."""
-    shape = (*buffer.shape[:-1], 1)
-    for k in range(rows.shape[1]):
-        torch.mul(grad, weights[:, k].view(shape), out=buffer)
-        # int64: index_add_ is several times slower with an int32 index on the CPU.
-        table_grad.index_add_(0, rows[:, k].to(torch.int64), buffer.view(-1, buffer.shape[-1]))
+def scatter_corners(table_grad: Tensor, first: Tensor, deltas: list[int], weights: Tensor,
+                    grad: Tensor, *, share: int, skip_from: int) -> None:  # fmt: skip
+    """``table_grad[first[b] + deltas[k]] += weights[b, k] · grad[b // share]`` for every bag
+    ``b`` with ``first[b] < skip_from``: the bags' corners lie at fixed deltas from their
+    first row, and ``share`` consecutive bags share one gradient row.
+
+    A gather rather than a scatter: sorted by first row, the bags that reach one table row
+    through corner ``k`` are consecutive, so each corner is one fused, multi-threaded
+    ``embedding_bag`` over the gradient rows, in a fixed order (deterministic), that writes
+    a contiguous range of rows.  Where the sorted rows leave a gap of more than
+    :data:`GAP_ROWS` (e.g. between offset groups of a large image), the range is split.
+    """
+    keys, order = torch.sort(first, stable=True)
+    count = int(torch.searchsorted(keys, skip_from))
+    if count == 0:
+        return
+    keys, order = keys[:count], order[:count]
+    sources = order if share == 1 else order // share
+    sorted_weights = weights.T.index_select(1, order)
+    cuts = torch.nonzero(keys[1:] - keys[:-1] > GAP_ROWS).view(-1) + 1
+    edges = [0, *cuts.tolist(), count]
+    lows = keys[edges[:-1]].tolist()
+    highs = (keys[[edge - 1 for edge in edges[1:]]] + 1).tolist()
+    for begin, end, low, high in zip(edges[:-1], edges[1:], lows, highs, strict=True):
+        rows = torch.arange(low, high + 1, device=keys.device, dtype=keys.dtype)
+        bounds = torch.searchsorted(keys[begin:end], rows)
+        for k, delta in enumerate(deltas):
+            part = F.embedding_bag(sources[begin:end], grad, bounds, mode="sum",
+                                   per_sample_weights=sorted_weights[k, begin:end],
+                                   include_last_offset=True)  # fmt: skip
+            table_grad[low + delta : high + delta] += part

@@ -3,24 +3,25 @@ floating dtype, with any number of spatial axes (2-D and 3-D share every line).
 
 Design
 ------
-* The input is rearranged once into a channels-last *table* of rows
-  ``(N·G·S + 1, C/G)``, one row per (image, offset group, input position), ``S`` positions
-  per image, and a last row of zeros.  A sample of one (output position, kernel tap, offset
-  group) is a weighted sum of ``2**d`` table rows: four bilinear corners in 2-D, eight
-  trilinear ones in 3-D.
+* The input is rearranged once into a channels-last *table* of rows, ``C/G`` channels
+  each, one row per (image, offset group, input position), each image padded by a zero
+  border (:mod:`~deformconv.backends.plan`).  A sample of one (output position, kernel tap,
+  offset group) is a weighted sum of ``2**d`` table rows: four bilinear corners in 2-D,
+  eight trilinear ones in 3-D, at fixed row distances from its first corner.
 * A *sampling plan* holds, for every (output position, tap, offset group), the corner rows
   (int32 where they fit) and their interpolation weights, and for the backward the
-  derivatives of those weights along each axis.  Corners outside the input point at the zero
-  row, so nothing is ever read out of bounds, whatever the offsets hold, and no weight needs
-  masking.
+  derivatives of those weights along each axis.  Corners outside the input fall on the zero
+  border, and samples with no corner inside on a block of zero rows, so nothing is ever
+  read out of bounds, whatever the offsets hold, and no weight needs masking.
 * Forward: the weighted corners of every sample are summed by one fused gather
   (:mod:`~deformconv.backends.gather`, ``embedding_bag``) into a column buffer
   ``(positions, K·C)``, which one batched matrix product per weight group contracts with the
   weight.
-* Backward: the samples are recomputed rather than stored.  ``grad_input`` scatters the
-  weighted column gradients back with ``index_add_``; ``grad_offset`` and ``grad_mask`` come
-  from the dot product of every corner's row with its column gradient (one fused kernel);
-  ``grad_weight`` is one more matrix product.
+* Backward: the samples are recomputed rather than stored.  ``grad_input`` gathers, for
+  every table row, the weighted column gradients of the samples that reach it (samples
+  sorted by first corner, one fused gather per corner); ``grad_offset`` and ``grad_mask``
+  come from the dot product of every corner's row with its column gradient (one fused
+  kernel); ``grad_weight`` is one more matrix product.
 * Output positions are processed in chunks whose column buffers together fit the column
   budget (:func:`set_column_budget`, 256 MiB by default).
 * float16 and bfloat16 are computed in float32 and rounded once at the end; float64 stays
@@ -34,15 +35,14 @@ sampling positions (NaN or infinite offsets) sample 0 and receive zero offset gr
 from __future__ import annotations
 
 import math
-import operator
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .._geometry import Geometry, geometry
 from .._utils import compute_dtype
-from .gather import row_dots, scatter_rows, weighted_rows
+from .gather import row_dots, scatter_corners, weighted_rows
+from .plan import sampling_plan, table_of
 
 #: The default upper bound, in bytes, on the temporary column buffers of one call.
 DEFAULT_COLUMN_BUDGET = 256 * 2**20
@@ -53,146 +53,11 @@ _column_budget = DEFAULT_COLUMN_BUDGET
 _PREFERRED_CPU_CHUNK_BYTES = 16 * 2**20
 
 
-class SamplingPlan(NamedTuple):
-    """The ``2**d`` interpolation corners of each of ``M = pixels·K·G`` samples, ``(M, 2**d)``:
-    input-table rows, weights and, for the backward, the weights' derivatives along each axis
-    ``(d, M, 2**d)``."""
-
-    rows: Tensor
-    weights: Tensor
-    d_weights: Tensor | None
-
-
-def _unravel(index: Tensor, sizes: tuple[int, ...]) -> list[Tensor]:
-    """Row-major coordinates of flat ``index`` in an array of ``sizes``."""
-    coords = []
-    for size in reversed(sizes):
-        coords.append(index % size)
-        index = index // size
-    return coords[::-1]
-
-
-def _per_corner(pairs: list[tuple[Tensor, Tensor]], combine=operator.mul) -> list[Tensor]:
-    """``combine`` (product, or sum) over axes of each corner's (low, high) entries, the first
-    axis varying slowest: in 2-D the order (y0 x0, y0 x1, y1 x0, y1 x1)."""
-    corners = list(pairs[0])
-    for low, high in pairs[1:]:
-        corners = [combine(corner, entry) for corner in corners for entry in (low, high)]
-    return corners
-
-
-def sampling_plan(
-    geo: Geometry,
-    offsets: Tensor,
-    first_pixel: int,
-    *,
-    derivatives: bool,
-    taps: Tensor | None = None,
-    strict: bool = False,
-) -> SamplingPlan:
-    """Plan the samples of ``offsets.shape[0]`` output pixels starting at ``first_pixel``.
-
-    ``offsets`` is ``(pixels, K, G, d)`` with the displacement along each axis (Δy, Δx in
-    2-D) in the last dimension, already in the compute dtype.  ``taps`` ``(K, d)`` lists the
-    kernel coordinates of the taps (default: every tap of ``geo.kernel``, row-major).  With
-    ``strict``, a sample counts only when its position lies strictly inside ``(−1, size)`` on
-    every axis (DCNv3's rule); otherwise corners are judged one by one (torchvision's).
-    """
-    device, dtype = offsets.device, offsets.dtype
-    pixel = torch.arange(first_pixel, first_pixel + offsets.shape[0], device=device)
-    image = pixel // math.prod(geo.out_size)
-    out_coords = _unravel(pixel, geo.out_size)
-    if taps is None:
-        tap_coords = _unravel(torch.arange(geo.taps, device=device), geo.kernel)
-    else:
-        tap_coords = list(taps.unbind(1))
-    bases = [
-        out[:, None] * stride - pad + tap * dil
-        for out, tap, stride, pad, dil in zip(
-            out_coords, tap_coords, geo.stride, geo.padding, geo.dilation, strict=True
-        )
-    ]
-    shifts = offsets.unbind(-1)
-
-    # Positions at least one pixel outside the input have no valid corner.  They, and NaN or
-    # infinite positions (comparisons with NaN are false), are moved to a harmless spot with
-    # no valid corner, so that their value and every derivative is 0 and their row numbers
-    # stay small.  The rounded position only makes that decision: the corner comes from the
-    # offset alone, floor(base + Δ) = base + floor(Δ), the corner of the exact position even
-    # where base + Δ does not round exactly.
-    near = None
-    for base, shift, size in zip(bases, shifts, geo.size, strict=True):
-        position = base.to(dtype)[:, :, None] + shift
-        inside = (
-            (position > -1) & (position < size)
-            if strict
-            else ((position > -2) & (position < size + 1))
-        )
-        near = inside if near is None else near & inside
-
-    # A corner counts only inside the input (the weights then fade to 0 within one pixel of
-    # the border); the rows of the others, and of samples that are not near, point at the
-    # table's last row, which is all zeros.  So no weight needs masking: such a corner adds 0
-    # to the sample and to every derivative, and its gradient lands in that spare row.  The
-    # derivatives follow the floor: one-sided at integer positions.
-    index = _index_dtype(geo)
-    strides = [math.prod(geo.size[axis + 1 :]) for axis in range(geo.dims)]
-    rows, ok, fractions = [], [], []
-    for base, shift, size, step in zip(bases, shifts, geo.size, strides, strict=True):
-        shift = torch.where(near, shift, 0.0)
-        shift_low = shift.floor()
-        frac = shift - shift_low
-        fractions.append((1 - frac, frac))
-        low = base.to(index)[:, :, None] + shift_low.to(index)
-        ok.append(((low >= 0) & (low < size), (low >= -1) & (low < size - 1)))
-        rows.append((low * step, low * step + step))
-
-    group = torch.arange(geo.offset_groups, device=device)
-    table_base = (image[:, None, None] * geo.offset_groups + group) * math.prod(geo.size)
-    rows[0] = (rows[0][0] + table_base.to(index), rows[0][1] + table_base.to(index))
-    valid = torch.stack(_per_corner(ok, operator.and_), dim=-1) & near[..., None]
-    corner_rows = torch.stack(_per_corner(rows, operator.add), dim=-1)
-    corners = corner_rows.shape[-1]
-    corner_rows = corner_rows.masked_fill_(~valid, zero_row(geo)).view(-1, corners)
-    weights = torch.stack(_per_corner(fractions), dim=-1).view(-1, corners)
-    if not derivatives:
-        return SamplingPlan(corner_rows, weights, None)
-    d_weights = torch.stack(
-        [
-            torch.stack(
-                _per_corner([(-1.0, 1.0) if a == axis else f for a, f in enumerate(fractions)]),
-                dim=-1,
-            )
-            for axis in range(geo.dims)
-        ]
-    )
-    return SamplingPlan(corner_rows, weights, d_weights.view(geo.dims, -1, corners))
-
-
-def zero_row(geo: Geometry) -> int:
-    """The index of the all-zero row after the input table's ``N·G·S`` rows."""
-    return geo.batch * geo.offset_groups * math.prod(geo.size)
-
-
-def _index_dtype(geo: Geometry) -> torch.dtype:
-    """int32 row numbers where they fit (less memory traffic), else int64."""
-    return torch.int32 if zero_row(geo) < 2**31 - 1 else torch.int64
-
-
-def table_rows(grouped: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(N, G, S, C/G)`` (any strides) → contiguous ``(N·G·S + 1, C/G)`` rows in ``dtype``,
-    the last all zeros (see :func:`sampling_plan`)."""
-    table = grouped.new_empty(grouped.shape[:3].numel() + 1, grouped.shape[3], dtype=dtype)
-    table[:-1].view(grouped.shape).copy_(grouped)
-    table[-1] = 0
-    return table
-
-
 def _input_table(input: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
-    """``(N, C, *size)`` → the table of :func:`table_rows`."""
-    group_channels = geo.channels // geo.offset_groups
-    grouped = input.reshape(geo.batch, geo.offset_groups, group_channels, math.prod(geo.size))
-    return table_rows(grouped.transpose(2, 3), dtype)
+    """``(N, C, *size)`` → the padded table of :mod:`~deformconv.backends.plan`."""
+    depth = geo.channels // geo.offset_groups
+    grouped = input.reshape(geo.batch, geo.offset_groups, depth, *geo.size).movedim(2, -1)
+    return table_of(geo).fill(grouped, dtype)
 
 
 def _per_pixel(tensor: Tensor, geo: Geometry, trailing: int, dtype: torch.dtype) -> Tensor:
@@ -293,7 +158,7 @@ def forward(
         matrix = _weight_matrix(weight, geo, dtype)
         step = chunk_pixels(geo.pixels, geo.taps * geo.channels, 2, table)
         for start, stop in _chunks(geo.pixels, step):
-            plan = sampling_plan(geo, offsets[start:stop], start, derivatives=False)
+            plan = sampling_plan(geo, offsets[start:stop], start)
             weights = plan.weights
             if masks is not None:
                 weights = weights * masks[start:stop].view(-1, 1)
@@ -332,7 +197,8 @@ def backward(
     def zeros(*shape: int) -> Tensor:
         return torch.zeros(shape, dtype=dtype, device=input.device)
 
-    table_grad = zeros(zero_row(geo) + 1, group_channels) if need_input else None
+    layout = table_of(geo)
+    table_grad = zeros(layout.rows, group_channels) if need_input else None
     weight_grad = (
         zeros(groups, geo.taps * geo.channels // groups, out_per_group) if need_weight else None
     )
@@ -345,11 +211,9 @@ def backward(
         masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(-1)
         matrix_t = _weight_matrix(weight, geo, dtype).transpose(1, 2)
         step = chunk_pixels(geo.pixels, geo.taps * geo.channels, 4, table)
-        product = table.new_empty(step * per_pixel, group_channels)
         for start, stop in _chunks(geo.pixels, step):
             first, last = start * per_pixel, stop * per_pixel
-            m = last - first
-            plan = sampling_plan(geo, offsets[start:stop], start, derivatives=need_offset)
+            plan = sampling_plan(geo, offsets[start:stop], start)
             chunk_grad = grad_out[start:stop].transpose(0, 1)
             grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix_t), geo)
             weights = plan.weights
@@ -360,23 +224,24 @@ def backward(
                 cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
                 weight_grad.baddbmm_(cols.transpose(1, 2), chunk_grad)
             if table_grad is not None:
-                scatter_rows(table_grad, plan.rows, weights, grad_cols, product[:m])
+                scatter_corners(table_grad, plan.first, layout.deltas, weights, grad_cols,
+                                share=1, skip_from=layout.dead)  # fmt: skip
             if need_offset or need_mask:
                 dots = row_dots(grad_cols, table, plan.rows)
                 if mask_grad is not None:
                     mask_grad[first:last] = (plan.weights * dots).sum(1)
                 if position_grad is not None:
-                    position_grad[first:last] = (plan.d_weights * dots).sum(-1).T
+                    position_grad[first:last] = plan.position_grads(dots)
                     if masks is not None:
                         position_grad[first:last] *= masks[first:last, None]
 
     sample_shape = (geo.batch, math.prod(geo.out_size), geo.taps, geo.offset_groups)
     grad_input = grad_offset = grad_mask = grad_weight = None
     if table_grad is not None:
-        grad_input = table_grad[:-1].view(
-            geo.batch, geo.offset_groups, math.prod(geo.size), group_channels
+        grad_input = layout.interior(table_grad).view(
+            geo.batch, geo.offset_groups, *geo.size, group_channels
         )
-        grad_input = grad_input.transpose(2, 3).reshape(input.shape).to(input.dtype)
+        grad_input = grad_input.movedim(-1, 2).reshape(input.shape).to(input.dtype)
     if position_grad is not None:
         grad_offset = position_grad.view(*sample_shape, geo.dims).permute(0, 3, 2, 4, 1)
         grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype)

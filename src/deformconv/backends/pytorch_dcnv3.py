@@ -1,29 +1,29 @@
 """Pure-PyTorch backend of the DCNv3 / DCNv4 operator: any device, any floating dtype.
 
-It reuses the deformable-convolution backend's machinery: the input becomes a table of rows
-``(N·G·H·W + 1, D)`` (one row per image, group and pixel; channels-last input makes this a cheap
-permutation), and :func:`~deformconv.backends.pytorch.sampling_plan` gives every (output
-pixel, point, group) its four bilinear corners.  DCNv3's positions are expressed as the
-plan's regular grid plus a displacement ``Δ = s·offset + (c − tap·dilation)(1 − s)``, and
-the plan applies DCNv3's border rule (a sample counts only strictly inside ``(−1, H) × (−1,
-W)``).  There are no weights to contract: all corners of all points of one pixel and group
-form one bag of :mod:`~deformconv.backends.gather`, summed by one fused gather.
-The backward recomputes the samples; gradients of the positions come from the plan's weight
-derivatives, times ``offset_scale``.  Output pixels go in chunks that bound the temporary
-buffers by the same column budget as the convolution.
+It reuses the deformable-convolution backend's machinery (:mod:`~deformconv.backends.plan`):
+the input becomes a padded table of rows of ``D`` channels (one row per image, group and
+pixel; channels-last input makes this a cheap permutation), and the sampling plan gives
+every (output pixel, group, point) its four bilinear corners.  DCNv3's positions are
+expressed as the plan's regular grid plus a displacement ``Δ = s·offset + (c −
+tap·dilation)(1 − s)``, and the plan applies DCNv3's border rule (a sample counts only
+strictly inside ``(−1, H) × (−1, W)``).  There are no weights to contract: all corners of
+all points of one pixel and group form one bag of :mod:`~deformconv.backends.gather`,
+summed by one fused gather.  The backward recomputes the samples; gradients of the
+positions come from the plan's weight factors, times ``offset_scale``; the input gradient
+is one fused gather per corner over the samples sorted by table row.  Output pixels go in
+chunks that bound the temporary buffers by the same column budget as the convolution.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
 from .._geometry import Geometry
 from .._utils import compute_dtype
-from .gather import row_dots, scatter_rows, weighted_rows
-from .pytorch import chunk_pixels, sampling_plan, table_rows, zero_row
+from .gather import row_dots, scatter_corners, weighted_rows
+from .plan import sampling_plan, table_of
+from .pytorch import chunk_pixels
 
 
 def tap_coords(kernel: tuple[int, int], remove_center: bool, device) -> Tensor:
@@ -45,30 +45,28 @@ def _geometry(input: Tensor, offset: Tensor, kernel, stride, padding, dilation, 
 
 
 def _table(input: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
-    """``(N, H, W, G·D)`` → the rows of :func:`~deformconv.backends.pytorch.table_rows`."""
+    """``(N, H, W, G·D)`` → the padded table of :mod:`~deformconv.backends.plan`."""
     depth = geo.channels // geo.offset_groups
-    grouped = input.reshape(geo.batch, math.prod(geo.size), geo.offset_groups, depth)
-    return table_rows(grouped.transpose(1, 2), dtype)
+    grouped = input.reshape(geo.batch, *geo.size, geo.offset_groups, depth).movedim(-2, 1)
+    return table_of(geo).fill(grouped, dtype)
 
 
 def _displacements(offset: Tensor, geo: Geometry, taps: Tensor, scale: float, dtype):
-    """Offsets ``(N, Ho, Wo, G·P·2)`` as (Δh, Δw) from the plan's grid, ``(pixels, P, G, 2)``."""
+    """Offsets ``(N, Ho, Wo, G·P·2)`` as (Δh, Δw) from the plan's grid, ``(pixels, G, P, 2)``."""
     points = taps.shape[0]
     pairs = offset.reshape(geo.pixels, geo.offset_groups, points, 2).to(dtype)
-    pairs = pairs.flip(-1).transpose(1, 2)  # (w, h) → (h, w); (pixels, P, G, 2)
+    pairs = pairs.flip(-1)  # (w, h) → (h, w)
     centre = torch.tensor([d * (k - 1) // 2 for d, k in zip(geo.dilation, geo.kernel,
                                                              strict=True)])  # fmt: skip
     spread = taps * torch.tensor(geo.dilation, device=taps.device)
     shift = (centre.to(taps.device) - spread).to(dtype) * (1 - scale)
-    return (pairs * scale + shift[None, :, None, :]).contiguous()
+    return (pairs * scale + shift[None, None, :, :]).contiguous()
 
 
-def _bags(plan_tensor: Tensor, pixels: int, points: int, group: int) -> Tensor:
-    """Plan rows or weights ``(pixels·P·G, 4)`` regrouped as one bag per (pixel, group):
+def _bags(plan_tensor: Tensor, points: int) -> Tensor:
+    """Plan rows or weights ``(pixels·G·P, 4)`` as one bag per (pixel, group): a view
     ``(pixels·G, P·4)``."""
-    corners = plan_tensor.shape[-1]
-    bags = plan_tensor.view(pixels, points, group, corners).transpose(1, 2)
-    return bags.reshape(pixels * group, points * corners)
+    return plan_tensor.view(-1, points * plan_tensor.shape[-1])
 
 
 def forward(input, offset, mask, kernel, stride, padding, dilation, group, offset_scale,
@@ -81,16 +79,16 @@ def forward(input, offset, mask, kernel, stride, padding, dilation, group, offse
     if geo.pixels > 0:
         table = _table(input, geo, dtype)
         shifts = _displacements(offset, geo, taps, offset_scale, dtype)
-        masks = mask.reshape(geo.pixels, group, points).transpose(1, 2).to(dtype).contiguous()
+        masks = mask.reshape(-1, 1).to(dtype)  # (pixels·G·P, 1)
         step = chunk_pixels(geo.pixels, points * geo.channels, 2, table)
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
-            plan = sampling_plan(geo, shifts[start:stop], start, derivatives=False, taps=taps,
-                                 strict=True)  # fmt: skip
-            weights = plan.weights * masks[start:stop].view(-1, 1)
-            rows = _bags(plan.rows, stop - start, points, group)
-            weights = _bags(weights, stop - start, points, group)
-            out[start:stop] = weighted_rows(table, rows, weights).view(-1, group, depth)
+            first, last = start * group * points, stop * group * points
+            plan = sampling_plan(geo, shifts[start:stop], start, taps=taps,
+                                 groups_first=True, strict=True)  # fmt: skip
+            weights = plan.weights * masks[first:last]
+            bags = weighted_rows(table, _bags(plan.rows, points), _bags(weights, points))
+            out[start:stop] = bags.view(-1, group, depth)
     return out.view(*input.shape[:1], *geo.out_size, geo.channels).to(input.dtype)
 
 
@@ -102,53 +100,48 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
     dtype = compute_dtype(input.dtype)
     taps = tap_coords(geo.kernel, remove_center, input.device)
     points, depth = taps.shape[0], geo.channels // group
-    samples = geo.pixels * points * group
+    samples = geo.pixels * group * points
 
     def zeros(*shape: int) -> Tensor:
         return torch.zeros(shape, dtype=dtype, device=input.device)
 
-    table_grad = zeros(zero_row(geo) + 1, depth) if need_input else None
+    layout = table_of(geo)
+    table_grad = zeros(layout.rows, depth) if need_input else None
     position_grad = zeros(samples, 2) if need_offset else None
     mask_grad = zeros(samples) if need_mask else None
     if geo.pixels > 0 and any(needs_grad):
         table = _table(input, geo, dtype)
         shifts = _displacements(offset, geo, taps, offset_scale, dtype)
-        masks = mask.reshape(geo.pixels, group, points).transpose(1, 2).to(dtype).reshape(-1)
-        grad_out = grad_output.reshape(geo.pixels, 1, group, depth).to(dtype)
+        masks = mask.reshape(-1).to(dtype)  # (pixels·G·P,)
+        grad_out = grad_output.reshape(geo.pixels * group, depth).to(dtype)
         step = chunk_pixels(geo.pixels, points * geo.channels, 3, table)
-        product = table.new_empty(step, points, group, depth)
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
-            first, last = start * points * group, stop * points * group
-            m = last - first
-            plan = sampling_plan(geo, shifts[start:stop], start, derivatives=need_offset,
-                                 taps=taps, strict=True)  # fmt: skip
+            first, last = start * group * points, stop * group * points
+            plan = sampling_plan(geo, shifts[start:stop], start,
+                                 taps=taps, groups_first=True, strict=True)  # fmt: skip
             chunk_masks = masks[first:last]
+            bag_grads = grad_out[start * group : stop * group]
             if table_grad is not None:
                 weights = plan.weights * chunk_masks[:, None]
-                scatter_rows(table_grad, plan.rows, weights, grad_out[start:stop],
-                             product[: stop - start])  # fmt: skip
+                scatter_corners(table_grad, plan.first, layout.deltas, weights, bag_grads,
+                                share=points, skip_from=layout.dead)  # fmt: skip
             if need_offset or need_mask:
-                rows = _bags(plan.rows, stop - start, points, group)
-                bag_grads = grad_out[start:stop].reshape(-1, depth)
-                dots = row_dots(bag_grads, table, rows)  # (pixels·G, P·4)
-                dots = dots.view(stop - start, group, points, -1).transpose(1, 2)
-                dots = dots.reshape(m, -1)
+                dots = row_dots(bag_grads, table, _bags(plan.rows, points))  # (pixels·G, P·4)
+                dots = dots.view(last - first, -1)
                 if mask_grad is not None:
                     mask_grad[first:last] = (plan.weights * dots).sum(1)
                 if position_grad is not None:
-                    position = (plan.d_weights * dots).sum(-1).T
+                    position = plan.position_grads(dots)
                     position_grad[first:last] = position * (chunk_masks * offset_scale)[:, None]
 
     grad_input = grad_offset = grad_mask = None
     if table_grad is not None:
-        grad_input = table_grad[:-1].view(geo.batch, group, math.prod(geo.size), depth)
-        grad_input = grad_input.transpose(1, 2)
-        grad_input = grad_input.reshape(input.shape).to(input.dtype)
+        grad_input = layout.interior(table_grad).view(geo.batch, group, *geo.size, depth)
+        grad_input = grad_input.movedim(1, -2).reshape(input.shape).to(input.dtype)
     if position_grad is not None:
-        grad_offset = position_grad.view(geo.pixels, points, group, 2).flip(-1).transpose(1, 2)
+        grad_offset = position_grad.view(geo.pixels, group, points, 2).flip(-1)
         grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype)
     if mask_grad is not None:
-        grad_mask = mask_grad.view(geo.pixels, points, group).transpose(1, 2)
-        grad_mask = grad_mask.reshape(mask.shape).to(mask.dtype)
+        grad_mask = mask_grad.reshape(mask.shape).to(mask.dtype)
     return grad_input, grad_offset, grad_mask

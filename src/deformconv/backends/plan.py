@@ -1,0 +1,204 @@
+"""Sampling plans of the torch backends: where each sample's interpolation corners lie in a
+padded, channels-last table of the input, and with what weights.
+
+The table
+---------
+The input becomes a table of rows ``(rows, D)``: per (image, offset group) a *plane* that is
+the input's positions padded by one zero cell on both sides of every axis, one row per
+cell, planes one after the other, then a short *dead* block of zero rows.  ``D`` is the
+channels per offset group.
+
+A sample's corners are its lowest corner's row plus fixed *deltas* (``0, 1, W+2, W+3`` in
+2-D), the same for every sample.  A sample that has at least one corner inside the input
+has all of its corners inside its own plane, those outside on the zero border; a sample
+with none (and a non-finite one) is moved to the dead block.  So no corner is ever tested
+or masked one by one, nothing is read out of bounds whatever the offsets hold, and the
+gradient that lands on the border or in the dead block is simply dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._geometry import Geometry
+
+
+class Table(NamedTuple):
+    """The row layout of the padded table for ``planes`` planes over an input of ``size``."""
+
+    planes: int
+    size: tuple[int, ...]
+
+    @property
+    def padded(self) -> tuple[int, ...]:
+        return tuple(s + 2 for s in self.size)
+
+    @property
+    def plane_rows(self) -> int:
+        return math.prod(self.padded)
+
+    @property
+    def strides(self) -> list[int]:
+        """Rows between neighbouring cells along each axis."""
+        return [math.prod(self.padded[axis + 1 :]) for axis in range(len(self.size))]
+
+    @property
+    def deltas(self) -> list[int]:
+        """Row offsets of the ``2**d`` corners from the lowest one, first axis slowest."""
+        deltas = [0]
+        for stride in self.strides:
+            deltas = [delta + step for delta in deltas for step in (0, stride)]
+        return deltas
+
+    @property
+    def dead(self) -> int:
+        """The first row of the dead block, after the planes."""
+        return self.planes * self.plane_rows
+
+    @property
+    def rows(self) -> int:
+        return self.dead + self.deltas[-1] + 1
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """int32 row numbers where they fit (less memory traffic), else int64."""
+        return torch.int32 if self.rows < 2**31 else torch.int64
+
+    def fill(self, grouped: Tensor, dtype: torch.dtype) -> Tensor:
+        """``(..., *size, D)`` (any strides, ``planes`` leading entries, e.g. ``(N, G)``) → the
+        table, contiguous, in ``dtype``."""
+        table = grouped.new_zeros(self.rows, grouped.shape[-1], dtype=dtype)
+        self.interior(table).view(grouped.shape).copy_(grouped)
+        return table
+
+    def planes_of(self, table: Tensor) -> Tensor:
+        """The planes of a table ``(rows, D)``, as ``(planes, *padded, D)``."""
+        return table[: self.dead].view(self.planes, *self.padded, table.shape[-1])
+
+    @property
+    def _interior(self) -> tuple[slice, ...]:
+        return (slice(None), *(slice(1, -1) for _ in self.size))
+
+    def interior(self, table: Tensor) -> Tensor:
+        """The input's cells of a table (or of its gradient): ``(planes, *size, D)``."""
+        return self.planes_of(table)[self._interior]
+
+
+def table_of(geo: Geometry) -> Table:
+    return Table(geo.batch * geo.offset_groups, tuple(geo.size))
+
+
+class SamplingPlan(NamedTuple):
+    """The corners of each of ``M`` samples: ``first`` ``(M,)`` the table row of the lowest
+    corner (the dead block for samples that are 0), ``rows`` ``(M, 2**d)`` the rows of all
+    corners, ``weights`` ``(M, 2**d)`` their interpolation weights, and ``pairs`` the factors
+    of those weights, one ``(low, high)`` pair of ``(M,)`` tensors per axis."""
+
+    first: Tensor
+    rows: Tensor
+    weights: Tensor
+    pairs: list[tuple[Tensor, Tensor]]
+
+    def position_grads(self, dots: Tensor) -> Tensor:
+        """``(M, d)``: the derivatives along each axis of ``Σ_k weights[:, k] · dots[:, k]``,
+        from per-corner ``dots`` ``(M, 2**d)`` (corners differing along an axis, times the
+        other axes' weights)."""
+        dims = len(self.pairs)
+        grads = []
+        for axis in range(dims):
+            bit = 1 << (dims - 1 - axis)
+            others = _per_corner([pair for a, pair in enumerate(self.pairs) if a != axis])
+            lows = [corner for corner in range(2**dims) if not corner & bit]
+            terms = [
+                weight * (dots[:, low | bit] - dots[:, low])
+                for weight, low in zip(others, lows, strict=True)
+            ]
+            grads.append(sum(terms[1:], terms[0]))
+        return torch.stack(grads, dim=-1)
+
+
+def _unravel(index: Tensor, sizes: tuple[int, ...]) -> list[Tensor]:
+    """Row-major coordinates of flat ``index`` in an array of ``sizes``."""
+    coords = []
+    for size in reversed(sizes):
+        coords.append(index % size)
+        index = index // size
+    return coords[::-1]
+
+
+def _per_corner(pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+    """Products over axes of each corner's (low, high) factors, the first axis slowest: in
+    2-D the order (y0 x0, y0 x1, y1 x0, y1 x1).  No axes: the single factor 1."""
+    corners: list = [1.0]
+    for low, high in pairs:
+        corners = [corner * entry for corner in corners for entry in (low, high)]
+    return corners
+
+
+def sampling_plan(
+    geo: Geometry,
+    offsets: Tensor,
+    first_pixel: int,
+    *,
+    taps: Tensor | None = None,
+    groups_first: bool = False,
+    strict: bool = False,
+) -> SamplingPlan:
+    """Plan the samples of ``offsets.shape[0]`` output pixels starting at ``first_pixel``.
+
+    ``offsets`` is ``(pixels, K, G, d)``, or ``(pixels, G, K, d)`` with ``groups_first``,
+    with the displacement along each axis (Δy, Δx in 2-D) in the last dimension, in the
+    compute dtype; the samples are planned in that order.  ``taps`` ``(K, d)`` lists the
+    kernel coordinates of the taps (default: every tap of ``geo.kernel``, row-major).  A
+    sample is 0 unless it has a corner inside the input; with ``strict``, unless its
+    position lies strictly inside ``(−1, size)`` on every axis (DCNv3's rule).
+    """
+    device = offsets.device
+    table = table_of(geo)
+    index = table.index_dtype
+    pixels = offsets.shape[0]
+    pixel = torch.arange(first_pixel, first_pixel + pixels, device=device)
+    image = pixel // math.prod(geo.out_size)
+    out_coords = _unravel(pixel, geo.out_size)
+    if taps is None:
+        tap_coords = _unravel(torch.arange(geo.taps, device=device), geo.kernel)
+    else:
+        tap_coords = list(taps.unbind(1))
+    # Broadcast (pixels, K) per-tap terms and (pixels, G) per-group terms to the sample order.
+    tap_axis, group_axis = (2, 1) if groups_first else (1, 2)
+    group = torch.arange(geo.offset_groups, device=device)
+    first = ((image[:, None] * geo.offset_groups + group) * table.plane_rows).to(index)
+    first = first.unsqueeze(tap_axis)
+
+    near = None
+    pairs = []
+    for axis, (out, tap) in enumerate(zip(out_coords, tap_coords, strict=True)):
+        size, stride = geo.size[axis], geo.stride[axis]
+        base = out[:, None] * stride - geo.padding[axis] + tap * geo.dilation[axis]
+        base = base.to(index).unsqueeze(group_axis)
+        # Beyond ``reach`` no sample has a corner inside; clamping there keeps every
+        # integer below small, and NaN goes there too.  The corner comes from the offset
+        # alone, floor(base + Δ) = base + floor(Δ), exact even where base + Δ would round.
+        reach = float(size + geo.padding[axis] + (geo.out_size[axis] - 1) * stride
+                      + (geo.kernel[axis] - 1) * geo.dilation[axis] + 2)  # fmt: skip
+        shift = torch.nan_to_num(offsets[..., axis], nan=reach).clamp_(-reach, reach)
+        whole = shift.floor()
+        frac = shift - whole
+        low = base + whole.to(index)
+        inside = (low >= -1) & (low < size)
+        if strict:  # the position low + frac must be > -1
+            inside &= (low >= 0) | (frac > 0)
+        near = inside if near is None else near & inside
+        first = first + (low + 1) * table.strides[axis]
+        frac = frac.view(-1)
+        pairs.append((1 - frac, frac))
+
+    first = torch.where(near, first, table.dead).view(-1)
+    deltas = torch.tensor(table.deltas, dtype=index, device=device)
+    rows = first[:, None] + deltas
+    weights = torch.stack(_per_corner(pairs), dim=-1)
+    return SamplingPlan(first, rows, weights, pairs)

@@ -1,0 +1,103 @@
+"""The torch backends' padded table, sampling plan and corner scatter, piece by piece."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deformconv
+from deformconv.backends import gather
+from deformconv.backends.gather import scatter_corners
+from deformconv.backends.plan import Table
+from reference import deform_conv2d_reference
+
+
+def test_table_layout_in_2d_and_3d():
+    flat = Table(planes=2, size=(3, 4))
+    assert flat.padded == (5, 6)
+    assert flat.strides == [6, 1]
+    assert flat.deltas == [0, 1, 6, 7]
+    assert (flat.dead, flat.rows) == (60, 68)
+    assert flat.index_dtype == torch.int32
+    volume = Table(planes=1, size=(2, 3, 4))
+    assert volume.deltas == [0, 1, 6, 7, 30, 31, 36, 37]
+    assert volume.rows == 4 * 5 * 6 + 38
+
+
+def test_table_holds_the_input_inside_a_zero_border():
+    table = Table(planes=6, size=(3, 4))
+    grouped = torch.randn(2, 3, 4, 3, 5).transpose(2, 3)  # (N, G, H, W, D), not contiguous
+    rows = table.fill(grouped, torch.float64)
+    assert rows.shape == (table.rows, 5) and rows.dtype == torch.float64
+    assert torch.equal(table.interior(rows).view(2, 3, 3, 4, 5), grouped.double())
+    border = table.planes_of(rows).clone()
+    border[:, 1:-1, 1:-1] = 0
+    assert (border == 0).all() and (rows[table.dead :] == 0).all()
+
+
+@pytest.mark.parametrize("gap_rows", [1024, 1, 0], ids=["one-range", "split", "split-all"])
+@pytest.mark.parametrize("share", [1, 3])
+def test_scatter_corners_matches_a_loop_of_index_add(share, gap_rows, monkeypatch):
+    monkeypatch.setattr(gather, "GAP_ROWS", gap_rows)
+    generator = torch.Generator().manual_seed(0)
+    bags, corners, depth, skip_from = 60, 4, 5, 40
+    deltas = [0, 1, 6, 7]
+    first = torch.randint(0, 48, (bags,), generator=generator, dtype=torch.int32)
+    weights = torch.randn(bags, corners, generator=generator, dtype=torch.float64)
+    grad = torch.randn(bags // share, depth, generator=generator, dtype=torch.float64)
+    actual = torch.zeros(skip_from + 8, depth, dtype=torch.float64)
+    scatter_corners(actual, first, deltas, weights, grad, share=share, skip_from=skip_from)
+    expected = torch.zeros_like(actual)
+    for b in range(bags):
+        if first[b] < skip_from:
+            for k, delta in enumerate(deltas):
+                expected[first[b] + delta] += weights[b, k] * grad[b // share]
+    torch.testing.assert_close(actual, expected, atol=1e-12, rtol=0)
+
+
+def test_every_bag_skipped_leaves_the_gradient_alone():
+    table_grad = torch.zeros(10, 2)
+    scatter_corners(table_grad, torch.full((4,), 8, dtype=torch.int32), [0, 1],
+                    torch.ones(4, 2), torch.ones(4, 2), share=1, skip_from=8)  # fmt: skip
+    assert (table_grad == 0).all()
+
+
+def test_positions_a_rounding_step_from_an_integer_take_the_exact_corner():
+    """``base + Δ`` rounds to an integer in float32 where ``Δ`` is tiny: the corners, the
+    border decision and the one-sided derivative follow the exact position, as in float64."""
+    generator = torch.Generator().manual_seed(1)
+    input = torch.randn(1, 2, 5, 5, generator=generator)
+    weight = torch.randn(1, 2, 3, 3, generator=generator)
+    offset = torch.zeros(1, 18, 5, 5)
+    offset[0, 0, 0, 0] = -1e-9  # tap (0, 0) at output (0, 0): y just below -1, no corner
+    offset[0, 8, 2, 2] = -1e-9  # centre tap at output (2, 2): y just below 2
+    offset[0, 17, 3, 4] = -1e-7  # tap (2, 2) at output (3, 4): x just below 5, one corner
+    offset[0, 0, 1, 3] = -1e-9  # tap (0, 0) at output (1, 3): y just below 0, corners -1, 0
+    mask = torch.rand(1, 9, 5, 5, generator=generator)
+    tensors = [t.clone().requires_grad_(True) for t in (input, offset, weight, mask)]
+    out = deformconv.deform_conv2d(tensors[0], tensors[1], tensors[2], padding=1,
+                                   mask=tensors[3])  # fmt: skip
+    grad_out = torch.randn(out.shape, generator=generator)
+    grads = torch.autograd.grad(out, tensors, grad_out)
+    exact = [t.detach().double().requires_grad_(True) for t in (input, offset, weight, mask)]
+    expected = deform_conv2d_reference(exact[0], exact[1], exact[2], padding=(1, 1),
+                                       mask=exact[3])  # fmt: skip
+    expected_grads = torch.autograd.grad(expected, exact, grad_out.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    for actual, reference in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(actual.double(), reference, atol=1e-5, rtol=1e-5)
+    assert grads[1][0, 0, 0, 0] == 0  # no corner inside: no derivative
+    assert grads[1][0, 17, 3, 4] != 0  # one corner inside: a derivative
+
+
+def test_torch_backend_gradients_are_bit_identical_across_runs():
+    generator = torch.Generator().manual_seed(2)
+    input = torch.randn(2, 8, 9, 7, generator=generator, requires_grad=True)
+    offset = (3 * torch.randn(2, 2 * 4 * 9, 9, 7, generator=generator)).requires_grad_(True)
+    weight = torch.randn(4, 8, 3, 3, generator=generator, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out = deformconv.deform_conv2d(input, offset, weight, padding=1)
+        runs.append(torch.autograd.grad(out.square().sum(), (input, offset, weight)))
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
