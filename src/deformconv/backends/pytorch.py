@@ -69,9 +69,10 @@ def _per_pixel(tensor: Tensor, geo: Geometry, trailing: int, dtype: torch.dtype)
 
 
 def _weight_matrix(weight: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
-    """``(O, C/wg, *kernel)`` → ``(wg, K·C/wg, O/wg)``, rows ordered (tap, channel)."""
-    matrix = geo.tap_major_weight(weight)
-    return matrix.reshape(geo.weight_groups, -1, geo.group_out).to(dtype)
+    """``(O, C/wg, *kernel)`` → ``(wg, O/wg, K·C/wg)``, columns ordered (tap, channel): per
+    output channel a transpose of (channel, tap), cheaper than moving outputs innermost."""
+    matrix = weight.reshape(geo.weight_groups, geo.group_out, geo.group_in, geo.taps)
+    return matrix.transpose(2, 3).reshape(geo.weight_groups, geo.group_out, -1).to(dtype)
 
 
 def _grouped(columns: Tensor, geo: Geometry) -> Tensor:
@@ -164,7 +165,7 @@ def forward(
                 weights = weights * masks[start:stop].view(-1, 1)
             cols = weighted_rows(table, plan.rows, weights)
             cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
-            out[start:stop] = torch.bmm(cols, matrix).transpose(0, 1)
+            out[start:stop] = torch.bmm(cols, matrix.transpose(1, 2)).transpose(0, 1)
     if bias is not None:
         out += bias.to(dtype).view(groups, -1)
     out = out.view(geo.batch, *geo.out_size, geo.out_channels).movedim(-1, 1)
@@ -199,9 +200,7 @@ def backward(
 
     layout = table_of(geo)
     table_grad = zeros(layout.rows, group_channels) if need_input else None
-    weight_grad = (
-        zeros(groups, geo.taps * geo.channels // groups, out_per_group) if need_weight else None
-    )
+    weight_grad = None  # (wg, O/wg, K·C/wg), from the first chunk on
     position_grad = zeros(geo.pixels * per_pixel, geo.dims) if need_offset else None
     mask_grad = zeros(geo.pixels * per_pixel) if need_mask else None
 
@@ -209,20 +208,23 @@ def backward(
         table = _input_table(input, geo, dtype)
         offsets = _per_pixel(offset, geo, geo.dims, dtype)
         masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(-1)
-        matrix_t = _weight_matrix(weight, geo, dtype).transpose(1, 2)
+        matrix = _weight_matrix(weight, geo, dtype)
         step = chunk_pixels(geo.pixels, geo.taps * geo.channels, 4, table)
         for start, stop in _chunks(geo.pixels, step):
             first, last = start * per_pixel, stop * per_pixel
             plan = sampling_plan(geo, offsets[start:stop], start)
             chunk_grad = grad_out[start:stop].transpose(0, 1)
-            grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix_t), geo)
+            grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix), geo)
             weights = plan.weights
             if masks is not None:
                 weights = weights * masks[first:last, None]
-            if weight_grad is not None:
+            if need_weight:
                 cols = weighted_rows(table, plan.rows, weights)
                 cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
-                weight_grad.baddbmm_(cols.transpose(1, 2), chunk_grad)
+                if weight_grad is None:
+                    weight_grad = torch.bmm(chunk_grad.transpose(1, 2), cols)
+                else:
+                    weight_grad.baddbmm_(chunk_grad.transpose(1, 2), cols)
             if table_grad is not None:
                 scatter_corners(table_grad, plan.first, layout.deltas, weights, grad_cols,
                                 share=1, skip_from=layout.dead)  # fmt: skip
@@ -248,7 +250,9 @@ def backward(
     if mask_grad is not None:
         grad_mask = mask_grad.view(sample_shape).permute(0, 3, 2, 1)
         grad_mask = grad_mask.reshape(mask.shape).to(mask.dtype)
-    if weight_grad is not None:
-        grad_weight = weight_grad.view(groups, geo.taps, -1, out_per_group).permute(0, 3, 2, 1)
+    if need_weight:
+        if weight_grad is None:  # no output positions
+            weight_grad = zeros(groups, out_per_group, geo.taps * geo.channels // groups)
+        grad_weight = weight_grad.view(groups, out_per_group, geo.taps, -1).transpose(2, 3)
         grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
