@@ -101,3 +101,23 @@ def test_torch_backend_gradients_are_bit_identical_across_runs():
         runs.append(torch.autograd.grad(out.square().sum(), (input, offset, weight)))
     for first, second in zip(*runs, strict=True):
         assert torch.equal(first, second)
+
+
+def test_cached_and_fresh_grids_give_the_same_results(monkeypatch):
+    from deformconv.backends import plan
+
+    generator = torch.Generator().manual_seed(3)
+    input = torch.randn(2, 6, 7, 5, generator=generator, requires_grad=True)
+    offset = (2 * torch.randn(2, 2 * 3 * 6, 4, 6, generator=generator)).requires_grad_(True)
+    weight = torch.randn(4, 3, 3, 2, generator=generator, requires_grad=True)
+
+    def run():
+        out = deformconv.deform_conv2d(input, offset, weight, stride=(2, 1), padding=(1, 1))
+        return out, *torch.autograd.grad(out.square().sum(), (input, offset, weight))
+
+    plan._cached_grid.cache_clear()
+    cached = run()
+    assert plan._cached_grid.cache_info().currsize > 0
+    monkeypatch.setattr(plan, "GRID_CACHE_SAMPLES", 0)
+    for first, second in zip(cached, run(), strict=True):
+        assert torch.equal(first, second)

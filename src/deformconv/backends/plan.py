@@ -18,6 +18,7 @@ gradient that lands on the border or in the dead block is simply dropped.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -139,12 +140,44 @@ def _per_corner(pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
     return corners
 
 
+def _grid(geo: Geometry, first_pixel: int, pixels: int, taps: tuple | None,
+          groups_first: bool, device: torch.device) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
+    """The plan's terms that do not depend on the offsets, broadcastable to the sample order:
+    the first corner's row at zero offset, and per axis the kernel grid's position."""
+    table = table_of(geo)
+    index = table.index_dtype
+    pixel = torch.arange(first_pixel, first_pixel + pixels, device=device)
+    image = pixel // math.prod(geo.out_size)
+    out_coords = _unravel(pixel, geo.out_size)
+    if taps is None:
+        tap_coords = _unravel(torch.arange(geo.taps, device=device), geo.kernel)
+    else:
+        tap_coords = list(torch.tensor(taps, device=device).view(-1, geo.dims).unbind(1))
+    # (pixels, K) per-tap terms and (pixels, G) per-group terms, unsqueezed to broadcast.
+    tap_axis, group_axis = (2, 1) if groups_first else (1, 2)
+    group = torch.arange(geo.offset_groups, device=device)
+    first = ((image[:, None] * geo.offset_groups + group) * table.plane_rows).unsqueeze(tap_axis)
+    bases = []
+    for axis, (out, tap) in enumerate(zip(out_coords, tap_coords, strict=True)):
+        base = out[:, None] * geo.stride[axis] - geo.padding[axis] + tap * geo.dilation[axis]
+        base = base.unsqueeze(group_axis)
+        first = first + (base + 1) * table.strides[axis]
+        bases.append(base.to(index))
+    return first.to(index), bases
+
+
+#: Grids of calls up to this many samples are kept (a few dozen), the small calls whose
+#: time is mostly such bookkeeping.
+GRID_CACHE_SAMPLES = 2**16
+_cached_grid = functools.lru_cache(maxsize=32)(_grid)
+
+
 def sampling_plan(
     geo: Geometry,
     offsets: Tensor,
     first_pixel: int,
     *,
-    taps: Tensor | None = None,
+    taps: tuple[tuple[int, ...], ...] | None = None,
     groups_first: bool = False,
     strict: bool = False,
 ) -> SamplingPlan:
@@ -152,48 +185,36 @@ def sampling_plan(
 
     ``offsets`` is ``(pixels, K, G, d)``, or ``(pixels, G, K, d)`` with ``groups_first``,
     with the displacement along each axis (Δy, Δx in 2-D) in the last dimension, in the
-    compute dtype; the samples are planned in that order.  ``taps`` ``(K, d)`` lists the
-    kernel coordinates of the taps (default: every tap of ``geo.kernel``, row-major).  A
+    compute dtype; the samples are planned in that order.  ``taps`` lists the kernel
+    coordinates of the ``K`` taps (default: every tap of ``geo.kernel``, row-major).  A
     sample is 0 unless it has a corner inside the input; with ``strict``, unless its
     position lies strictly inside ``(−1, size)`` on every axis (DCNv3's rule).
     """
     device = offsets.device
     table = table_of(geo)
     index = table.index_dtype
-    pixels = offsets.shape[0]
-    pixel = torch.arange(first_pixel, first_pixel + pixels, device=device)
-    image = pixel // math.prod(geo.out_size)
-    out_coords = _unravel(pixel, geo.out_size)
-    if taps is None:
-        tap_coords = _unravel(torch.arange(geo.taps, device=device), geo.kernel)
-    else:
-        tap_coords = list(taps.unbind(1))
-    # Broadcast (pixels, K) per-tap terms and (pixels, G) per-group terms to the sample order.
-    tap_axis, group_axis = (2, 1) if groups_first else (1, 2)
-    group = torch.arange(geo.offset_groups, device=device)
-    first = ((image[:, None] * geo.offset_groups + group) * table.plane_rows).to(index)
-    first = first.unsqueeze(tap_axis)
+    grid = _cached_grid if offsets[..., 0].numel() <= GRID_CACHE_SAMPLES else _grid
+    first, bases = grid(geo, first_pixel, offsets.shape[0], taps, groups_first, device)
 
     near = None
     pairs = []
-    for axis, (out, tap) in enumerate(zip(out_coords, tap_coords, strict=True)):
-        size, stride = geo.size[axis], geo.stride[axis]
-        base = out[:, None] * stride - geo.padding[axis] + tap * geo.dilation[axis]
-        base = base.to(index).unsqueeze(group_axis)
+    for axis, base in enumerate(bases):
+        size = geo.size[axis]
         # Beyond ``reach`` no sample has a corner inside; clamping there keeps every
         # integer below small, and NaN goes there too.  The corner comes from the offset
         # alone, floor(base + Δ) = base + floor(Δ), exact even where base + Δ would round.
-        reach = float(size + geo.padding[axis] + (geo.out_size[axis] - 1) * stride
+        reach = float(size + geo.padding[axis] + (geo.out_size[axis] - 1) * geo.stride[axis]
                       + (geo.kernel[axis] - 1) * geo.dilation[axis] + 2)  # fmt: skip
         shift = torch.nan_to_num(offsets[..., axis], nan=reach).clamp_(-reach, reach)
         whole = shift.floor()
         frac = shift - whole
-        low = base + whole.to(index)
+        whole = whole.to(index)
+        low = base + whole
         inside = (low >= -1) & (low < size)
         if strict:  # the position low + frac must be > -1
             inside &= (low >= 0) | (frac > 0)
         near = inside if near is None else near & inside
-        first = first + (low + 1) * table.strides[axis]
+        first = first + whole * table.strides[axis]
         frac = frac.view(-1)
         pairs.append((1 - frac, frac))
 

@@ -26,13 +26,19 @@ from .plan import sampling_plan, table_of
 from .pytorch import chunk_pixels
 
 
-def tap_coords(kernel: tuple[int, int], remove_center: bool, device) -> Tensor:
-    """``(P, 2)`` kernel coordinates (row, column) of the points in DCNv3's order: column by
-    column, the centre dropped when ``remove_center``."""
+def point_coords(kernel: tuple[int, int], remove_center: bool) -> tuple[tuple[int, int], ...]:
+    """Kernel coordinates (row, column) of the points in DCNv3's order: column by column,
+    the centre dropped when ``remove_center``."""
     kernel_h, kernel_w = kernel
     coords = [(j, i) for i in range(kernel_w) for j in range(kernel_h)]
     if remove_center:
         coords.remove((kernel_h // 2, kernel_w // 2))
+    return tuple(coords)
+
+
+def tap_coords(kernel: tuple[int, int], remove_center: bool, device) -> Tensor:
+    """:func:`point_coords` as a tensor ``(P, 2)``."""
+    coords = point_coords(kernel, remove_center)
     return torch.tensor(coords, dtype=torch.long, device=device).view(-1, 2)
 
 
@@ -73,8 +79,9 @@ def forward(input, offset, mask, kernel, stride, padding, dilation, group, offse
             remove_center) -> Tensor:  # fmt: skip
     geo = _geometry(input, offset, kernel, stride, padding, dilation, group)
     dtype = compute_dtype(input.dtype)
+    coords = point_coords(geo.kernel, remove_center)
     taps = tap_coords(geo.kernel, remove_center, input.device)
-    points, depth = taps.shape[0], geo.channels // group
+    points, depth = len(coords), geo.channels // group
     out = torch.empty(geo.pixels, group, depth, dtype=dtype, device=input.device)
     if geo.pixels > 0:
         table = _table(input, geo, dtype)
@@ -84,7 +91,7 @@ def forward(input, offset, mask, kernel, stride, padding, dilation, group, offse
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
             first, last = start * group * points, stop * group * points
-            plan = sampling_plan(geo, shifts[start:stop], start, taps=taps,
+            plan = sampling_plan(geo, shifts[start:stop], start, taps=coords,
                                  groups_first=True, strict=True)  # fmt: skip
             weights = plan.weights * masks[first:last]
             bags = weighted_rows(table, _bags(plan.rows, points), _bags(weights, points))
@@ -98,8 +105,9 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
     need_input, need_offset, need_mask = needs_grad
     geo = _geometry(input, offset, kernel, stride, padding, dilation, group)
     dtype = compute_dtype(input.dtype)
+    coords = point_coords(geo.kernel, remove_center)
     taps = tap_coords(geo.kernel, remove_center, input.device)
-    points, depth = taps.shape[0], geo.channels // group
+    points, depth = len(coords), geo.channels // group
     samples = geo.pixels * group * points
 
     def zeros(*shape: int) -> Tensor:
@@ -118,8 +126,8 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
             first, last = start * group * points, stop * group * points
-            plan = sampling_plan(geo, shifts[start:stop], start,
-                                 taps=taps, groups_first=True, strict=True)  # fmt: skip
+            plan = sampling_plan(geo, shifts[start:stop], start, taps=coords,
+                                 groups_first=True, strict=True)  # fmt: skip
             chunk_masks = masks[first:last]
             bag_grads = grad_out[start * group : stop * group]
             if table_grad is not None:
