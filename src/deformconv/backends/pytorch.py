@@ -9,8 +9,8 @@ Design
   offset group) is a weighted sum of ``2**d`` table rows: four bilinear corners in 2-D,
   eight trilinear ones in 3-D, at fixed row distances from its first corner.
 * A *sampling plan* holds, for every (output position, tap, offset group), the corner rows
-  (int32 where they fit) and their interpolation weights, and for the backward the
-  derivatives of those weights along each axis.  Corners outside the input fall on the zero
+  (int32 where they fit), their interpolation weights and the weights' per-axis factors,
+  which the backward differentiates.  Corners outside the input fall on the zero
   border, and samples with no corner inside on a block of zero rows, so nothing is ever
   read out of bounds, whatever the offsets hold, and no weight needs masking.
 * Forward: the weighted corners of every sample are summed by one fused gather
