@@ -35,24 +35,36 @@ def test_table_holds_the_input_inside_a_zero_border():
     assert (border == 0).all() and (rows[table.dead :] == 0).all()
 
 
+@pytest.mark.parametrize("span", [40, 400], ids=["dense", "sparse"])
 @pytest.mark.parametrize("gap_rows", [1024, 1, 0], ids=["one-range", "split", "split-all"])
 @pytest.mark.parametrize("share", [1, 3])
-def test_scatter_corners_matches_a_loop_of_index_add(share, gap_rows, monkeypatch):
+def test_scatter_corners_matches_a_loop_of_index_add(share, gap_rows, span, monkeypatch):
+    """Dense: more bags than rows (sorted gathers); sparse: fewer (bag by bag on the CPU).
+    As in the backends, skipped bags start at one dead row and no corner of the others
+    reaches it."""
     monkeypatch.setattr(gather, "GAP_ROWS", gap_rows)
+    bag_by_bag = []
+    original = gather._add_bag_by_bag
+    monkeypatch.setattr(gather, "_add_bag_by_bag",
+                        lambda *a: bag_by_bag.append(1) or original(*a))  # fmt: skip
     generator = torch.Generator().manual_seed(0)
-    bags, corners, depth, skip_from = 60, 4, 5, 40
-    deltas = [0, 1, 6, 7]
-    first = torch.randint(0, 48, (bags,), generator=generator, dtype=torch.int32)
+    bags, corners, depth, deltas = 60, 4, 5, [0, 1, 6, 7]
+    skip_from = span + deltas[-1]
+    first = torch.randint(0, span, (bags,), generator=generator, dtype=torch.int32)
+    first[::7] = skip_from
     weights = torch.randn(bags, corners, generator=generator, dtype=torch.float64)
     grad = torch.randn(bags // share, depth, generator=generator, dtype=torch.float64)
-    actual = torch.zeros(skip_from + 8, depth, dtype=torch.float64)
+    actual = torch.zeros(skip_from + deltas[-1] + 1, depth, dtype=torch.float64)
     scatter_corners(actual, first, deltas, weights, grad, share=share, skip_from=skip_from)
     expected = torch.zeros_like(actual)
     for b in range(bags):
         if first[b] < skip_from:
             for k, delta in enumerate(deltas):
                 expected[first[b] + delta] += weights[b, k] * grad[b // share]
-    torch.testing.assert_close(actual, expected, atol=1e-12, rtol=0)
+    # the rows from skip_from on are scratch space
+    torch.testing.assert_close(actual[:skip_from], expected[:skip_from], atol=1e-12, rtol=0)
+    if gap_rows == 1024:
+        assert bool(bag_by_bag) == (span == 400)
 
 
 def test_every_bag_skipped_leaves_the_gradient_alone():

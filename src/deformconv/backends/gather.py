@@ -57,25 +57,31 @@ def scatter_corners(table_grad: Tensor, first: Tensor, deltas: list[int], weight
                     grad: Tensor, *, share: int, skip_from: int) -> None:  # fmt: skip
     """``table_grad[first[b] + deltas[k]] += weights[b, k] · grad[b // share]`` for every bag
     ``b`` with ``first[b] < skip_from``: the bags' corners lie at fixed deltas from their
-    first row, and ``share`` consecutive bags share one gradient row.
+    first row, and ``share`` consecutive bags share one gradient row.  The rows of
+    ``table_grad`` from ``skip_from`` on are scratch space: they may receive anything.
 
     A gather rather than a scatter: sorted by first row, the bags that reach one table row
     through corner ``k`` are consecutive, so each corner is one fused, multi-threaded
     ``embedding_bag`` over the gradient rows, in a fixed order (deterministic), that writes
     a contiguous range of rows.  Where the sorted rows leave a gap of more than
-    :data:`GAP_ROWS` (e.g. between offset groups of a large image), the range is split.
+    :data:`GAP_ROWS` (e.g. between offset groups of a large image), the range is split.  On
+    the CPU, where the ranges hold more rows than there are bags, adding each bag to its
+    rows with ``index_add_`` (deterministic there too) costs less.
     """
     keys, order = torch.sort(first, stable=True)
     count = int(torch.searchsorted(keys, skip_from))
     if count == 0:
         return
     keys, order = keys[:count], order[:count]
-    sources = order if share == 1 else order // share
-    sorted_weights = weights.T.index_select(1, order)
     cuts = torch.nonzero(keys[1:] - keys[:-1] > GAP_ROWS).view(-1) + 1
     edges = [0, *cuts.tolist(), count]
     lows = keys[edges[:-1]].tolist()
     highs = (keys[[edge - 1 for edge in edges[1:]]] + 1).tolist()
+    if table_grad.device.type == "cpu" and sum(highs) - sum(lows) > count:
+        _add_bag_by_bag(table_grad, first, deltas, weights, grad, share)
+        return
+    sources = order if share == 1 else order // share
+    sorted_weights = weights.T.index_select(1, order)
     for begin, end, low, high in zip(edges[:-1], edges[1:], lows, highs, strict=True):
         rows = torch.arange(low, high + 1, device=keys.device, dtype=keys.dtype)
         bounds = torch.searchsorted(keys[begin:end], rows)
@@ -84,3 +90,15 @@ def scatter_corners(table_grad: Tensor, first: Tensor, deltas: list[int], weight
                                    per_sample_weights=sorted_weights[k, begin:end],
                                    include_last_offset=True)  # fmt: skip
             table_grad[low + delta : high + delta] += part
+
+
+def _add_bag_by_bag(table_grad: Tensor, first: Tensor, deltas: list[int], weights: Tensor,
+                    grad: Tensor, share: int) -> None:  # fmt: skip
+    """:func:`scatter_corners` with ``index_add_``, skipped bags included (scratch rows)."""
+    targets = first.to(torch.int64)
+    depth = grad.shape[-1]
+    contribution = grad.new_empty(first.shape[0], depth)  # one buffer for all corners
+    for k, delta in enumerate(deltas):
+        torch.mul(grad.view(-1, 1, depth), weights[:, k].view(-1, share, 1),
+                  out=contribution.view(-1, share, depth))  # fmt: skip
+        table_grad.index_add_(0, targets + delta, contribution)
