@@ -134,16 +134,25 @@ def _unravel(index: Tensor, sizes: tuple[int, ...]) -> list[Tensor]:
 def _per_corner(pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
     """Products over axes of each corner's (low, high) factors, the first axis slowest: in
     2-D the order (y0 x0, y0 x1, y1 x0, y1 x1).  No axes: the single factor 1."""
-    corners: list = [1.0]
-    for low, high in pairs:
+    if not pairs:
+        return [1.0]
+    corners = list(pairs[0])
+    for low, high in pairs[1:]:
         corners = [corner * entry for corner in corners for entry in (low, high)]
     return corners
 
 
-def _grid(geo: Geometry, first_pixel: int, pixels: int, taps: tuple | None,
-          groups_first: bool, device: torch.device) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
+def _grid(
+    geo: Geometry,
+    first_pixel: int,
+    pixels: int,
+    taps: tuple | None,
+    groups_first: bool,
+    device: torch.device,
+) -> tuple[Tensor, list[Tensor], Tensor]:
     """The plan's terms that do not depend on the offsets, broadcastable to the sample order:
-    the first corner's row at zero offset, and per axis the kernel grid's position."""
+    the first corner's row at zero offset, per axis the kernel grid's position, and the
+    corners' row deltas."""
     table = table_of(geo)
     index = table.index_dtype
     pixel = torch.arange(first_pixel, first_pixel + pixels, device=device)
@@ -163,7 +172,8 @@ def _grid(geo: Geometry, first_pixel: int, pixels: int, taps: tuple | None,
         base = base.unsqueeze(group_axis)
         first = first + (base + 1) * table.strides[axis]
         bases.append(base.to(index))
-    return first.to(index), bases
+    deltas = torch.tensor(table.deltas, dtype=index, device=device)
+    return first.to(index), bases, deltas
 
 
 #: Grids of calls up to this many samples are kept (a few dozen), the small calls whose
@@ -194,7 +204,7 @@ def sampling_plan(
     table = table_of(geo)
     index = table.index_dtype
     grid = _cached_grid if offsets[..., 0].numel() <= GRID_CACHE_SAMPLES else _grid
-    first, bases = grid(geo, first_pixel, offsets.shape[0], taps, groups_first, device)
+    first, bases, deltas = grid(geo, first_pixel, offsets.shape[0], taps, groups_first, device)
 
     near = None
     pairs = []
@@ -213,13 +223,15 @@ def sampling_plan(
         inside = (low >= -1) & (low < size)
         if strict:  # the position low + frac must be > -1
             inside &= (low >= 0) | (frac > 0)
-        near = inside if near is None else near & inside
-        first = first + whole * table.strides[axis]
+        if near is None:
+            near = inside
+        else:
+            near &= inside
+        first = first.add(whole, alpha=table.strides[axis])
         frac = frac.view(-1)
         pairs.append((1 - frac, frac))
 
-    first = torch.where(near, first, table.dead).view(-1)
-    deltas = torch.tensor(table.deltas, dtype=index, device=device)
+    first = first.masked_fill_(near.logical_not_(), table.dead).view(-1)
     rows = first[:, None] + deltas
     weights = torch.stack(_per_corner(pairs), dim=-1)
     return SamplingPlan(first, rows, weights, pairs)
