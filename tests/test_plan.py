@@ -133,3 +133,13 @@ def test_cached_and_fresh_grids_give_the_same_results(monkeypatch):
     monkeypatch.setattr(plan, "GRID_CACHE_SAMPLES", 0)
     for first, second in zip(cached, run(), strict=True):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("size", [100, 6000, 20000, 2**15])
+def test_stable_sort_pads_mid_sized_keys_to_the_same_result(size):
+    generator = torch.Generator().manual_seed(size)
+    keys = torch.randint(0, 3000, (size,), generator=generator, dtype=torch.int32)
+    keys[-5:] = torch.iinfo(torch.int32).max - 1
+    values, order = gather._stable_sort(keys)
+    expected_values, expected_order = torch.sort(keys, stable=True)
+    assert torch.equal(values, expected_values) and torch.equal(order, expected_order)

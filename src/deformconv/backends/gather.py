@@ -23,6 +23,12 @@ from torch import Tensor
 #: range: an empty row costs a write and an add, a split a few calls.
 GAP_ROWS = 1024
 
+#: ``torch.sort`` on the CPU switches to a much faster algorithm from this many elements on
+#: (torch 2.13 and 2.14 on 2 cores: 1.5 ms for 30 000 int32 keys, 0.29 ms for 32 768), so
+#: mid-sized key sets are padded up to it.
+_FAST_SORT_SIZE = 2**15
+_PAD_SORT_FROM = 6000
+
 _per_sample_weights_backward = getattr(
     torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None
 )
@@ -68,7 +74,7 @@ def scatter_corners(table_grad: Tensor, first: Tensor, deltas: list[int], weight
     the CPU, where the ranges hold more rows than there are bags, adding each bag to its
     rows with ``index_add_`` (deterministic there too) costs less.
     """
-    keys, order = torch.sort(first, stable=True)
+    keys, order = _stable_sort(first)
     count = int(torch.searchsorted(keys, skip_from))
     if count == 0:
         return
@@ -90,6 +96,17 @@ def scatter_corners(table_grad: Tensor, first: Tensor, deltas: list[int], weight
                                    per_sample_weights=sorted_weights[k, begin:end],
                                    include_last_offset=True)  # fmt: skip
             table_grad[low + delta : high + delta] += part
+
+
+def _stable_sort(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.sort(keys, stable=True)``, past the CPU's slow range of sizes."""
+    size = keys.shape[0]
+    if keys.device.type != "cpu" or not _PAD_SORT_FROM <= size < _FAST_SORT_SIZE:
+        return torch.sort(keys, stable=True)
+    # The padding is the largest key there is: stable, it stays behind every real key.
+    padding = keys.new_full((_FAST_SORT_SIZE - size,), torch.iinfo(keys.dtype).max)
+    values, order = torch.sort(torch.cat([keys, padding]), stable=True)
+    return values[:size], order[:size]
 
 
 def _add_bag_by_bag(table_grad: Tensor, first: Tensor, deltas: list[int], weights: Tensor,
