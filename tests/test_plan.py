@@ -143,3 +143,29 @@ def test_stable_sort_pads_mid_sized_keys_to_the_same_result(size):
     values, order = gather._stable_sort(keys)
     expected_values, expected_order = torch.sort(keys, stable=True)
     assert torch.equal(values, expected_values) and torch.equal(order, expected_order)
+
+
+def test_int64_rows_give_the_same_results(monkeypatch):
+    """Tables of 2**31 rows or more take int64 row numbers: forced here on a small input."""
+    from deformconv.backends import plan
+
+    generator = torch.Generator().manual_seed(5)
+    input = torch.randn(2, 6, 7, 5, generator=generator, requires_grad=True)
+    offset = (2 * torch.randn(2, 2 * 3 * 6, 4, 6, generator=generator)).requires_grad_(True)
+    mask = torch.rand(2, 3 * 6, 4, 6, generator=generator, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 2, generator=generator, requires_grad=True)
+
+    def run():
+        out = deformconv.deform_conv2d(input, offset, weight, stride=(2, 1), padding=(1, 1),
+                                       mask=mask)  # fmt: skip
+        return out, *torch.autograd.grad(out.square().sum(), (input, offset, mask, weight))
+
+    narrow = run()
+    monkeypatch.setattr(plan.Table, "index_dtype", property(lambda self: torch.int64))
+    plan._cached_grid.cache_clear()
+    try:
+        wide = run()
+    finally:
+        plan._cached_grid.cache_clear()
+    for first, second in zip(narrow, wide, strict=True):
+        torch.testing.assert_close(first, second, atol=1e-5, rtol=1e-5)
