@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one bounded run: the Triton backend's tests on CUDA, then
-# benchmarks/bench_gpu.py, benchmarks/bench_dcnv3_v4.py and `deformconv demo --quick` (which
+# benchmarks/bench_gpu.py, benchmarks/bench_dcnv3_v4.py, benchmarks/bench_3d.py on the
+# GPU (the torch backend, deform_conv3d's only GPU path) and `deformconv demo --quick` (which
 # needs Pillow, matplotlib and tqdm).  Needs torch, triton, pytest and hypothesis (torchvision
 # if it is to be compared); runs from the source tree without installing.  Logs and tables go
 # to $OUT.
@@ -8,8 +9,8 @@
 #   OUT=gpu-results benchmarks/gpu_checks.sh [bench_gpu.py arguments]
 #
 # Each step is bounded by its variable's seconds (0 skips it): TEST_SECONDS (150),
-# BENCH_SECONDS (180), DCNV3_SECONDS (120), DEMO_SECONDS (60); the defaults fit one 10-minute
-# call.  TEST_WORKERS runs the tests in that many processes (default 8 where pytest-xdist is
+# BENCH_SECONDS (180), DCNV3_SECONDS (120), BENCH3D_SECONDS (40), DEMO_SECONDS (60); the
+# defaults fit one 10-minute call.  TEST_WORKERS runs the tests in that many processes (default 8 where pytest-xdist is
 # installed, else 1; Triton compiles in parallel then); DCNV3_ARGS go to bench_dcnv3_v4.py;
 # DEMO_OUT is where the demo writes (default $OUT/demo).
 set -uo pipefail
@@ -27,6 +28,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 
 DCNV3_SECONDS=${DCNV3_SECONDS:-120}
 DEMO_SECONDS=${DEMO_SECONDS:-60}
+BENCH3D_SECONDS=${BENCH3D_SECONDS:-40}
 if [ -z "${TEST_WORKERS:-}" ]; then
     TEST_WORKERS=1
     python3 -c "import xdist" 2>/dev/null && TEST_WORKERS=8
@@ -58,6 +60,14 @@ if [ "$DCNV3_SECONDS" -gt 0 ]; then
         --budget $((DCNV3_SECONDS - 20)) --csv "$OUT/dcnv3.csv" > "$OUT/dcnv3.log" 2>&1
     echo "dcnv3 bench exit status $?" >> "$OUT/dcnv3.log"
     tail -40 "$OUT/dcnv3.log"
+fi
+
+if [ "$BENCH3D_SECONDS" -gt 0 ]; then
+    stamp "3-D benchmark on the GPU, torch backend (at most ${BENCH3D_SECONDS}s)"
+    timeout "$BENCH3D_SECONDS" python3 benchmarks/bench_3d.py --device cuda \
+        --csv "$OUT/bench3d.csv" > "$OUT/bench3d.log" 2>&1
+    echo "3-D bench exit status $?" >> "$OUT/bench3d.log"
+    tail -8 "$OUT/bench3d.log"
 fi
 
 if [ "$DEMO_SECONDS" -gt 0 ]; then
