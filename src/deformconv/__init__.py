@@ -21,7 +21,7 @@ The catalogue:
   the convolutions of any model into deformable ones and train their offset predictors.
 * :func:`set_backend`, :func:`get_backend`, :func:`use_backend`, :func:`available_backends`
   -- which implementation runs the op; :func:`set_column_budget` bounds the torch backend's
-  temporary memory.
+  temporary memory; :func:`set_cpu_compile` turns its compiled CPU sampling on or off.
 
 ``deformconv.checkpoints`` loads torchvision, mmcv and detectron2 checkpoints into these
 layers; ``torch.onnx.export(..., opset_version=19)`` writes the standard ``DeformConv``
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from . import checkpoints
 from .backends import available_backends, get_backend, set_backend, use_backend
+from .backends.compiled import set_cpu_compile
 from .backends.pytorch import column_budget, set_column_budget
 from .convert import convert_to_deformable, deformable_layers, offset_parameters
 from .dcnv3 import dcnv3, dcnv4, dcnv4_offset_mask_channels
@@ -82,5 +83,6 @@ __all__ = [
     "offset_parameters",
     "set_backend",
     "set_column_budget",
+    "set_cpu_compile",
     "use_backend",
 ]

@@ -182,6 +182,44 @@ GRID_CACHE_SAMPLES = 2**16
 _cached_grid = functools.lru_cache(maxsize=32)(_grid)
 
 
+class Grid(NamedTuple):
+    """What a plan needs besides the offsets: the offset-independent terms of :func:`_grid`
+    and the table's constants, per axis where it says so."""
+
+    first: Tensor
+    bases: list[Tensor]
+    deltas: Tensor
+    sizes: tuple[int, ...]
+    reaches: tuple[float, ...]
+    strides: tuple[int, ...]
+    dead: int
+
+
+def grid_of(
+    geo: Geometry,
+    first_pixel: int,
+    pixels: int,
+    device: torch.device,
+    *,
+    taps: tuple[tuple[int, ...], ...] | None = None,
+    groups_first: bool = False,
+) -> Grid:
+    """The :class:`Grid` of ``pixels`` output pixels from ``first_pixel`` (see
+    :func:`sampling_plan` for ``taps`` and ``groups_first``)."""
+    table = table_of(geo)
+    samples = pixels * geo.offset_groups * (geo.taps if taps is None else len(taps))
+    grid = _cached_grid if samples <= GRID_CACHE_SAMPLES else _grid
+    first, bases, deltas = grid(geo, first_pixel, pixels, taps, groups_first, device)
+    # Beyond ``reach`` no sample has a corner inside (see plan_from_grid).
+    axes = zip(geo.size, geo.padding, geo.out_size, geo.stride, geo.kernel, geo.dilation,
+               strict=True)  # fmt: skip
+    reaches = tuple(
+        float(size + pad + (out - 1) * stride + (kernel - 1) * dil + 2)
+        for size, pad, out, stride, kernel, dil in axes
+    )
+    return Grid(first, bases, deltas, tuple(geo.size), reaches, tuple(table.strides), table.dead)
+
+
 def sampling_plan(
     geo: Geometry,
     offsets: Tensor,
@@ -200,25 +238,28 @@ def sampling_plan(
     sample is 0 unless it has a corner inside the input; with ``strict``, unless its
     position lies strictly inside ``(−1, size)`` on every axis (DCNv3's rule).
     """
-    device = offsets.device
-    table = table_of(geo)
-    index = table.index_dtype
-    grid = _cached_grid if offsets[..., 0].numel() <= GRID_CACHE_SAMPLES else _grid
-    first, bases, deltas = grid(geo, first_pixel, offsets.shape[0], taps, groups_first, device)
+    grid = grid_of(geo, first_pixel, offsets.shape[0], offsets.device, taps=taps,
+                   groups_first=groups_first)  # fmt: skip
+    return plan_from_grid(offsets, grid, strict)
 
+
+def plan_from_grid(offsets: Tensor, grid: Grid, strict: bool = False) -> SamplingPlan:
+    """:func:`sampling_plan` given its :class:`Grid`: tensor operations only, whose constants
+    may be numbers or 0-d tensors, so that it can also be compiled
+    (:mod:`~deformconv.backends.compiled`)."""
+    first = grid.first
     near = None
     pairs = []
-    for axis, base in enumerate(bases):
-        size = geo.size[axis]
-        # Beyond ``reach`` no sample has a corner inside; clamping there keeps every
-        # integer below small, and NaN goes there too.  The corner comes from the offset
-        # alone, floor(base + Δ) = base + floor(Δ), exact even where base + Δ would round.
-        reach = float(size + geo.padding[axis] + (geo.out_size[axis] - 1) * geo.stride[axis]
-                      + (geo.kernel[axis] - 1) * geo.dilation[axis] + 2)  # fmt: skip
-        shift = torch.nan_to_num(offsets[..., axis], nan=reach).clamp_(-reach, reach)
+    for axis, base in enumerate(grid.bases):
+        size, reach = grid.sizes[axis], grid.reaches[axis]
+        # Clamping at ``reach`` keeps every integer below small, and NaN goes there too.  The
+        # corner comes from the offset alone, floor(base + Δ) = base + floor(Δ), exact even
+        # where base + Δ would round.
+        shift = offsets[..., axis]
+        shift = torch.where(shift.isnan(), reach, shift).clamp_(-reach, reach)
         whole = shift.floor()
         frac = shift - whole
-        whole = whole.to(index)
+        whole = whole.to(first.dtype)
         low = base + whole
         inside = (low >= -1) & (low < size)
         if strict:  # the position low + frac must be > -1
@@ -227,11 +268,11 @@ def sampling_plan(
             near = inside
         else:
             near &= inside
-        first = first.add(whole, alpha=table.strides[axis])
-        frac = frac.view(-1)
+        first = first + whole * grid.strides[axis]
+        frac = frac.reshape(-1)
         pairs.append((1 - frac, frac))
 
-    first = first.masked_fill_(near.logical_not_(), table.dead).view(-1)
-    rows = first[:, None] + deltas
+    first = first.masked_fill_(near.logical_not_(), grid.dead).reshape(-1)
+    rows = first[:, None] + grid.deltas
     weights = torch.stack(_per_corner(pairs), dim=-1)
     return SamplingPlan(first, rows, weights, pairs)

@@ -41,8 +41,9 @@ from torch import Tensor
 
 from .._geometry import Geometry, geometry
 from .._utils import compute_dtype
+from . import compiled
 from .gather import row_dots, scatter_corners, weighted_rows
-from .plan import sampling_plan, table_of
+from .plan import grid_of, sampling_plan, table_of
 
 #: The default upper bound, in bytes, on the temporary column buffers of one call.
 DEFAULT_COLUMN_BUDGET = 256 * 2**20
@@ -136,6 +137,46 @@ def _chunks(total: int, size: int):
         yield start, min(total, start + size)
 
 
+class _Samples:
+    """The samples of one chunk of output pixels (from ``first_pixel`` on), ``M = pixels·K·G``
+    of them: their columns and corner terms, compiled
+    (:mod:`~deformconv.backends.compiled`) where that runs, else from one sampling plan."""
+
+    def __init__(self, table: Tensor, offsets: Tensor, masks: Tensor | None, geo: Geometry,
+                 first_pixel: int):  # fmt: skip
+        self.table, self.offsets, self.masks = table, offsets, masks
+        if compiled.active(table):
+            self.grid = grid_of(geo, first_pixel, offsets.shape[0], table.device)
+            self.plan = None
+        else:
+            self.plan = sampling_plan(geo, offsets, first_pixel)
+            weights = self.plan.weights
+            self.weights = weights if masks is None else weights * masks[:, None]
+
+    def columns(self) -> Tensor:
+        """``(M, C/G)``: each sample's weighted, masked corner rows."""
+        if self.plan is None:
+            return compiled.run(compiled.columns, self.table, self.offsets, self.masks,
+                                self.grid)  # fmt: skip
+        return weighted_rows(self.table, self.plan.rows, self.weights)
+
+    def corner_terms(self, grad_cols: Tensor, positions: bool):
+        """First rows, masked weights, mask and position gradients (see
+        :func:`~deformconv.backends.compiled.corner_terms`); without ``positions`` the
+        gradients may be ``None``."""
+        if self.plan is None:
+            return compiled.run(compiled.corner_terms, self.table, grad_cols, self.offsets,
+                                self.masks, self.grid)  # fmt: skip
+        plan = self.plan
+        if not positions:
+            return plan.first, self.weights, None, None
+        dots = row_dots(grad_cols, self.table, plan.rows)
+        position_grad = plan.position_grads(dots)
+        if self.masks is not None:
+            position_grad *= self.masks[:, None]
+        return plan.first, self.weights, (plan.weights * dots).sum(1), position_grad
+
+
 def forward(
     input: Tensor,
     offset: Tensor,
@@ -155,15 +196,13 @@ def forward(
     if geo.pixels > 0:
         table = _input_table(input, geo, dtype)
         offsets = _per_pixel(offset, geo, geo.dims, dtype)
-        masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(geo.pixels, -1)
+        masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(-1)
         matrix = _weight_matrix(weight, geo, dtype)
         step = chunk_pixels(geo.pixels, geo.taps * geo.channels, 2, table)
+        per_pixel = geo.taps * geo.offset_groups
         for start, stop in _chunks(geo.pixels, step):
-            plan = sampling_plan(geo, offsets[start:stop], start)
-            weights = plan.weights
-            if masks is not None:
-                weights = weights * masks[start:stop].view(-1, 1)
-            cols = weighted_rows(table, plan.rows, weights)
+            chunk_masks = None if masks is None else masks[start * per_pixel : stop * per_pixel]
+            cols = _Samples(table, offsets[start:stop], chunk_masks, geo, start).columns()
             cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
             out[start:stop] = torch.bmm(cols, matrix.transpose(1, 2)).transpose(0, 1)
     if bias is not None:
@@ -212,30 +251,26 @@ def backward(
         step = chunk_pixels(geo.pixels, geo.taps * geo.channels, 4, table)
         for start, stop in _chunks(geo.pixels, step):
             first, last = start * per_pixel, stop * per_pixel
-            plan = sampling_plan(geo, offsets[start:stop], start)
+            chunk_masks = None if masks is None else masks[first:last]
+            samples = _Samples(table, offsets[start:stop], chunk_masks, geo, start)
             chunk_grad = grad_out[start:stop].transpose(0, 1)
             grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix), geo)
-            weights = plan.weights
-            if masks is not None:
-                weights = weights * masks[first:last, None]
+            terms = samples.corner_terms(grad_cols, need_offset or need_mask)
+            first_rows, weights, chunk_mask_grad, chunk_position_grad = terms
             if need_weight:
-                cols = weighted_rows(table, plan.rows, weights)
+                cols = samples.columns()
                 cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
                 if weight_grad is None:
                     weight_grad = torch.bmm(chunk_grad.transpose(1, 2), cols)
                 else:
                     weight_grad.baddbmm_(chunk_grad.transpose(1, 2), cols)
             if table_grad is not None:
-                scatter_corners(table_grad, plan.first, layout.deltas, weights, grad_cols,
+                scatter_corners(table_grad, first_rows, layout.deltas, weights, grad_cols,
                                 share=1, skip_from=layout.dead)  # fmt: skip
-            if need_offset or need_mask:
-                dots = row_dots(grad_cols, table, plan.rows)
-                if mask_grad is not None:
-                    mask_grad[first:last] = (plan.weights * dots).sum(1)
-                if position_grad is not None:
-                    position_grad[first:last] = plan.position_grads(dots)
-                    if masks is not None:
-                        position_grad[first:last] *= masks[first:last, None]
+            if mask_grad is not None:
+                mask_grad[first:last] = chunk_mask_grad
+            if position_grad is not None:
+                position_grad[first:last] = chunk_position_grad
 
     sample_shape = (geo.batch, math.prod(geo.out_size), geo.taps, geo.offset_groups)
     grad_input = grad_offset = grad_mask = grad_weight = None

@@ -1,0 +1,108 @@
+"""The torch backend's compiled CPU sampling: the same results as the uncompiled path, a
+clean fallback where compiling fails, and its switch."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import deformconv
+from cases import LOPSIDED, make_inputs, output_and_grads
+from deformconv.backends import compiled
+
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(name) for name in ("g++", "c++", "clang++")),
+    reason="compiling needs a C++ compiler",
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state(monkeypatch):
+    """No failure and nothing compiled yet; the switch as it was afterwards."""
+    monkeypatch.setattr(compiled, "_failure", None)
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_enabled", compiled._enabled)
+
+
+def _both_ways(function):
+    compiled.set_cpu_compile(False)
+    expected = function()
+    compiled.set_cpu_compile(True)
+    return expected, function()
+
+
+@needs_compiler
+def test_compiled_2d_matches_uncompiled_forward_and_every_gradient():
+    config = LOPSIDED["straddling-groups"]  # 3 offset groups of 2 channels: compiled
+    tensors = make_inputs(config, dtype=torch.float32, seed=6)
+    expected, actual = _both_ways(lambda: output_and_grads(deformconv.deform_conv2d, tensors,
+                                                           config))  # fmt: skip
+    assert compiled.compile_failure() is None
+    assert set(compiled._compiled) == {"columns", "corner_terms"}
+    torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)
+    for name in expected[1]:
+        torch.testing.assert_close(actual[1][name], expected[1][name], atol=1e-4, rtol=1e-5)
+
+
+@needs_compiler
+def test_compiled_3d_without_mask_matches_uncompiled():
+    generator = torch.Generator().manual_seed(7)
+    input = torch.randn(2, 4, 5, 6, 4, generator=generator, requires_grad=True)
+    offset = (2 * torch.randn(2, 3 * 2 * 12, 5, 3, 5, generator=generator)).requires_grad_(True)
+    weight = torch.randn(3, 4, 3, 2, 2, generator=generator, requires_grad=True)
+
+    def run():
+        out = deformconv.deform_conv3d(input, offset, weight, stride=(1, 2, 1),
+                                       padding=(1, 0, 1))  # fmt: skip
+        return out, *torch.autograd.grad(out.square().sum(), (input, offset, weight))
+
+    expected, actual = _both_ways(run)
+    assert compiled.compile_failure() is None
+    assert set(compiled._compiled) == {"columns", "corner_terms"}
+    for first, second in zip(expected, actual, strict=True):
+        torch.testing.assert_close(second, first, atol=1e-4, rtol=1e-5)
+
+
+def test_a_failed_compilation_warns_once_and_runs_uncompiled(monkeypatch):
+    def broken(function, **options):
+        def call(*args):
+            raise RuntimeError("no C++ compiler here")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    config = LOPSIDED["straddling-groups"]
+    tensors = make_inputs(config, dtype=torch.float32, seed=8)
+    compiled.set_cpu_compile(False)
+    expected = output_and_grads(deformconv.deform_conv2d, tensors, config)
+    compiled.set_cpu_compile(True)
+    with pytest.warns(RuntimeWarning, match="no C.. compiler here"):
+        actual = output_and_grads(deformconv.deform_conv2d, tensors, config)
+    assert "no C++ compiler here" in compiled.compile_failure()
+    assert not compiled.active(torch.empty(1, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        again = output_and_grads(deformconv.deform_conv2d, tensors, config)
+    for result in (actual, again):
+        torch.testing.assert_close(result[0], expected[0], atol=1e-5, rtol=1e-5)
+        for name in expected[1]:
+            torch.testing.assert_close(result[1][name], expected[1][name], atol=1e-4,
+                                       rtol=1e-5)  # fmt: skip
+
+
+def test_which_tables_compile_and_the_switch(monkeypatch):
+    compiled.set_cpu_compile(True)
+    assert compiled.active(torch.empty(5, compiled.NARROW_ROWS))
+    assert not compiled.active(torch.empty(5, compiled.NARROW_ROWS + 1))  # wide rows
+    assert not compiled.active(torch.empty(5, 4, dtype=torch.float16))
+    assert not compiled.active(torch.empty(5, 4, device="meta"))
+    deformconv.set_cpu_compile(False)
+    assert not compiled.compile_enabled() and not compiled.active(torch.empty(5, 4))
+    monkeypatch.setenv(compiled.ENV_VAR, "1")
+    deformconv.set_cpu_compile(None)
+    assert compiled.compile_enabled()
+    with pytest.raises(ValueError, match="True, False or None, got 'yes'"):
+        deformconv.set_cpu_compile("yes")
