@@ -105,7 +105,22 @@ def info() -> str:
         lines.append(f"  {label} tensors run on: {runs}")
     if reason:
         lines[-1] += f" (triton unavailable: {reason})"
+    lines.append(f"torch backend on the CPU: {_cpu_sampling()}")
     return "\n".join(lines)
+
+
+def _cpu_sampling() -> str:
+    """How the torch backend samples on the CPU (:mod:`deformconv.backends.compiled`)."""
+    from .backends import compiled
+
+    if compiled.compile_failure() is not None:
+        return f"uncompiled (compiling failed: {compiled.compile_failure()})"
+    if not compiled.compile_enabled():
+        return f"uncompiled ({compiled.ENV_VAR}=0 or set_cpu_compile(False))"
+    return (
+        f"compiled with torch.compile for rows of at most {compiled.NARROW_ROWS} "
+        "channels, on first use"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
