@@ -48,6 +48,30 @@ def test_compiled_2d_matches_uncompiled_forward_and_every_gradient():
 
 
 @needs_compiler
+def test_one_compilation_serves_other_sizes_and_geometries():
+    """Dynamic shapes, the constants as tensors and no view relations: other input sizes,
+    channels, groups, kernels, strides and batches reuse the first compilation."""
+    from torch._dynamo.utils import counters
+
+    compiled.set_cpu_compile(True)
+    counters.clear()
+    settings = ((2, 8, 9, 4, 3, 1), (1, 6, 13, 3, 5, 2), (3, 4, 7, 1, 3, 1), (2, 10, 6, 5, 1, 1))
+    for batch, channels, size, groups, kernel, stride in settings:
+        generator = torch.Generator().manual_seed(size)
+        taps = kernel * kernel
+        input = torch.randn(batch, channels, size, size, generator=generator, requires_grad=True)
+        out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
+        offset = torch.randn(batch, 2 * groups * taps, out_size, out_size, generator=generator)
+        mask = torch.rand(batch, groups * taps, out_size, out_size, generator=generator)
+        weight = torch.randn(channels, channels, kernel, kernel, generator=generator)
+        out = deformconv.deform_conv2d(input, offset.requires_grad_(), weight, stride=stride,
+                                       padding=kernel // 2, mask=mask.requires_grad_())  # fmt: skip
+        out.sum().backward()
+    assert compiled.compile_failure() is None
+    assert counters["stats"]["unique_graphs"] == 2  # columns and corner_terms, once each
+
+
+@needs_compiler
 def test_compiled_3d_without_mask_matches_uncompiled():
     generator = torch.Generator().manual_seed(7)
     input = torch.randn(2, 4, 5, 6, 4, generator=generator, requires_grad=True)

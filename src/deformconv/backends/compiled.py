@@ -16,9 +16,10 @@ channels: forward+backward 63–67 → 46 ms on 2 cores).  Rows of more than
 
 The uncompiled functions give the same results (up to rounding) and run wherever compiling
 does not: they are what the backend falls back to.  Compilation happens on first use, with
-dynamic shapes (once per dtype and mask / no mask, not per input size); the table's
-constants go in as tensors, so that other geometries need no recompilation either, and
-Inductor keeps what it compiled in its on-disk cache for later processes.  It needs a C++
+dynamic shapes, on one entry per sample (detached, so that no view relation is guarded
+on) and with the table's constants as 0-d tensors: once per dtype, mask / no mask and number
+of axes, not per input size or geometry.  Inductor keeps what it compiled in its on-disk
+cache for later processes.  It needs a C++
 compiler at run time: where compiling fails for any reason the backend warns once and goes
 on uncompiled.  :func:`set_cpu_compile` (or ``DEFORMCONV_COMPILE=0``) turns it off.
 """
@@ -32,7 +33,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .plan import Grid, plan_from_grid
+from .plan import Grid, corner_deltas, plan_from_grid
 
 ENV_VAR = "DEFORMCONV_COMPILE"
 _enabled = os.environ.get(ENV_VAR, "1") != "0"
@@ -65,7 +66,8 @@ def compile_failure() -> str | None:
 
 
 def columns(table: Tensor, offsets: Tensor, masks: Tensor | None, grid: Grid) -> Tensor:
-    """``(M, D)``: each sample's corner rows of ``table``, weighted and masked."""
+    """``(M, D)``: each sample's corner rows of ``table``, weighted and masked; ``offsets``
+    ``(M, d)``, ``masks`` ``(M,)``."""
     plan = plan_from_grid(offsets, grid)
     weights = plan.weights if masks is None else plan.weights * masks[:, None]
     total = table[plan.rows[:, 0]] * weights[:, :1]
@@ -95,20 +97,24 @@ def corner_terms(table: Tensor, grad_columns: Tensor, offsets: Tensor, masks: Te
 
 @functools.lru_cache(maxsize=64)
 def _constants(sizes: tuple, strides: tuple, reaches: tuple, dead: int, index: torch.dtype,
-               device: torch.device) -> tuple:  # fmt: skip
+               device: torch.device) -> dict:  # fmt: skip
     def tensors(values, dtype):
         return tuple(torch.tensor(value, dtype=dtype, device=device) for value in values)
 
-    return (tensors(sizes, index), tensors(strides, index), tensors(reaches, torch.float64),
-            torch.tensor(dead, dtype=index, device=device))  # fmt: skip
+    return {"sizes": tensors(sizes, index), "strides": tensors(strides, index),
+            "reaches": tensors(reaches, torch.float64),
+            "deltas": tensors(corner_deltas(strides), index),
+            "dead": torch.tensor(dead, dtype=index, device=device)}  # fmt: skip
 
 
 def _tensor_constants(grid: Grid, device: torch.device) -> Grid:
-    """``grid`` with its numbers as 0-d tensors, so that compiled code does not specialise on
-    them (one compilation for every geometry)."""
-    sizes, strides, reaches, dead = _constants(grid.sizes, grid.strides, grid.reaches, grid.dead,
-                                               grid.first.dtype, device)  # fmt: skip
-    return grid._replace(sizes=sizes, strides=strides, reaches=reaches, dead=dead)
+    """``grid`` with its numbers as 0-d tensors (and the deltas as a tuple of them), so that
+    compiled code does not specialise on them: one compilation serves every geometry; its
+    tensors detached (see :func:`run`)."""
+    constants = _constants(grid.sizes, grid.strides, grid.reaches, grid.dead, grid.first.dtype,
+                           device)  # fmt: skip
+    return grid._replace(first=grid.first.detach(),
+                         bases=[base.detach() for base in grid.bases], **constants)  # fmt: skip
 
 
 #: Compiled only for tables of at most this many channels a row: wider rows are gathered as
@@ -134,9 +140,11 @@ def run(function, *args):
     if name not in _compiled:
         _compiled[name] = torch.compile(function, dynamic=True)
     grid = _tensor_constants(args[-1], args[0].device)
+    # detach(): no view relations, on which the compiled code would otherwise guard.
+    tensors = [arg.detach() if isinstance(arg, Tensor) else arg for arg in args[:-1]]
     try:
         with torch.no_grad():
-            return _compiled[name](*args[:-1], grid)
+            return _compiled[name](*tensors, grid)
     except Exception as error:  # no compiler, a compiler error, an unsupported platform...
         _failure = f"{type(error).__name__}: {str(error).strip()[:300]}"
         warnings.warn(

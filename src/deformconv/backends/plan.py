@@ -50,10 +50,7 @@ class Table(NamedTuple):
     @property
     def deltas(self) -> list[int]:
         """Row offsets of the ``2**d`` corners from the lowest one, first axis slowest."""
-        deltas = [0]
-        for stride in self.strides:
-            deltas = [delta + step for delta in deltas for step in (0, stride)]
-        return deltas
+        return corner_deltas(self.strides)
 
     @property
     def dead(self) -> int:
@@ -87,6 +84,15 @@ class Table(NamedTuple):
     def interior(self, table: Tensor) -> Tensor:
         """The input's cells of a table (or of its gradient): ``(planes, *size, D)``."""
         return self.planes_of(table)[self._interior]
+
+
+def corner_deltas(strides) -> list[int]:
+    """Row offsets of the ``2**d`` corners from the lowest one, first axis slowest, for rows
+    ``strides`` apart along each axis."""
+    deltas = [0]
+    for stride in strides:
+        deltas = [delta + step for delta in deltas for step in (0, stride)]
+    return deltas
 
 
 def table_of(geo: Geometry) -> Table:
@@ -150,9 +156,9 @@ def _grid(
     groups_first: bool,
     device: torch.device,
 ) -> tuple[Tensor, list[Tensor], Tensor]:
-    """The plan's terms that do not depend on the offsets, broadcastable to the sample order:
-    the first corner's row at zero offset, per axis the kernel grid's position, and the
-    corners' row deltas."""
+    """The plan's terms that do not depend on the offsets, one entry per sample ``(M,)`` in
+    the sample order: the first corner's row at zero offset and, per axis, the kernel grid's
+    position; and the corners' row deltas ``(2**d,)``."""
     table = table_of(geo)
     index = table.index_dtype
     pixel = torch.arange(first_pixel, first_pixel + pixels, device=device)
@@ -171,9 +177,10 @@ def _grid(
         base = out[:, None] * geo.stride[axis] - geo.padding[axis] + tap * geo.dilation[axis]
         base = base.unsqueeze(group_axis)
         first = first + (base + 1) * table.strides[axis]
-        bases.append(base.to(index))
+        bases.append(base)
+    bases = [base.expand(first.shape).reshape(-1).to(index) for base in bases]
     deltas = torch.tensor(table.deltas, dtype=index, device=device)
-    return first.to(index), bases, deltas
+    return first.reshape(-1).to(index), bases, deltas
 
 
 #: Grids of calls up to this many samples are kept (a few dozen), the small calls whose
@@ -240,12 +247,13 @@ def sampling_plan(
     """
     grid = grid_of(geo, first_pixel, offsets.shape[0], offsets.device, taps=taps,
                    groups_first=groups_first)  # fmt: skip
-    return plan_from_grid(offsets, grid, strict)
+    return plan_from_grid(offsets.reshape(-1, geo.dims), grid, strict)
 
 
 def plan_from_grid(offsets: Tensor, grid: Grid, strict: bool = False) -> SamplingPlan:
-    """:func:`sampling_plan` given its :class:`Grid`: tensor operations only, whose constants
-    may be numbers or 0-d tensors, so that it can also be compiled
+    """:func:`sampling_plan` of offsets ``(M, d)`` given its :class:`Grid`: tensor operations
+    on one entry per sample only, whose constants may be numbers or 0-d tensors (the deltas
+    a tensor or a tuple of 0-d tensors), so that it can also be compiled
     (:mod:`~deformconv.backends.compiled`)."""
     first = grid.first
     near = None
@@ -269,10 +277,12 @@ def plan_from_grid(offsets: Tensor, grid: Grid, strict: bool = False) -> Samplin
         else:
             near &= inside
         first = first + whole * grid.strides[axis]
-        frac = frac.reshape(-1)
         pairs.append((1 - frac, frac))
 
-    first = first.masked_fill_(near.logical_not_(), grid.dead).reshape(-1)
-    rows = first[:, None] + grid.deltas
+    first = first.masked_fill_(near.logical_not_(), grid.dead)
+    if isinstance(grid.deltas, Tensor):
+        rows = first[:, None] + grid.deltas
+    else:
+        rows = torch.stack([first + delta for delta in grid.deltas], dim=1)
     weights = torch.stack(_per_corner(pairs), dim=-1)
     return SamplingPlan(first, rows, weights, pairs)

@@ -144,9 +144,10 @@ class _Samples:
 
     def __init__(self, table: Tensor, offsets: Tensor, masks: Tensor | None, geo: Geometry,
                  first_pixel: int):  # fmt: skip
-        self.table, self.offsets, self.masks = table, offsets, masks
+        self.table, self.masks = table, masks
         if compiled.active(table):
             self.grid = grid_of(geo, first_pixel, offsets.shape[0], table.device)
+            self.offsets = offsets.reshape(-1, geo.dims)  # one entry per sample, as the grid
             self.plan = None
         else:
             self.plan = sampling_plan(geo, offsets, first_pixel)
