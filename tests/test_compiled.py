@@ -130,3 +130,22 @@ def test_which_tables_compile_and_the_switch(monkeypatch):
     assert compiled.compile_enabled()
     with pytest.raises(ValueError, match="True, False or None, got 'yes'"):
         deformconv.set_cpu_compile("yes")
+
+
+@needs_compiler
+def test_compiled_non_finite_and_huge_offsets_sample_zero():
+    config = LOPSIDED["straddling-groups"]
+    tensors = make_inputs(config, dtype=torch.float32, seed=9)
+    poisoned = tensors["offset"].detach().clone()
+    poisoned[:, 0] = float("nan")
+    poisoned[:, 1, 0] = float("inf")
+    poisoned[:, 2, 1] = -1e30
+    tensors["offset"] = poisoned.requires_grad_(True)
+    expected, actual = _both_ways(lambda: output_and_grads(deformconv.deform_conv2d, tensors,
+                                                           config))  # fmt: skip
+    assert compiled.compile_failure() is None
+    assert torch.isfinite(actual[0]).all()
+    torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)
+    for name in expected[1]:
+        assert torch.isfinite(actual[1][name]).all(), name
+        torch.testing.assert_close(actual[1][name], expected[1][name], atol=1e-4, rtol=1e-5)
