@@ -65,23 +65,29 @@ def compile_failure() -> str | None:
     return _failure
 
 
-def columns(table: Tensor, offsets: Tensor, masks: Tensor | None, grid: Grid) -> Tensor:
-    """``(M, D)``: each sample's corner rows of ``table``, weighted and masked; ``offsets``
-    ``(M, d)``, ``masks`` ``(M,)``."""
-    plan = plan_from_grid(offsets, grid)
+def columns(table: Tensor, offsets: Tensor, masks: Tensor | None, grid: Grid,
+            strict: bool = False, bag: int = 1) -> Tensor:  # fmt: skip
+    """``(M / bag, D)``: each sample's corner rows of ``table``, weighted and masked, summed
+    over ``bag`` consecutive samples; ``offsets`` ``(M, d)``, ``masks`` ``(M,)``; ``strict``
+    as for :func:`~deformconv.backends.plan.sampling_plan`."""
+    plan = plan_from_grid(offsets, grid, strict)
     weights = plan.weights if masks is None else plan.weights * masks[:, None]
     total = table[plan.rows[:, 0]] * weights[:, :1]
     for corner in range(1, weights.shape[1]):
         total = total + table[plan.rows[:, corner]] * weights[:, corner : corner + 1]
-    return total
+    return total if bag == 1 else total.view(-1, bag, total.shape[-1]).sum(1)
 
 
 def corner_terms(table: Tensor, grad_columns: Tensor, offsets: Tensor, masks: Tensor | None,
-                 grid: Grid) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """For samples with column gradient ``grad_columns`` ``(M, D)``: their first rows ``(M,)``,
-    masked corner weights ``(M, 2**d)``, mask gradients ``(M,)`` and position gradients
-    ``(M, d)`` (masked)."""
-    plan = plan_from_grid(offsets, grid)
+                 grid: Grid, strict: bool = False,
+                 share: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """For samples with column gradient ``grad_columns`` ``(M / share, D)``, shared by
+    ``share`` consecutive samples: their first rows ``(M,)``, masked corner weights
+    ``(M, 2**d)``, mask gradients ``(M,)`` and position gradients ``(M, d)`` (masked)."""
+    plan = plan_from_grid(offsets, grid, strict)
+    if share > 1:
+        sample = torch.arange(plan.first.shape[0], device=table.device)
+        grad_columns = grad_columns[sample // share]
     dots = torch.stack(
         [(table[plan.rows[:, corner]] * grad_columns).sum(1)
          for corner in range(plan.rows.shape[1])], dim=1,
@@ -130,12 +136,13 @@ def active(table: Tensor) -> bool:
             and table.shape[-1] <= NARROW_ROWS)  # fmt: skip
 
 
-def run(function, *args):
-    """``function(*args)`` (:func:`columns` or :func:`corner_terms`, whose last argument is the
-    grid), compiled where :func:`set_cpu_compile` allows and compiling works."""
+def run(function, *args, **options):
+    """``function(*args, **options)`` (:func:`columns` or :func:`corner_terms`, whose last
+    positional argument is the grid), compiled where :func:`set_cpu_compile` allows and
+    compiling works."""
     global _failure
     if not active(args[0]):
-        return function(*args)
+        return function(*args, **options)
     name = function.__name__
     if name not in _compiled:
         _compiled[name] = torch.compile(function, dynamic=True)
@@ -144,7 +151,7 @@ def run(function, *args):
     tensors = [arg.detach() if isinstance(arg, Tensor) else arg for arg in args[:-1]]
     try:
         with torch.no_grad():
-            return _compiled[name](*tensors, grid)
+            return _compiled[name](*tensors, grid, **options)
     except Exception as error:  # no compiler, a compiler error, an unsupported platform...
         _failure = f"{type(error).__name__}: {str(error).strip()[:300]}"
         warnings.warn(
@@ -153,4 +160,4 @@ def run(function, *args):
             RuntimeWarning,
             stacklevel=2,
         )
-        return function(*args)
+        return function(*args, **options)

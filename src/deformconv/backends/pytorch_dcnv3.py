@@ -11,7 +11,9 @@ all points of one pixel and group form one bag of :mod:`~deformconv.backends.gat
 summed by one fused gather.  The backward recomputes the samples; gradients of the
 positions come from the plan's weight factors, times ``offset_scale``; the input gradient
 is one fused gather per corner over the samples sorted by table row.  Output pixels go in
-chunks that bound the temporary buffers by the same column budget as the convolution.
+chunks that bound the temporary buffers by the same column budget as the convolution.  On
+the CPU, groups of at most 32 channels sample through the compiled functions of
+:mod:`~deformconv.backends.compiled`, as the convolution's narrow rows do.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from torch import Tensor
 
 from .._geometry import Geometry
 from .._utils import compute_dtype
+from . import compiled
 from .gather import row_dots, scatter_corners, weighted_rows
-from .plan import sampling_plan, table_of
+from .plan import grid_of, sampling_plan, table_of
 from .pytorch import chunk_pixels
 
 
@@ -91,10 +94,17 @@ def forward(input, offset, mask, kernel, stride, padding, dilation, group, offse
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
             first, last = start * group * points, stop * group * points
-            plan = sampling_plan(geo, shifts[start:stop], start, taps=coords,
-                                 groups_first=True, strict=True)  # fmt: skip
-            weights = plan.weights * masks[first:last]
-            bags = weighted_rows(table, _bags(plan.rows, points), _bags(weights, points))
+            if compiled.active(table):
+                grid = grid_of(geo, start, stop - start, table.device, taps=coords,
+                               groups_first=True)  # fmt: skip
+                bags = compiled.run(compiled.columns, table, shifts[start:stop].reshape(-1, 2),
+                                    masks[first:last].view(-1), grid, strict=True,
+                                    bag=points)  # fmt: skip
+            else:
+                plan = sampling_plan(geo, shifts[start:stop], start, taps=coords,
+                                     groups_first=True, strict=True)  # fmt: skip
+                weights = plan.weights * masks[first:last]
+                bags = weighted_rows(table, _bags(plan.rows, points), _bags(weights, points))
             out[start:stop] = bags.view(-1, group, depth)
     return out.view(*input.shape[:1], *geo.out_size, geo.channels).to(input.dtype)
 
@@ -126,10 +136,25 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
             first, last = start * group * points, stop * group * points
-            plan = sampling_plan(geo, shifts[start:stop], start, taps=coords,
-                                 groups_first=True, strict=True)  # fmt: skip
             chunk_masks = masks[first:last]
             bag_grads = grad_out[start * group : stop * group]
+            if compiled.active(table):
+                grid = grid_of(geo, start, stop - start, table.device, taps=coords,
+                               groups_first=True)  # fmt: skip
+                terms = compiled.run(compiled.corner_terms, table, bag_grads,
+                                     shifts[start:stop].reshape(-1, 2), chunk_masks, grid,
+                                     strict=True, share=points)  # fmt: skip
+                first_rows, weights, chunk_mask_grad, chunk_position_grad = terms
+                if table_grad is not None:
+                    scatter_corners(table_grad, first_rows, layout.deltas, weights, bag_grads,
+                                    share=points, skip_from=layout.dead)  # fmt: skip
+                if mask_grad is not None:
+                    mask_grad[first:last] = chunk_mask_grad
+                if position_grad is not None:
+                    position_grad[first:last] = chunk_position_grad * offset_scale
+                continue
+            plan = sampling_plan(geo, shifts[start:stop], start, taps=coords,
+                                 groups_first=True, strict=True)  # fmt: skip
             if table_grad is not None:
                 weights = plan.weights * chunk_masks[:, None]
                 scatter_corners(table_grad, plan.first, layout.deltas, weights, bag_grads,
