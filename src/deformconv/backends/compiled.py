@@ -1,7 +1,8 @@
 """Compiled sampling for the torch backend on the CPU.
 
-The torch backend's sampling plan, bilinear gather and corner dot products are dozens of
-small tensor operations over all samples, each a pass over memory.  Compiled by
+The torch backends' sampling plan, bilinear gather and corner dot products (the
+convolution's and DCNv3's) are dozens of small tensor operations over all samples, each a
+pass over memory.  Compiled by
 ``torch.compile`` (Inductor's C++ code generation), each of the two functions below becomes a
 fused loop over the samples that never materialises the plan:
 
