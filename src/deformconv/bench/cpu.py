@@ -205,9 +205,13 @@ def machine() -> str:
                     break
     except OSError:
         pass
+    from ..backends import compiled
+
+    sampling = "compiled" if compiled.compile_enabled() else "uncompiled"
     return (
         f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
+        f"torch {torch.__version__}, Python {platform.python_version()}, "
+        f"narrow-row sampling {sampling}"
     )
 
 
