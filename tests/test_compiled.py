@@ -92,7 +92,7 @@ def test_compiled_3d_without_mask_matches_uncompiled():
 
 def test_a_failed_compilation_warns_once_and_runs_uncompiled(monkeypatch):
     def broken(function, **options):
-        def call(*args):
+        def call(*args, **options):
             raise RuntimeError("no C++ compiler here")
 
         return call

@@ -41,9 +41,9 @@ from torch import Tensor
 
 from .._geometry import Geometry, geometry
 from .._utils import compute_dtype
-from . import compiled
-from .gather import row_dots, scatter_corners, weighted_rows
-from .plan import grid_of, sampling_plan, table_of
+from .gather import scatter_corners
+from .plan import table_of
+from .samples import Samples
 
 #: The default upper bound, in bytes, on the temporary column buffers of one call.
 DEFAULT_COLUMN_BUDGET = 256 * 2**20
@@ -137,47 +137,6 @@ def _chunks(total: int, size: int):
         yield start, min(total, start + size)
 
 
-class _Samples:
-    """The samples of one chunk of output pixels (from ``first_pixel`` on), ``M = pixels·K·G``
-    of them: their columns and corner terms, compiled
-    (:mod:`~deformconv.backends.compiled`) where that runs, else from one sampling plan."""
-
-    def __init__(self, table: Tensor, offsets: Tensor, masks: Tensor | None, geo: Geometry,
-                 first_pixel: int):  # fmt: skip
-        self.table, self.masks = table, masks
-        if compiled.active(table):
-            self.grid = grid_of(geo, first_pixel, offsets.shape[0], table.device)
-            self.offsets = offsets.reshape(-1, geo.dims)  # one entry per sample, as the grid
-            self.plan = None
-        else:
-            self.plan = sampling_plan(geo, offsets, first_pixel)
-            weights = self.plan.weights
-            self.weights = weights if masks is None else weights * masks[:, None]
-
-    def columns(self) -> Tensor:
-        """``(M, C/G)``: each sample's weighted, masked corner rows."""
-        if self.plan is None:
-            return compiled.run(compiled.columns, self.table, self.offsets, self.masks,
-                                self.grid)  # fmt: skip
-        return weighted_rows(self.table, self.plan.rows, self.weights)
-
-    def corner_terms(self, grad_cols: Tensor, positions: bool):
-        """First rows, masked weights, mask and position gradients (see
-        :func:`~deformconv.backends.compiled.corner_terms`); without ``positions`` the
-        gradients may be ``None``."""
-        if self.plan is None:
-            return compiled.run(compiled.corner_terms, self.table, grad_cols, self.offsets,
-                                self.masks, self.grid)  # fmt: skip
-        plan = self.plan
-        if not positions:
-            return plan.first, self.weights, None, None
-        dots = row_dots(grad_cols, self.table, plan.rows)
-        position_grad = plan.position_grads(dots)
-        if self.masks is not None:
-            position_grad *= self.masks[:, None]
-        return plan.first, self.weights, (plan.weights * dots).sum(1), position_grad
-
-
 def forward(
     input: Tensor,
     offset: Tensor,
@@ -203,7 +162,7 @@ def forward(
         per_pixel = geo.taps * geo.offset_groups
         for start, stop in _chunks(geo.pixels, step):
             chunk_masks = None if masks is None else masks[start * per_pixel : stop * per_pixel]
-            cols = _Samples(table, offsets[start:stop], chunk_masks, geo, start).columns()
+            cols = Samples(table, offsets[start:stop], chunk_masks, geo, start).columns()
             cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
             out[start:stop] = torch.bmm(cols, matrix.transpose(1, 2)).transpose(0, 1)
     if bias is not None:
@@ -253,7 +212,7 @@ def backward(
         for start, stop in _chunks(geo.pixels, step):
             first, last = start * per_pixel, stop * per_pixel
             chunk_masks = None if masks is None else masks[first:last]
-            samples = _Samples(table, offsets[start:stop], chunk_masks, geo, start)
+            samples = Samples(table, offsets[start:stop], chunk_masks, geo, start)
             chunk_grad = grad_out[start:stop].transpose(0, 1)
             grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix), geo)
             terms = samples.corner_terms(grad_cols, need_offset or need_mask)

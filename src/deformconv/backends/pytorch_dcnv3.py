@@ -23,10 +23,10 @@ from torch import Tensor
 
 from .._geometry import Geometry
 from .._utils import compute_dtype
-from . import compiled
-from .gather import row_dots, scatter_corners, weighted_rows
-from .plan import grid_of, sampling_plan, table_of
+from .gather import scatter_corners
+from .plan import table_of
 from .pytorch import chunk_pixels
+from .samples import Samples
 
 
 def point_coords(kernel: tuple[int, int], remove_center: bool) -> tuple[tuple[int, int], ...]:
@@ -72,12 +72,6 @@ def _displacements(offset: Tensor, geo: Geometry, taps: Tensor, scale: float, dt
     return (pairs * scale + shift[None, None, :, :]).contiguous()
 
 
-def _bags(plan_tensor: Tensor, points: int) -> Tensor:
-    """Plan rows or weights ``(pixels·G·P, 4)`` as one bag per (pixel, group): a view
-    ``(pixels·G, P·4)``."""
-    return plan_tensor.view(-1, points * plan_tensor.shape[-1])
-
-
 def forward(input, offset, mask, kernel, stride, padding, dilation, group, offset_scale,
             remove_center) -> Tensor:  # fmt: skip
     geo = _geometry(input, offset, kernel, stride, padding, dilation, group)
@@ -89,22 +83,14 @@ def forward(input, offset, mask, kernel, stride, padding, dilation, group, offse
     if geo.pixels > 0:
         table = _table(input, geo, dtype)
         shifts = _displacements(offset, geo, taps, offset_scale, dtype)
-        masks = mask.reshape(-1, 1).to(dtype)  # (pixels·G·P, 1)
+        masks = mask.reshape(-1).to(dtype)  # (pixels·G·P,)
         step = chunk_pixels(geo.pixels, points * geo.channels, 2, table)
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
             first, last = start * group * points, stop * group * points
-            if compiled.active(table):
-                grid = grid_of(geo, start, stop - start, table.device, taps=coords,
-                               groups_first=True)  # fmt: skip
-                bags = compiled.run(compiled.columns, table, shifts[start:stop].reshape(-1, 2),
-                                    masks[first:last].view(-1), grid, strict=True,
-                                    bag=points)  # fmt: skip
-            else:
-                plan = sampling_plan(geo, shifts[start:stop], start, taps=coords,
-                                     groups_first=True, strict=True)  # fmt: skip
-                weights = plan.weights * masks[first:last]
-                bags = weighted_rows(table, _bags(plan.rows, points), _bags(weights, points))
+            chunk = Samples(table, shifts[start:stop], masks[first:last], geo, start,
+                            taps=coords, groups_first=True, strict=True)  # fmt: skip
+            bags = chunk.columns(bag=points)
             out[start:stop] = bags.view(-1, group, depth)
     return out.view(*input.shape[:1], *geo.out_size, geo.channels).to(input.dtype)
 
@@ -136,37 +122,18 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
             first, last = start * group * points, stop * group * points
-            chunk_masks = masks[first:last]
             bag_grads = grad_out[start * group : stop * group]
-            if compiled.active(table):
-                grid = grid_of(geo, start, stop - start, table.device, taps=coords,
-                               groups_first=True)  # fmt: skip
-                terms = compiled.run(compiled.corner_terms, table, bag_grads,
-                                     shifts[start:stop].reshape(-1, 2), chunk_masks, grid,
-                                     strict=True, share=points)  # fmt: skip
-                first_rows, weights, chunk_mask_grad, chunk_position_grad = terms
-                if table_grad is not None:
-                    scatter_corners(table_grad, first_rows, layout.deltas, weights, bag_grads,
-                                    share=points, skip_from=layout.dead)  # fmt: skip
-                if mask_grad is not None:
-                    mask_grad[first:last] = chunk_mask_grad
-                if position_grad is not None:
-                    position_grad[first:last] = chunk_position_grad * offset_scale
-                continue
-            plan = sampling_plan(geo, shifts[start:stop], start, taps=coords,
-                                 groups_first=True, strict=True)  # fmt: skip
+            chunk = Samples(table, shifts[start:stop], masks[first:last], geo, start,
+                            taps=coords, groups_first=True, strict=True, share=points)  # fmt: skip
+            terms = chunk.corner_terms(bag_grads, need_offset or need_mask)
+            first_rows, weights, chunk_mask_grad, chunk_position_grad = terms
             if table_grad is not None:
-                weights = plan.weights * chunk_masks[:, None]
-                scatter_corners(table_grad, plan.first, layout.deltas, weights, bag_grads,
+                scatter_corners(table_grad, first_rows, layout.deltas, weights, bag_grads,
                                 share=points, skip_from=layout.dead)  # fmt: skip
-            if need_offset or need_mask:
-                dots = row_dots(bag_grads, table, _bags(plan.rows, points))  # (pixels·G, P·4)
-                dots = dots.view(last - first, -1)
-                if mask_grad is not None:
-                    mask_grad[first:last] = (plan.weights * dots).sum(1)
-                if position_grad is not None:
-                    position = plan.position_grads(dots)
-                    position_grad[first:last] = position * (chunk_masks * offset_scale)[:, None]
+            if mask_grad is not None:
+                mask_grad[first:last] = chunk_mask_grad
+            if position_grad is not None:
+                position_grad[first:last] = chunk_position_grad * offset_scale
 
     grad_input = grad_offset = grad_mask = None
     if table_grad is not None:
