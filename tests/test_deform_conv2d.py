@@ -366,3 +366,18 @@ def test_empty_input_with_padding_gives_the_bias(backend):
         out.sum().backward()
     torch.testing.assert_close(out, bias.view(1, 3, 1, 1).expand(1, 3, 2, 5))
     assert x.grad.shape == x.shape and (offset.grad == 0).all() and (weight.grad == 0).all()
+
+
+def test_weight_gradient_alone_equals_it_among_all_gradients():
+    """With only the weight requiring a gradient, the backward skips the column gradient and
+    the corner terms; the weight's gradient is the same."""
+    config = LOPSIDED["straddling-groups"]
+    tensors = make_inputs(config, requires_grad=False, seed=11)
+    tensors["weight"].requires_grad_(True)
+    alone = torch.autograd.grad(call(deformconv.deform_conv2d, tensors, config).sum(),
+                                tensors["weight"])[0]  # fmt: skip
+    for name in ("input", "offset", "mask"):
+        tensors[name].requires_grad_(True)
+    every = torch.autograd.grad(call(deformconv.deform_conv2d, tensors, config).sum(),
+                                tensors["weight"])[0]  # fmt: skip
+    assert torch.equal(alone, every)

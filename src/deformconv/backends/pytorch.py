@@ -214,9 +214,6 @@ def backward(
             chunk_masks = None if masks is None else masks[first:last]
             samples = Samples(table, offsets[start:stop], chunk_masks, geo, start)
             chunk_grad = grad_out[start:stop].transpose(0, 1)
-            grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix), geo)
-            terms = samples.corner_terms(grad_cols, need_offset or need_mask)
-            first_rows, weights, chunk_mask_grad, chunk_position_grad = terms
             if need_weight:
                 cols = samples.columns()
                 cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
@@ -224,6 +221,11 @@ def backward(
                     weight_grad = torch.bmm(chunk_grad.transpose(1, 2), cols)
                 else:
                     weight_grad.baddbmm_(chunk_grad.transpose(1, 2), cols)
+            if not (need_input or need_offset or need_mask):
+                continue
+            grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix), geo)
+            terms = samples.corner_terms(grad_cols, need_offset or need_mask)
+            first_rows, weights, chunk_mask_grad, chunk_position_grad = terms
             if table_grad is not None:
                 scatter_corners(table_grad, first_rows, layout.deltas, weights, grad_cols,
                                 share=1, skip_from=layout.dead)  # fmt: skip
