@@ -83,5 +83,6 @@ stamp "atomic and matrix instructions in the compiled kernels (PTX)"
 for f in $(find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name "deform_conv2d_*.ptx" 2>/dev/null); do
     echo "$(basename "$f"): $(grep -oE '(red|atom)\.[a-z0-9.]+|wgmma\.[a-z0-9.]+|mma\.sync\.[a-z0-9.]+' "$f" \
         | sort | uniq -c | tr '\n' ' ')"
-done | sort | uniq | head -40 | tee "$OUT/ptx.log"
+done | sort | uniq | head -40 > "$OUT/ptx.log"
+echo "$(wc -l < "$OUT/ptx.log") kernel variants listed in $OUT/ptx.log"
 stamp "done"

@@ -206,6 +206,24 @@ def test_triton_tile_sizes_and_64_bit_indexing(settings, monkeypatch):
             _check_against_reference(make_inputs(CASES[name]), CASES[name], torch.float32, 1e-4)
 
 
+@pytest.mark.parametrize("depth", [4, 16])
+def test_triton_forward_reads_whole_channel_blocks_unmasked(depth):
+    """Channels per group that fill the kernel's channel blocks (its loads take no mask):
+    corners on every border, rows past the last pixel, non-finite offsets."""
+    pytest.importorskip("triton")
+    case = {**CASES["lopsided"], "depth": depth, "group": 3}
+    tensors = make_inputs(case, batch=3, dtype=torch.float32)
+    tensors["offset"][0, 0, :, :2] = math.nan
+    tensors["offset"][-1, -1, :, -2:] = -math.inf
+    tensors["offset"][1, :, 0, 4:6] = torch.tensor([-0.5, 7.5])  # ends of the image
+    expected = _reference({k: v.double() for k, v in tensors.items()}, case)
+    with deformconv.use_backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = deformconv.dcnv3(tensors["input"], tensors["offset"], tensors["mask"],
+                               **_args(case))  # fmt: skip
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_dcnv4_offset_mask_channels_match_the_original_layer():
     assert deformconv.dcnv4_offset_mask_channels(4, 3) == 112  # ceil(4·9·3 / 8)·8
     assert deformconv.dcnv4_offset_mask_channels(4, 3, remove_center=True) == 96

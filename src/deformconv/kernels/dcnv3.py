@@ -1,23 +1,25 @@
 """Triton kernels of the DCNv3 / DCNv4 operator, on channels-last tensors.
 
-A program owns a tile of ``BLOCK_Q`` output pixels and one group, and walks the group's
-points; for each point it loads the tile's offsets and mask once and uses them for every
-channel of the group (``BLOCK_D`` channels at a time, contiguous in memory, so the corner
-loads are vector loads).  Offsets and mask are read through a pixel stride and a group
-stride, so DCNv4's fused tensor is read in place.  Element offsets are 32-bit unless
+The forward kernel's program owns a tile of ``BLOCK_Q`` (output pixel, group) rows, a
+pixel's groups in neighbouring rows, and walks the points; for each point it loads a row's
+offsets and mask once and uses them for ``BLOCK_D`` channels of the group (contiguous in
+memory, so the corner loads are vector loads).  The backward kernel's program owns
+``BLOCK_Q`` pixels of one group.  Offsets and mask are read through a pixel stride and a
+group stride, so DCNv4's fused tensor is read in place.  Element offsets are 32-bit unless
 ``INDEX64``.  Samples are accumulated in float32.  A sample counts only strictly inside
-``(-1, H) × (-1, W)`` (DCNv3's rule); corners outside the image are masked off, so nothing
-outside the input is read.  The backward kernel recomputes the samples, reduces the offset
-and mask gradients over the group's channels in registers, and adds the input gradient to a
-float32 buffer with atomics, or, in deterministic mode, to an int64 fixed-point buffer whose
-sums do not depend on the order of the adds.
+``(-1, H) × (-1, W)`` (DCNv3's rule); nothing outside the input is read: the forward moves
+corners outside the image onto its edge with weight 0, the backward masks them off.  The
+backward kernel recomputes the samples, reduces the offset and mask gradients over the
+group's channels in registers, and adds the input gradient to a float32 buffer with
+atomics, or, in deterministic mode, to an int64 fixed-point buffer whose sums do not depend
+on the order of the adds.
 """
 
 import triton
 import triton.language as tl
 
 from .deform_conv2d import scatter_corner
-from .sampling import bilinear_tile, load_corner
+from .sampling import load_corner
 
 
 @triton.jit
@@ -59,8 +61,9 @@ def dcnv3_point(
     REMOVE_CENTER: tl.constexpr,
     offset_scale,
 ):
-    """Corner ``(h0, w0)``, fractions, mask and validity of one point for a tile of pixels,
-    plus the point's index in a contiguous ``(pixels, GROUPS, POINTS)`` layout.
+    """Corner ``(h0, w0)``, fractions, mask and validity of one point for a tile of pixels
+    (``group`` one for all, or one per pixel), plus the point's index in a contiguous
+    ``(pixels, GROUPS, POINTS)`` layout.
     Offsets and mask are read through their pixel and group strides; a point's (Δw, Δh)
     pair and mask value are contiguous along the points."""
     raw = point
@@ -87,6 +90,48 @@ def dcnv3_point(
     w_low = tl.floor(w)
     return (h_low.to(tl.int32), w_low.to(tl.int32), h - h_low, w - w_low, weight, valid,
             sample)  # fmt: skip
+
+
+@triton.jit
+def inner_corners(image_base, h0, w0, fh, fw, weight, row_stride, channels, height, width):
+    """Element offsets of the four corners of each row's sample and their bilinear weights
+    times ``weight``, for corners ``h0`` in ``[-1, H - 1]`` and ``w0`` in ``[-1, W - 1]``
+    (positions inside ``(-1, H) × (-1, W)``, or 0): a corner outside the image is moved onto
+    its edge and weighted 0, so every offset is inside ``image_base``'s image."""
+    gh = tl.where(h0 >= 0, 1.0 - fh, 0.0) * weight
+    fh = tl.where(h0 < height - 1, fh, 0.0) * weight
+    gw = tl.where(w0 >= 0, 1.0 - fw, 0.0)
+    fw = tl.where(w0 < width - 1, fw, 0.0)
+    top = image_base + tl.maximum(h0, 0) * row_stride
+    bottom = image_base + tl.minimum(h0 + 1, height - 1) * row_stride
+    left = tl.maximum(w0, 0) * channels
+    right = tl.minimum(w0 + 1, width - 1) * channels
+    return (top + left, top + right, bottom + left, bottom + right,
+            gh * gw, gh * fw, fh * gw, fh * fw)  # fmt: skip
+
+
+@triton.jit
+def add_corners(acc, input_ptr, d, cols, o00, o01, o10, o11, w00, w01, w10, w11,
+                EVEN_D: tl.constexpr):  # fmt: skip
+    """``acc`` plus each row's four corner values (channels ``d`` at element offsets
+    ``o..``, all inside the input) times their weights; with ``EVEN_D`` every channel
+    exists and the loads take no mask."""
+    pointers = input_ptr + d[None, :]
+    if EVEN_D:
+        v00 = tl.load(pointers + o00[:, None])
+        v01 = tl.load(pointers + o01[:, None])
+        v10 = tl.load(pointers + o10[:, None])
+        v11 = tl.load(pointers + o11[:, None])
+    else:
+        v00 = tl.load(pointers + o00[:, None], mask=cols[None, :], other=0.0)
+        v01 = tl.load(pointers + o01[:, None], mask=cols[None, :], other=0.0)
+        v10 = tl.load(pointers + o10[:, None], mask=cols[None, :], other=0.0)
+        v11 = tl.load(pointers + o11[:, None], mask=cols[None, :], other=0.0)
+    acc += v00.to(tl.float32) * w00[:, None]
+    acc += v01.to(tl.float32) * w01[:, None]
+    acc += v10.to(tl.float32) * w10[:, None]
+    acc += v11.to(tl.float32) * w11[:, None]
+    return acc
 
 
 @triton.jit
@@ -121,15 +166,20 @@ def dcnv3_forward_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    q, active, image, out_h_index, out_w_index = pixel_tile(
-        tl.program_id(0), out_h, out_w, pixels, BLOCK_Q, INDEX64
-    )
-    group = tl.program_id(1)
-    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    # Rows are (pixel, group) pairs: a pixel's groups share its offset and mask lines.
+    rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    if INDEX64:
+        rows = rows.to(tl.int64)
+    active = rows < pixels * GROUPS
+    q = rows // GROUPS
+    group = rows % GROUPS
+    image = tl.where(active, q // (out_h * out_w), 0)  # rows past the end read image 0
+    out_h_index = (q // out_w) % out_h
+    out_w_index = q % out_w
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cols = d < DEPTH
     channels = GROUPS * DEPTH
-    image_base = image * height * width * channels
-    channel = group * DEPTH + d
+    row_base = image * height * width * channels + group * DEPTH  # the row's group, pixel 0
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for point in range(POINTS):
         h0, w0, fh, fw, weight, valid, _ = dcnv3_point(
@@ -138,10 +188,13 @@ def dcnv3_forward_kernel(
             mask_group_stride, POINTS, KERNEL_H, KERNEL_W, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
             DIL_H, DIL_W, GROUPS, REMOVE_CENTER, offset_scale,
         )  # fmt: skip
-        acc += bilinear_tile(input_ptr, image_base, h0, w0, fh, fw, weight, channel,
-                             width * channels, channels, height, width, valid,
-                             cols)  # fmt: skip
-    out = out_ptr + (q * channels)[:, None] + channel[None, :]
+        o00, o01, o10, o11, w00, w01, w10, w11 = inner_corners(
+            row_base, h0, w0, fh, fw, tl.where(valid, weight, 0.0), width * channels, channels,
+            height, width,
+        )  # fmt: skip
+        acc = add_corners(acc, input_ptr, d, cols, o00, o01, o10, o11, w00, w01, w10, w11,
+                          DEPTH % BLOCK_D == 0)  # fmt: skip
+    out = out_ptr + (q * channels + group * DEPTH)[:, None] + d[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=active[:, None] & cols[None, :])
 
 

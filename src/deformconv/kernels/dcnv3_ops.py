@@ -45,12 +45,11 @@ def _pixels_and_groups(tensor: Tensor) -> tuple[Tensor, int, int]:
     return tensor, pixel, strides[3]
 
 
-def _launch(kernel, config: dict, depth_blocks: bool, input: Tensor, offset: Tensor,
+def _launch(kernel, config: dict, forward: bool, input: Tensor, offset: Tensor,
             mask: Tensor, pointers: tuple, kernel_size, stride, padding, dilation, group,
             offset_scale, remove_center, **options) -> None:  # fmt: skip
-    """Launch ``kernel`` over tiles of output pixels × groups (× blocks of channels with
-    ``depth_blocks``): ``pointers`` are the tensors it takes after the input, offsets and
-    mask; ``options`` its own constants."""
+    """Launch the ``forward`` kernel or the backward one: ``pointers`` are the tensors it
+    takes after the input, offsets and mask; ``options`` its own constants."""
     batch, height, width, channels = input.shape
     out_h, out_w = offset.shape[1:3]
     kernel_h, kernel_w = kernel_size
@@ -58,10 +57,14 @@ def _launch(kernel, config: dict, depth_blocks: bool, input: Tensor, offset: Ten
     points = kernel_h * kernel_w - int(remove_center)
     offset, offset_pixel, offset_group = _pixels_and_groups(offset)
     mask, mask_pixel, mask_group = _pixels_and_groups(mask)
-    tiles = triton.cdiv(batch * out_h * out_w, config["BLOCK_Q"])
-    grid = (tiles, group, triton.cdiv(depth, config["BLOCK_D"]) if depth_blocks else 1)
+    pixels = batch * out_h * out_w
+    if forward:  # tiles of (pixel, group) rows × blocks of channels
+        grid = (triton.cdiv(pixels * group, config["BLOCK_Q"]),
+                triton.cdiv(depth, config["BLOCK_D"]))  # fmt: skip
+    else:  # tiles of pixels × groups
+        grid = (triton.cdiv(pixels, config["BLOCK_Q"]), group)
     wrap_triton(kernel)[grid](
-        input, offset, mask, *pointers, batch * out_h * out_w, height, width, out_h, out_w,
+        input, offset, mask, *pointers, pixels, height, width, out_h, out_w,
         offset_pixel, offset_group, mask_pixel, mask_group, offset_scale, DEPTH=depth,
         POINTS=points, KERNEL_H=kernel_h, KERNEL_W=kernel_w,
         STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
