@@ -115,7 +115,7 @@ def test_torch_backend_gradients_are_bit_identical_across_runs():
         assert torch.equal(first, second)
 
 
-def test_cached_and_fresh_grids_give_the_same_results(monkeypatch):
+def test_cached_and_fresh_grids_give_the_same_results():
     from deformconv.backends import plan
 
     generator = torch.Generator().manual_seed(3)
@@ -127,12 +127,35 @@ def test_cached_and_fresh_grids_give_the_same_results(monkeypatch):
         out = deformconv.deform_conv2d(input, offset, weight, stride=(2, 1), padding=(1, 1))
         return out, *torch.autograd.grad(out.square().sum(), (input, offset, weight))
 
-    plan._cached_grid.cache_clear()
-    cached = run()
-    assert plan._cached_grid.cache_info().currsize > 0
-    monkeypatch.setattr(plan, "GRID_CACHE_SAMPLES", 0)
-    for first, second in zip(cached, run(), strict=True):
+    plan._grid_cache.clear()
+    fresh = run()
+    assert len(plan._grid_cache) > 0
+    for first, second in zip(fresh, run(), strict=True):  # the second run from the cache
         assert torch.equal(first, second)
+
+
+def test_grid_cache_stays_within_its_budget(monkeypatch):
+    """Least recently used grids leave first; grids over a quarter of the budget are not kept."""
+    from deformconv._geometry import geometry
+    from deformconv.backends import plan
+
+    geo = geometry(torch.empty(1, 4, 9, 9), torch.empty(1, 18, 9, 9), torch.empty(2, 4, 3, 3),
+                   (1, 1), (1, 1), (1, 1))  # fmt: skip
+    one = plan._nbytes(plan._grid(geo, 0, 9, None, False, torch.device("cpu")))
+    monkeypatch.setattr(plan, "GRID_CACHE_BYTES", 4 * one + 1)
+    plan._grid_cache.clear()
+    try:
+        for start in range(0, 81, 9):
+            plan.grid_of(geo, start, 9, torch.device("cpu"))
+            assert plan._grid_cache.nbytes <= plan.GRID_CACHE_BYTES
+        assert len(plan._grid_cache) == 4
+        assert (geo, 0, 9, None, False, torch.device("cpu")) not in plan._grid_cache._grids
+        again = plan.grid_of(geo, 72, 9, torch.device("cpu"))  # the most recent: kept
+        assert torch.equal(again.first, plan._grid(geo, 72, 9, None, False, again.first.device)[0])
+        plan.grid_of(geo, 0, 18, torch.device("cpu"))  # twice the size: over a quarter
+        assert len(plan._grid_cache) == 4
+    finally:
+        plan._grid_cache.clear()
 
 
 @pytest.mark.parametrize("size", [100, 6000, 20000, 2**15])
@@ -162,10 +185,10 @@ def test_int64_rows_give_the_same_results(monkeypatch):
 
     narrow = run()
     monkeypatch.setattr(plan.Table, "index_dtype", property(lambda self: torch.int64))
-    plan._cached_grid.cache_clear()
+    plan._grid_cache.clear()
     try:
         wide = run()
     finally:
-        plan._cached_grid.cache_clear()
+        plan._grid_cache.clear()
     for first, second in zip(narrow, wide, strict=True):
         torch.testing.assert_close(first, second, atol=1e-5, rtol=1e-5)

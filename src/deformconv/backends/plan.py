@@ -18,8 +18,9 @@ gradient that lands on the border or in the dead block is simply dropped.
 
 from __future__ import annotations
 
-import functools
 import math
+import threading
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -183,10 +184,56 @@ def _grid(
     return first.reshape(-1).to(index), bases, deltas
 
 
-#: Grids of calls up to this many samples are kept (a few dozen), the small calls whose
-#: time is mostly such bookkeeping.
-GRID_CACHE_SAMPLES = 2**16
-_cached_grid = functools.lru_cache(maxsize=32)(_grid)
+#: Grids are kept, least recently used out first, up to this many bytes in all (on their
+#: device); a grid larger than a quarter of it is not kept.
+GRID_CACHE_BYTES = 32 * 2**20
+
+
+def _nbytes(grid: tuple[Tensor, list[Tensor], Tensor]) -> int:
+    first, bases, deltas = grid
+    return sum(t.numel() * t.element_size() for t in (first, *bases, deltas))
+
+
+class _GridCache:
+    """:func:`_grid` by its arguments: a call of the same geometry and chunk (every step of
+    a training loop) reuses its grid instead of recomputing it."""
+
+    def __init__(self) -> None:
+        self._grids: OrderedDict[tuple, tuple] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, *key):
+        with self._lock:
+            grid = self._grids.get(key)
+            if grid is not None:
+                self._grids.move_to_end(key)
+                return grid
+        grid = _grid(*key)
+        size = _nbytes(grid)
+        if size <= GRID_CACHE_BYTES // 4:
+            with self._lock:
+                if key not in self._grids:
+                    self._grids[key] = grid
+                    self._bytes += size
+                while self._bytes > GRID_CACHE_BYTES:
+                    self._bytes -= _nbytes(self._grids.popitem(last=False)[1])
+        return grid
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._grids)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._grids.clear()
+            self._bytes = 0
+
+
+_grid_cache = _GridCache()
 
 
 class Grid(NamedTuple):
@@ -214,9 +261,7 @@ def grid_of(
     """The :class:`Grid` of ``pixels`` output pixels from ``first_pixel`` (see
     :func:`sampling_plan` for ``taps`` and ``groups_first``)."""
     table = table_of(geo)
-    samples = pixels * geo.offset_groups * (geo.taps if taps is None else len(taps))
-    grid = _cached_grid if samples <= GRID_CACHE_SAMPLES else _grid
-    first, bases, deltas = grid(geo, first_pixel, pixels, taps, groups_first, device)
+    first, bases, deltas = _grid_cache(geo, first_pixel, pixels, taps, groups_first, device)
     # Beyond ``reach`` no sample has a corner inside (see plan_from_grid).
     axes = zip(geo.size, geo.padding, geo.out_size, geo.stride, geo.kernel, geo.dilation,
                strict=True)  # fmt: skip
