@@ -21,7 +21,8 @@ The catalogue:
   the convolutions of any model into deformable ones and train their offset predictors.
 * :func:`set_backend`, :func:`get_backend`, :func:`use_backend`, :func:`available_backends`
   -- which implementation runs the op; :func:`set_column_budget` bounds the torch backend's
-  temporary memory; :func:`set_cpu_compile` turns its compiled CPU sampling on or off.
+  temporary memory; :func:`set_cpu_compile` turns its compiled CPU sampling on or off;
+  :func:`release_cpu_buffers` frees the CPU buffers it reuses between calls.
 
 ``deformconv.checkpoints`` loads torchvision, mmcv and detectron2 checkpoints into these
 layers; ``torch.onnx.export(..., opset_version=19)`` writes the standard ``DeformConv``
@@ -36,6 +37,7 @@ from . import checkpoints
 from .backends import available_backends, get_backend, set_backend, use_backend
 from .backends.compiled import set_cpu_compile
 from .backends.pytorch import column_budget, set_column_budget
+from .backends.scratch import release as release_cpu_buffers
 from .convert import convert_to_deformable, deformable_layers, offset_parameters
 from .dcnv3 import dcnv3, dcnv4, dcnv4_offset_mask_channels
 from .dcnv3_layers import DCNv3, DCNv3NCHW, DCNv4, DCNv4NCHW
@@ -81,6 +83,7 @@ __all__ = [
     "deformable_layers",
     "get_backend",
     "offset_parameters",
+    "release_cpu_buffers",
     "set_backend",
     "set_column_budget",
     "set_cpu_compile",

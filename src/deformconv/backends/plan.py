@@ -67,10 +67,18 @@ class Table(NamedTuple):
         """int32 row numbers where they fit (less memory traffic), else int64."""
         return torch.int32 if self.rows < 2**31 else torch.int64
 
-    def fill(self, grouped: Tensor, dtype: torch.dtype) -> Tensor:
+    def fill(self, grouped: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
         """``(..., *size, D)`` (any strides, ``planes`` leading entries, e.g. ``(N, G)``) → the
-        table, contiguous, in ``dtype``."""
-        table = grouped.new_zeros(self.rows, grouped.shape[-1], dtype=dtype)
+        table, contiguous, in ``dtype``: ``out`` ``(rows, D)`` when given (any contents)."""
+        if out is None:
+            table = grouped.new_zeros(self.rows, grouped.shape[-1], dtype=dtype)
+        else:  # zero the border and the dead block only
+            table = out
+            planes = self.planes_of(table)
+            for axis in range(1, len(self.size) + 1):
+                planes.select(axis, 0).zero_()
+                planes.select(axis, -1).zero_()
+            table[self.dead :].zero_()
         self.interior(table).view(grouped.shape).copy_(grouped)
         return table
 

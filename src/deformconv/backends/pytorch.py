@@ -44,6 +44,7 @@ from .._utils import compute_dtype
 from .gather import scatter_corners
 from .plan import table_of
 from .samples import Samples
+from .scratch import scratch
 
 #: The default upper bound, in bytes, on the temporary column buffers of one call.
 DEFAULT_COLUMN_BUDGET = 256 * 2**20
@@ -58,7 +59,8 @@ def _input_table(input: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
     """``(N, C, *size)`` → the padded table of :mod:`~deformconv.backends.plan`."""
     depth = geo.channels // geo.offset_groups
     grouped = input.reshape(geo.batch, geo.offset_groups, depth, *geo.size).movedim(2, -1)
-    return table_of(geo).fill(grouped, dtype)
+    layout = table_of(geo)
+    return layout.fill(grouped, dtype, scratch("table", (layout.rows, depth), dtype, input.device))
 
 
 def _per_pixel(tensor: Tensor, geo: Geometry, trailing: int, dtype: torch.dtype) -> Tensor:
@@ -73,7 +75,18 @@ def _weight_matrix(weight: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
     """``(O, C/wg, *kernel)`` → ``(wg, O/wg, K·C/wg)``, columns ordered (tap, channel): per
     output channel a transpose of (channel, tap), cheaper than moving outputs innermost."""
     matrix = weight.reshape(geo.weight_groups, geo.group_out, geo.group_in, geo.taps)
-    return matrix.transpose(2, 3).reshape(geo.weight_groups, geo.group_out, -1).to(dtype)
+    if geo.taps == 1:  # a view
+        return matrix.view(geo.weight_groups, geo.group_out, -1).to(dtype)
+    out = scratch("matrix", (geo.weight_groups, geo.group_out, geo.taps * geo.group_in), dtype,
+                  weight.device)  # fmt: skip
+    out.view(geo.weight_groups, geo.group_out, geo.taps, geo.group_in).copy_(matrix.transpose(2, 3))
+    return out
+
+
+def _fresh(view: Tensor, dtype: torch.dtype) -> Tensor:
+    """A contiguous copy of ``view`` in ``dtype``, in memory of its own (never a buffer of
+    :mod:`~deformconv.backends.scratch`)."""
+    return torch.empty(view.shape, dtype=dtype, device=view.device).copy_(view)
 
 
 def _grouped(columns: Tensor, geo: Geometry) -> Tensor:
@@ -150,9 +163,8 @@ def forward(
     geo = geometry(input, offset, weight, stride, padding, dilation)
     dtype = compute_dtype(input.dtype)
     groups = geo.weight_groups
-    out = torch.empty(
-        geo.pixels, groups, geo.out_channels // groups, dtype=dtype, device=input.device
-    )
+    out = scratch("output", (geo.pixels, groups, geo.out_channels // groups), dtype,
+                  input.device)  # fmt: skip
     if geo.pixels > 0:
         table = _input_table(input, geo, dtype)
         offsets = _per_pixel(offset, geo, geo.dims, dtype)
@@ -164,11 +176,14 @@ def forward(
             chunk_masks = None if masks is None else masks[start * per_pixel : stop * per_pixel]
             cols = Samples(table, offsets[start:stop], chunk_masks, geo, start).columns()
             cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
-            out[start:stop] = torch.bmm(cols, matrix.transpose(1, 2)).transpose(0, 1)
+            if groups == 1:  # straight into the output buffer
+                torch.bmm(cols, matrix.transpose(1, 2), out=out[start:stop].transpose(0, 1))
+            else:
+                out[start:stop] = torch.bmm(cols, matrix.transpose(1, 2)).transpose(0, 1)
     if bias is not None:
         out += bias.to(dtype).view(groups, -1)
-    out = out.view(geo.batch, *geo.out_size, geo.out_channels).movedim(-1, 1)
-    return out.to(input.dtype).contiguous()
+    return _fresh(out.view(geo.batch, *geo.out_size, geo.out_channels).movedim(-1, 1),
+                  input.dtype)  # fmt: skip
 
 
 def backward(
@@ -191,14 +206,18 @@ def backward(
     out_per_group = geo.out_channels // groups
     group_channels = geo.channels // geo.offset_groups
     per_pixel = geo.taps * geo.offset_groups
-    grad_out = grad_output.movedim(1, -1).to(dtype).reshape(geo.pixels, groups, out_per_group)
+    grad_out = scratch("grad_output", (geo.pixels, groups, out_per_group), dtype, input.device)
+    grad_out.view(grad_output.movedim(1, -1).shape).copy_(grad_output.movedim(1, -1))
     grad_bias = grad_out.sum(0).view(-1).to(grad_output.dtype)
 
     def zeros(*shape: int) -> Tensor:
         return torch.zeros(shape, dtype=dtype, device=input.device)
 
     layout = table_of(geo)
-    table_grad = zeros(layout.rows, group_channels) if need_input else None
+    table_grad = None
+    if need_input:
+        table_grad = scratch("table_grad", (layout.rows, group_channels), dtype, input.device)
+        table_grad.zero_()
     weight_grad = None  # (wg, O/wg, K·C/wg), from the first chunk on
     position_grad = zeros(geo.pixels * per_pixel, geo.dims) if need_offset else None
     mask_grad = zeros(geo.pixels * per_pixel) if need_mask else None
@@ -223,7 +242,9 @@ def backward(
                     weight_grad.baddbmm_(chunk_grad.transpose(1, 2), cols)
             if not (need_input or need_offset or need_mask):
                 continue
-            grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix), geo)
+            grad_cols = scratch("grad_columns", (groups, stop - start, matrix.shape[2]), dtype,
+                                input.device)  # fmt: skip
+            grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix, out=grad_cols), geo)
             terms = samples.corner_terms(grad_cols, need_offset or need_mask)
             first_rows, weights, chunk_mask_grad, chunk_position_grad = terms
             if table_grad is not None:
@@ -240,7 +261,7 @@ def backward(
         grad_input = layout.interior(table_grad).view(
             geo.batch, geo.offset_groups, *geo.size, group_channels
         )
-        grad_input = grad_input.movedim(-1, 2).reshape(input.shape).to(input.dtype)
+        grad_input = _fresh(grad_input.movedim(-1, 2), input.dtype).view(input.shape)
     if position_grad is not None:
         grad_offset = position_grad.view(*sample_shape, geo.dims).permute(0, 3, 2, 4, 1)
         grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype)
