@@ -237,7 +237,9 @@ def backward(
                 cols = samples.columns()
                 cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
                 if weight_grad is None:
-                    weight_grad = torch.bmm(chunk_grad.transpose(1, 2), cols)
+                    weight_grad = scratch("weight_grad", (groups, out_per_group, cols.shape[2]),
+                                          dtype, input.device)  # fmt: skip
+                    torch.bmm(chunk_grad.transpose(1, 2), cols, out=weight_grad)
                 else:
                     weight_grad.baddbmm_(chunk_grad.transpose(1, 2), cols)
             if not (need_input or need_offset or need_mask):
@@ -272,5 +274,5 @@ def backward(
         if weight_grad is None:  # no output positions
             weight_grad = zeros(groups, out_per_group, geo.taps * geo.channels // groups)
         grad_weight = weight_grad.view(groups, out_per_group, geo.taps, -1).transpose(2, 3)
-        grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
+        grad_weight = _fresh(grad_weight.reshape(weight.shape), weight.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
