@@ -55,8 +55,8 @@ def _backward_impl(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (input, offset, mask, weight, bias); an empty tensor where not needed."""
     backend = backends.select(input.device, input.dim() - 2)
-    grads = backend.backward(
-        grad_output.contiguous(),
+    grads = backend.backward(  # backends take grad_output with any strides
+        grad_output,
         input,
         offset,
         mask,
