@@ -33,15 +33,25 @@ def test_table_holds_the_input_inside_a_zero_border():
     border = table.planes_of(rows).clone()
     border[:, 1:-1, 1:-1] = 0
     assert (border == 0).all() and (rows[table.dead :] == 0).all()
+    # into a given buffer of any contents: the same table
+    buffer = torch.full((table.rows, 5), float("nan"), dtype=torch.float64)
+    assert table.fill(grouped, torch.float64, buffer) is buffer and torch.equal(buffer, rows)
+    volume = Table(planes=2, size=(2, 3, 2))
+    cells = torch.randn(2, 2, 3, 2, 4)
+    buffer = torch.full((volume.rows, 4), float("nan"))
+    assert torch.equal(volume.fill(cells, torch.float32, buffer), volume.fill(cells, torch.float32))
 
 
-@pytest.mark.parametrize("span", [40, 400], ids=["dense", "sparse"])
+@pytest.mark.parametrize("span", [40, 400, -400], ids=["dense", "sparse", "sparse-per-corner"])
 @pytest.mark.parametrize("gap_rows", [1024, 1, 0], ids=["one-range", "split", "split-all"])
 @pytest.mark.parametrize("share", [1, 3])
 def test_scatter_corners_matches_a_loop_of_index_add(share, gap_rows, span, monkeypatch):
-    """Dense: more bags than rows (sorted gathers); sparse: fewer (bag by bag on the CPU).
-    As in the backends, skipped bags start at one dead row and no corner of the others
-    reaches it."""
+    """Dense: more bags than rows (sorted gathers); sparse: fewer (bag by bag on the CPU, all
+    corners in one ``index_add_`` or, past its byte limit, one per corner).  As in the
+    backends, skipped bags start at one dead row and no corner of the others reaches it."""
+    if span < 0:
+        span = -span
+        monkeypatch.setattr(gather, "ONE_ADD_BYTES", 0)
     monkeypatch.setattr(gather, "GAP_ROWS", gap_rows)
     bag_by_bag = []
     original = gather._add_bag_by_bag
