@@ -27,10 +27,10 @@ GAP_ROWS = 1024
 #: (torch 2.13 and 2.14 on 2 cores: 1.5 ms for 30 000 int32 keys, 0.29 ms for 32 768), so
 #: mid-sized key sets are padded up to it.
 _FAST_SORT_SIZE = 2**15
+_PAD_SORT_FROM = 6000
 #: Up to this many bytes of contributions, the CPU's sparse input gradient adds every corner
 #: in one ``index_add_`` (fewer passes than one per corner).
 ONE_ADD_BYTES = 16 * 2**20
-_PAD_SORT_FROM = 6000
 
 _per_sample_weights_backward = getattr(
     torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None
