@@ -80,11 +80,12 @@ def columns(table: Tensor, offsets: Tensor, masks: Tensor | None, grid: Grid,
 
 
 def corner_terms(table: Tensor, grad_columns: Tensor, offsets: Tensor, masks: Tensor | None,
-                 grid: Grid, strict: bool = False,
-                 share: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+                 grid: Grid, strict: bool = False, share: int = 1,
+                 with_columns: bool = False) -> tuple:  # fmt: skip
     """For samples with column gradient ``grad_columns`` ``(M / share, D)``, shared by
     ``share`` consecutive samples: their first rows ``(M,)``, masked corner weights
-    ``(M, 2**d)``, mask gradients ``(M,)`` and position gradients ``(M, d)`` (masked)."""
+    ``(M, 2**d)``, mask gradients ``(M,)``, position gradients ``(M, d)`` (masked) and, with
+    ``with_columns``, their :func:`columns` (else ``None``), from the same plan."""
     plan = plan_from_grid(offsets, grid, strict)
     if share > 1:
         sample = torch.arange(plan.first.shape[0], device=table.device)
@@ -99,7 +100,12 @@ def corner_terms(table: Tensor, grad_columns: Tensor, offsets: Tensor, masks: Te
     if masks is not None:
         position_grad = position_grad * masks[:, None]
         weights = weights * masks[:, None]
-    return plan.first, weights, mask_grad, position_grad
+    sums = None
+    if with_columns:
+        sums = table[plan.rows[:, 0]] * weights[:, :1]
+        for corner in range(1, weights.shape[1]):
+            sums = sums + table[plan.rows[:, corner]] * weights[:, corner : corner + 1]
+    return plan.first, weights, mask_grad, position_grad, sums
 
 
 @functools.lru_cache(maxsize=64)

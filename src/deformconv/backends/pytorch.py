@@ -233,8 +233,23 @@ def backward(
             chunk_masks = None if masks is None else masks[first:last]
             samples = Samples(table, offsets[start:stop], chunk_masks, geo, start)
             chunk_grad = grad_out[start:stop].transpose(0, 1)
+            cols = None
+            if need_input or need_offset or need_mask:
+                grad_cols = scratch("grad_columns", (groups, stop - start, matrix.shape[2]),
+                                    dtype, input.device)  # fmt: skip
+                grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix, out=grad_cols), geo)
+                # The columns for the weight gradient come from the same plan.
+                terms = samples.corner_terms(grad_cols, need_offset or need_mask, need_weight)
+                first_rows, weights, chunk_mask_grad, chunk_position_grad, cols = terms
+                if table_grad is not None:
+                    scatter_corners(table_grad, first_rows, layout.deltas, weights, grad_cols,
+                                    share=1, skip_from=layout.dead)  # fmt: skip
+                if mask_grad is not None:
+                    mask_grad[first:last] = chunk_mask_grad
+                if position_grad is not None:
+                    position_grad[first:last] = chunk_position_grad
             if need_weight:
-                cols = samples.columns()
+                cols = samples.columns() if cols is None else cols
                 cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
                 if weight_grad is None:
                     weight_grad = scratch("weight_grad", (groups, out_per_group, cols.shape[2]),
@@ -242,20 +257,6 @@ def backward(
                     torch.bmm(chunk_grad.transpose(1, 2), cols, out=weight_grad)
                 else:
                     weight_grad.baddbmm_(chunk_grad.transpose(1, 2), cols)
-            if not (need_input or need_offset or need_mask):
-                continue
-            grad_cols = scratch("grad_columns", (groups, stop - start, matrix.shape[2]), dtype,
-                                input.device)  # fmt: skip
-            grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix, out=grad_cols), geo)
-            terms = samples.corner_terms(grad_cols, need_offset or need_mask)
-            first_rows, weights, chunk_mask_grad, chunk_position_grad = terms
-            if table_grad is not None:
-                scatter_corners(table_grad, first_rows, layout.deltas, weights, grad_cols,
-                                share=1, skip_from=layout.dead)  # fmt: skip
-            if mask_grad is not None:
-                mask_grad[first:last] = chunk_mask_grad
-            if position_grad is not None:
-                position_grad[first:last] = chunk_position_grad
 
     sample_shape = (geo.batch, math.prod(geo.out_size), geo.taps, geo.offset_groups)
     grad_input = grad_offset = grad_mask = grad_weight = None

@@ -126,7 +126,7 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
             chunk = Samples(table, shifts[start:stop], masks[first:last], geo, start,
                             taps=coords, groups_first=True, strict=True, share=points)  # fmt: skip
             terms = chunk.corner_terms(bag_grads, need_offset or need_mask)
-            first_rows, weights, chunk_mask_grad, chunk_position_grad = terms
+            first_rows, weights, chunk_mask_grad, chunk_position_grad, _ = terms
             if table_grad is not None:
                 scatter_corners(table_grad, first_rows, layout.deltas, weights, bag_grads,
                                 share=points, skip_from=layout.dead)  # fmt: skip

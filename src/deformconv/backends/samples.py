@@ -48,22 +48,24 @@ class Samples:
         return weighted_rows(self.table, self.plan.rows.view(-1, bag * corners),
                              self.weights.view(-1, bag * corners))  # fmt: skip
 
-    def corner_terms(self, grad: Tensor, positions: bool):
+    def corner_terms(self, grad: Tensor, positions: bool, with_columns: bool = False):
         """First rows ``(M,)``, masked corner weights ``(M, 2**d)``, mask gradients ``(M,)``
         and masked position gradients ``(M, d)`` (see
         :func:`~deformconv.backends.compiled.corner_terms`) for the gradient rows ``grad``
-        ``(M / share, D)``; without ``positions`` the gradients may be ``None``."""
+        ``(M / share, D)``, then, with ``with_columns``, :meth:`columns` (else ``None``);
+        without ``positions`` the gradients may be ``None``."""
         if self.plan is None:
             return compiled.run(compiled.corner_terms, self.table, grad, self.offsets,
-                                self.masks, self.grid, strict=self.strict,
-                                share=self.share)  # fmt: skip
+                                self.masks, self.grid, strict=self.strict, share=self.share,
+                                with_columns=with_columns)  # fmt: skip
         plan = self.plan
+        columns = self.columns() if with_columns else None
         if not positions:
-            return plan.first, self.weights, None, None
+            return plan.first, self.weights, None, None, columns
         corners = plan.rows.shape[1]
         dots = row_dots(grad, self.table, plan.rows.view(-1, self.share * corners))
         dots = dots.view(-1, corners)
         position_grad = plan.position_grads(dots)
         if self.masks is not None:
             position_grad *= self.masks[:, None]
-        return plan.first, self.weights, (plan.weights * dots).sum(1), position_grad
+        return plan.first, self.weights, (plan.weights * dots).sum(1), position_grad, columns
