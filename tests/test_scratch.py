@@ -94,3 +94,39 @@ def test_no_result_is_overwritten_by_the_next_call(name):
                                   strict=True):  # fmt: skip
         assert torch.equal(now, before), name_
     assert scratch.kept_bytes() > 0
+
+
+def test_calls_in_two_threads_at_once_give_their_own_results():
+    """Each thread takes its own buffers (and the grid cache is shared safely): concurrent
+    calls on different inputs give what each gives alone."""
+
+    def call(seed):
+        generator = torch.Generator().manual_seed(seed)
+        input = torch.randn(2, 8, 9, 7, generator=generator, requires_grad=True)
+        offset = torch.randn(2, 18, 9, 7, generator=generator, requires_grad=True)
+        weight = torch.randn(6, 8, 3, 3, generator=generator, requires_grad=True)
+        with deformconv.use_backend("torch"):
+            out = deformconv.deform_conv2d(input, offset, weight, padding=1)
+        grads = torch.autograd.grad(out.square().sum(), (input, offset, weight))
+        return [out.detach(), *grads]
+
+    alone = {seed: call(seed) for seed in (0, 1)}
+    together = {}
+    errors = []
+
+    def worker(seed):
+        try:
+            for _ in range(5):
+                together[seed] = call(seed)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for seed in (0, 1):
+        for mine, theirs in zip(together[seed], alone[seed], strict=True):
+            assert torch.equal(mine, theirs)
