@@ -105,12 +105,10 @@ def test_calls_in_two_threads_at_once_give_their_own_results():
         input = torch.randn(2, 8, 9, 7, generator=generator, requires_grad=True)
         offset = torch.randn(2, 18, 9, 7, generator=generator, requires_grad=True)
         weight = torch.randn(6, 8, 3, 3, generator=generator, requires_grad=True)
-        with deformconv.use_backend("torch"):
-            out = deformconv.deform_conv2d(input, offset, weight, padding=1)
+        out = deformconv.deform_conv2d(input, offset, weight, padding=1)
         grads = torch.autograd.grad(out.square().sum(), (input, offset, weight))
         return [out.detach(), *grads]
 
-    alone = {seed: call(seed) for seed in (0, 1)}
     together = {}
     errors = []
 
@@ -121,11 +119,13 @@ def test_calls_in_two_threads_at_once_give_their_own_results():
         except Exception as error:  # reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with deformconv.use_backend("torch"):  # a process-wide setting: set once, outside
+        alone = {seed: call(seed) for seed in (0, 1)}
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     assert not errors
     for seed in (0, 1):
         for mine, theirs in zip(together[seed], alone[seed], strict=True):

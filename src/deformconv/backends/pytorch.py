@@ -63,23 +63,40 @@ def _input_table(input: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
     return layout.fill(grouped, dtype, scratch("table", (layout.rows, depth), dtype, input.device))
 
 
+def _groups_first(geo: Geometry) -> bool:
+    """Whether the samples go in (pixel, offset group, tap) order, not (pixel, tap, offset
+    group): with one weight group, where the columns' order is free, so that the offsets'
+    and the mask's rearrangement is a plain transpose per image."""
+    return geo.weight_groups == 1 and geo.offset_groups > 1
+
+
 def _per_pixel(tensor: Tensor, geo: Geometry, trailing: int, dtype: torch.dtype) -> Tensor:
-    """Offset ``(N, G·K·t, *out_size)`` → contiguous ``(positions, K, G, t)``."""
+    """Offset ``(N, G·K·t, *out_size)`` → contiguous ``(positions, K, G, t)``, or
+    ``(positions, G, K, t)`` (:func:`_groups_first`)."""
     tensor = tensor.reshape(
         geo.batch, geo.offset_groups, geo.taps, trailing, math.prod(geo.out_size)
-    ).permute(0, 4, 2, 1, 3)
-    return tensor.to(dtype).contiguous().view(geo.pixels, geo.taps, geo.offset_groups, trailing)
+    )
+    tensor = tensor.permute(0, 4, 1, 2, 3) if _groups_first(geo) else tensor.permute(0, 4, 2, 1, 3)
+    return tensor.to(dtype).contiguous().view(geo.pixels, -1, trailing)
 
 
 def _weight_matrix(weight: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
-    """``(O, C/wg, *kernel)`` → ``(wg, O/wg, K·C/wg)``, columns ordered (tap, channel): per
-    output channel a transpose of (channel, tap), cheaper than moving outputs innermost."""
+    """``(O, C/wg, *kernel)`` → ``(wg, O/wg, K·C/wg)``, columns ordered as the samples: (tap,
+    channel), per output channel a transpose of (channel, tap), cheaper than moving outputs
+    innermost; (offset group, tap, channel) with :func:`_groups_first`."""
     matrix = weight.reshape(geo.weight_groups, geo.group_out, geo.group_in, geo.taps)
     if geo.taps == 1:  # a view
         return matrix.view(geo.weight_groups, geo.group_out, -1).to(dtype)
     out = scratch("matrix", (geo.weight_groups, geo.group_out, geo.taps * geo.group_in), dtype,
                   weight.device)  # fmt: skip
-    out.view(geo.weight_groups, geo.group_out, geo.taps, geo.group_in).copy_(matrix.transpose(2, 3))
+    if _groups_first(geo):
+        depth = geo.channels // geo.offset_groups
+        matrix = matrix.view(geo.group_out, geo.offset_groups, depth, geo.taps)
+        out.view(geo.group_out, geo.offset_groups, geo.taps, depth).copy_(matrix.transpose(2, 3))
+    else:
+        out.view(geo.weight_groups, geo.group_out, geo.taps, geo.group_in).copy_(
+            matrix.transpose(2, 3)
+        )
     return out
 
 
@@ -174,7 +191,8 @@ def forward(
         per_pixel = geo.taps * geo.offset_groups
         for start, stop in _chunks(geo.pixels, step):
             chunk_masks = None if masks is None else masks[start * per_pixel : stop * per_pixel]
-            cols = Samples(table, offsets[start:stop], chunk_masks, geo, start).columns()
+            cols = Samples(table, offsets[start:stop], chunk_masks, geo, start,
+                           groups_first=_groups_first(geo)).columns()  # fmt: skip
             cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
             if groups == 1:  # straight into the output buffer
                 torch.bmm(cols, matrix.transpose(1, 2), out=out[start:stop].transpose(0, 1))
@@ -231,7 +249,8 @@ def backward(
         for start, stop in _chunks(geo.pixels, step):
             first, last = start * per_pixel, stop * per_pixel
             chunk_masks = None if masks is None else masks[first:last]
-            samples = Samples(table, offsets[start:stop], chunk_masks, geo, start)
+            samples = Samples(table, offsets[start:stop], chunk_masks, geo, start,
+                              groups_first=_groups_first(geo))  # fmt: skip
             chunk_grad = grad_out[start:stop].transpose(0, 1)
             cols = None
             if need_input or need_offset or need_mask:
@@ -258,7 +277,12 @@ def backward(
                 else:
                     weight_grad.baddbmm_(chunk_grad.transpose(1, 2), cols)
 
-    sample_shape = (geo.batch, math.prod(geo.out_size), geo.taps, geo.offset_groups)
+    # Samples (image, position, offset group, tap) → (image, offset group, tap, position).
+    positions = math.prod(geo.out_size)
+    if _groups_first(geo):
+        sample_shape, order = (geo.batch, positions, geo.offset_groups, geo.taps), (0, 2, 3)
+    else:
+        sample_shape, order = (geo.batch, positions, geo.taps, geo.offset_groups), (0, 3, 2)
     grad_input = grad_offset = grad_mask = grad_weight = None
     if table_grad is not None:
         grad_input = layout.interior(table_grad).view(
@@ -266,14 +290,18 @@ def backward(
         )
         grad_input = _fresh(grad_input.movedim(-1, 2), input.dtype).view(input.shape)
     if position_grad is not None:
-        grad_offset = position_grad.view(*sample_shape, geo.dims).permute(0, 3, 2, 4, 1)
+        grad_offset = position_grad.view(*sample_shape, geo.dims).permute(*order, 4, 1)
         grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype)
     if mask_grad is not None:
-        grad_mask = mask_grad.view(sample_shape).permute(0, 3, 2, 1)
+        grad_mask = mask_grad.view(sample_shape).permute(*order, 1)
         grad_mask = grad_mask.reshape(mask.shape).to(mask.dtype)
     if need_weight:
         if weight_grad is None:  # no output positions
             weight_grad = zeros(groups, out_per_group, geo.taps * geo.channels // groups)
-        grad_weight = weight_grad.view(groups, out_per_group, geo.taps, -1).transpose(2, 3)
+        if _groups_first(geo):  # (O, G, K, C/G) → (O, G, C/G, K)
+            grad_weight = weight_grad.view(out_per_group, geo.offset_groups, geo.taps, -1)
+            grad_weight = grad_weight.transpose(2, 3)
+        else:
+            grad_weight = weight_grad.view(groups, out_per_group, geo.taps, -1).transpose(2, 3)
         grad_weight = _fresh(grad_weight.reshape(weight.shape), weight.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
