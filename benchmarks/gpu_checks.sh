@@ -12,7 +12,9 @@
 # BENCH_SECONDS (180), DCNV3_SECONDS (120), BENCH3D_SECONDS (40), DEMO_SECONDS (60); the
 # defaults fit one 10-minute call.  TEST_WORKERS runs the tests in that many processes (default 8 where pytest-xdist is
 # installed, else 1; Triton compiles in parallel then); DCNV3_ARGS go to bench_dcnv3_v4.py;
-# DEMO_OUT is where the demo writes (default $OUT/demo).
+# DEMO_OUT is where the demo writes (default $OUT/demo).  PACK=1 finally packs everything in
+# $OUT into one $OUT/gpu-checks.tar.gz (for a runner that brings back only a few files); the
+# summaries are printed either way.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
@@ -85,4 +87,9 @@ for f in $(find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name "deform_conv2d_
         | sort | uniq -c | tr '\n' ' ')"
 done | sort | uniq | head -40 > "$OUT/ptx.log"
 echo "$(wc -l < "$OUT/ptx.log") kernel variants listed in $OUT/ptx.log"
+if [ "${PACK:-0}" = 1 ]; then  # tar removes exactly what it packed
+    pack=$(mktemp)
+    (cd "$OUT" && tar -czf "$pack" --remove-files -- *) && mv "$pack" "$OUT/gpu-checks.tar.gz" \
+        && stamp "packed into $OUT/gpu-checks.tar.gz"
+fi
 stamp "done"
