@@ -1,7 +1,8 @@
 """Test-session setup shared by the tests and the doctests.
 
 Without a GPU the Triton kernels run in Triton's CPU interpreter; the switch must be set
-before the kernels are defined.  The torch backend's CPU sampling runs uncompiled.  Without Triton the kernel modules are not collected.
+before the kernels are defined.  The torch backend's CPU sampling runs uncompiled.  Without
+Triton the kernel modules are not collected.
 """
 
 import importlib.util

@@ -73,10 +73,17 @@ def columns(table: Tensor, offsets: Tensor, masks: Tensor | None, grid: Grid,
     as for :func:`~deformconv.backends.plan.sampling_plan`."""
     plan = plan_from_grid(offsets, grid, strict)
     weights = plan.weights if masks is None else plan.weights * masks[:, None]
-    total = table[plan.rows[:, 0]] * weights[:, :1]
-    for corner in range(1, weights.shape[1]):
-        total = total + table[plan.rows[:, corner]] * weights[:, corner : corner + 1]
+    total = _weighted_corners(table, plan.rows, weights)
     return total if bag == 1 else total.view(-1, bag, total.shape[-1]).sum(1)
+
+
+def _weighted_corners(table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
+    """``(M, D)``: each sample's corner rows ``rows`` ``(M, 2**d)`` of ``table`` times
+    ``weights``, summed."""
+    total = table[rows[:, 0]] * weights[:, :1]
+    for corner in range(1, weights.shape[1]):
+        total = total + table[rows[:, corner]] * weights[:, corner : corner + 1]
+    return total
 
 
 def corner_terms(table: Tensor, grad_columns: Tensor, offsets: Tensor, masks: Tensor | None,
@@ -100,11 +107,7 @@ def corner_terms(table: Tensor, grad_columns: Tensor, offsets: Tensor, masks: Te
     if masks is not None:
         position_grad = position_grad * masks[:, None]
         weights = weights * masks[:, None]
-    sums = None
-    if with_columns:
-        sums = table[plan.rows[:, 0]] * weights[:, :1]
-        for corner in range(1, weights.shape[1]):
-            sums = sums + table[plan.rows[:, corner]] * weights[:, corner : corner + 1]
+    sums = _weighted_corners(table, plan.rows, weights) if with_columns else None
     return plan.first, weights, mask_grad, position_grad, sums
 
 

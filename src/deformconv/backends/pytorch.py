@@ -80,23 +80,26 @@ def _per_pixel(tensor: Tensor, geo: Geometry, trailing: int, dtype: torch.dtype)
     return tensor.to(dtype).contiguous().view(geo.pixels, -1, trailing)
 
 
+def _column_blocks(geo: Geometry) -> tuple[int, int]:
+    """The columns of one weight group as ``(blocks, K, channels)``: one block of all its
+    channels, or one block per offset group with :func:`_groups_first` (the samples' order)."""
+    blocks = geo.offset_groups if _groups_first(geo) else 1
+    return blocks, geo.group_in // blocks
+
+
 def _weight_matrix(weight: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
-    """``(O, C/wg, *kernel)`` → ``(wg, O/wg, K·C/wg)``, columns ordered as the samples: (tap,
-    channel), per output channel a transpose of (channel, tap), cheaper than moving outputs
-    innermost; (offset group, tap, channel) with :func:`_groups_first`."""
-    matrix = weight.reshape(geo.weight_groups, geo.group_out, geo.group_in, geo.taps)
+    """``(O, C/wg, *kernel)`` → ``(wg, O/wg, K·C/wg)``, columns ordered as the samples, (block,
+    tap, channel) (:func:`_column_blocks`): per output channel a transpose of (channel, tap),
+    cheaper than moving outputs innermost."""
+    blocks, depth = _column_blocks(geo)
+    matrix = weight.reshape(geo.weight_groups, geo.group_out, blocks, depth, geo.taps)
     if geo.taps == 1:  # a view
         return matrix.view(geo.weight_groups, geo.group_out, -1).to(dtype)
     out = scratch("matrix", (geo.weight_groups, geo.group_out, geo.taps * geo.group_in), dtype,
                   weight.device)  # fmt: skip
-    if _groups_first(geo):
-        depth = geo.channels // geo.offset_groups
-        matrix = matrix.view(geo.group_out, geo.offset_groups, depth, geo.taps)
-        out.view(geo.group_out, geo.offset_groups, geo.taps, depth).copy_(matrix.transpose(2, 3))
-    else:
-        out.view(geo.weight_groups, geo.group_out, geo.taps, geo.group_in).copy_(
-            matrix.transpose(2, 3)
-        )
+    out.view(geo.weight_groups, geo.group_out, blocks, geo.taps, depth).copy_(
+        matrix.transpose(3, 4)
+    )
     return out
 
 
@@ -298,10 +301,7 @@ def backward(
     if need_weight:
         if weight_grad is None:  # no output positions
             weight_grad = zeros(groups, out_per_group, geo.taps * geo.channels // groups)
-        if _groups_first(geo):  # (O, G, K, C/G) → (O, G, C/G, K)
-            grad_weight = weight_grad.view(out_per_group, geo.offset_groups, geo.taps, -1)
-            grad_weight = grad_weight.transpose(2, 3)
-        else:
-            grad_weight = weight_grad.view(groups, out_per_group, geo.taps, -1).transpose(2, 3)
-        grad_weight = _fresh(grad_weight.reshape(weight.shape), weight.dtype)
+        blocks, depth = _column_blocks(geo)  # (block, tap, channel) → (block, channel, tap)
+        grad_weight = weight_grad.view(groups, out_per_group, blocks, geo.taps, depth)
+        grad_weight = _fresh(grad_weight.transpose(3, 4).reshape(weight.shape), weight.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
