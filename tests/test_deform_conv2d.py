@@ -276,10 +276,13 @@ def test_non_finite_and_huge_offsets_sample_zero(bad):
     assert (grads["mask"][:, 0] == 0).all()
 
 
-@pytest.mark.parametrize("budget", [1, 5000])
+@pytest.mark.parametrize("budget", [1, 5000, "two images"])
 def test_chunked_path_matches_single_pass(monkeypatch, budget):
     config = LOPSIDED["batch-3"]
     tensors = make_inputs(config, seed=4)
+    positions = config.out_size[0] * config.out_size[1]
+    if budget == "two images":  # forward chunks of 2 whole images and 1 (two float64 buffers)
+        budget = 2 * positions * config.kernel[0] * config.kernel[1] * config.channels * 8 * 2
     expected, expected_grads = output_and_grads(deformconv.deform_conv2d, tensors, config)
     calls = []
     original = samples.sampling_plan
@@ -293,9 +296,10 @@ def test_chunked_path_matches_single_pass(monkeypatch, budget):
     finally:
         deformconv.set_column_budget(None)
     assert deformconv.column_budget() == torch_backend.DEFAULT_COLUMN_BUDGET
-    pixels = config.batch * config.out_size[0] * config.out_size[1]
-    # one chunk per output pixel at the smallest budget, several at the other; forward and backward
-    assert len(calls) == 2 * pixels if budget == 1 else 4 < len(calls) < 2 * pixels
+    pixels = config.batch * positions
+    # one chunk per output pixel at the smallest budget, several at the others; forward and
+    # backward
+    assert len(calls) == 2 * pixels if budget == 1 else 4 <= len(calls) < 2 * pixels
     torch.testing.assert_close(actual, expected, atol=1e-12, rtol=0)
     for name in expected_grads:
         torch.testing.assert_close(actual_grads[name], expected_grads[name], atol=1e-12, rtol=0)

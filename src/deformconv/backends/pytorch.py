@@ -16,14 +16,14 @@ Design
 * Forward: the weighted corners of every sample are summed by one fused gather
   (:mod:`~deformconv.backends.gather`, ``embedding_bag``) into a column buffer
   ``(positions, K·C)``, which one batched matrix product per weight group contracts with the
-  weight.
+  weight, writing the output in its final ``(N, O, *out_size)`` layout.
 * Backward: the samples are recomputed rather than stored.  ``grad_input`` gathers, for
   every table row, the weighted column gradients of the samples that reach it (samples
   sorted by first corner, one fused gather per corner); ``grad_offset`` and ``grad_mask``
   come from the dot product of every corner's row with its column gradient (one fused
   kernel); ``grad_weight`` is one more matrix product.
-* Output positions are processed in chunks whose column buffers together fit the column
-  budget (:func:`set_column_budget`, 256 MiB by default).
+* Output positions are processed in chunks (whole images, or parts of one) whose column
+  buffers together fit the column budget (:func:`set_column_budget`, 256 MiB by default).
 * float16 and bfloat16 are computed in float32 and rounded once at the end; float64 stays
   float64.
 
@@ -170,6 +170,35 @@ def _chunks(total: int, size: int):
         yield start, min(total, start + size)
 
 
+def _image_chunks(geo: Geometry, size: int):
+    """Ranges of at most ``size`` output pixels (at least one), each whole images or part of
+    one image: so that a chunk's outputs are one slice of the ``(N, O, positions)`` output."""
+    positions = math.prod(geo.out_size)
+    if size >= positions:
+        images = size // positions
+        for image in range(0, geo.batch, images):
+            yield image * positions, min(geo.batch, image + images) * positions
+        return
+    for image in range(geo.batch):
+        for start, stop in _chunks(positions, size):
+            yield image * positions + start, image * positions + stop
+
+
+def _contract(matrix: Tensor, cols: Tensor, out: Tensor, start: int, stop: int) -> None:
+    """``out[image, group, :, position] = matrix[group] @ cols[group, pixel]`` for the pixels
+    ``start:stop`` of a chunk (:func:`_image_chunks`): ``matrix`` ``(wg, O/wg, K·C/wg)``,
+    ``cols`` ``(wg, pixels, K·C/wg)``, ``out`` ``(N, wg, O/wg, positions)``.  The product is
+    written in place, the columns read transposed: no rearrangement of the output."""
+    positions = out.shape[-1]
+    image, first = divmod(start, positions)
+    images = max(1, (stop - start) // positions)
+    pixels = (stop - start) // images
+    target = out[image : image + images, ..., first : first + pixels]
+    for group in range(matrix.shape[0]):
+        columns = cols[group].view(images, pixels, -1).transpose(1, 2)
+        torch.bmm(matrix[group].expand(images, -1, -1), columns, out=target[:, group])
+
+
 def forward(
     input: Tensor,
     offset: Tensor,
@@ -183,8 +212,11 @@ def forward(
     geo = geometry(input, offset, weight, stride, padding, dilation)
     dtype = compute_dtype(input.dtype)
     groups = geo.weight_groups
-    out = scratch("output", (geo.pixels, groups, geo.out_channels // groups), dtype,
-                  input.device)  # fmt: skip
+    shape = (geo.batch, groups, geo.out_channels // groups, math.prod(geo.out_size))
+    if dtype == input.dtype:  # the result itself
+        out = torch.empty(shape, dtype=dtype, device=input.device)
+    else:  # rounded into the result at the end
+        out = scratch("output", shape, dtype, input.device)
     if geo.pixels > 0:
         table = _input_table(input, geo, dtype)
         offsets = _per_pixel(offset, geo, geo.dims, dtype)
@@ -192,19 +224,16 @@ def forward(
         matrix = _weight_matrix(weight, geo, dtype)
         step = chunk_pixels(geo.pixels, geo.taps * geo.channels, 2, table)
         per_pixel = geo.taps * geo.offset_groups
-        for start, stop in _chunks(geo.pixels, step):
+        for start, stop in _image_chunks(geo, step):
             chunk_masks = None if masks is None else masks[start * per_pixel : stop * per_pixel]
             cols = Samples(table, offsets[start:stop], chunk_masks, geo, start,
                            groups_first=_groups_first(geo)).columns()  # fmt: skip
             cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
-            if groups == 1:  # straight into the output buffer
-                torch.bmm(cols, matrix.transpose(1, 2), out=out[start:stop].transpose(0, 1))
-            else:
-                out[start:stop] = torch.bmm(cols, matrix.transpose(1, 2)).transpose(0, 1)
+            _contract(matrix, cols, out, start, stop)
     if bias is not None:
-        out += bias.to(dtype).view(groups, -1)
-    return _fresh(out.view(geo.batch, *geo.out_size, geo.out_channels).movedim(-1, 1),
-                  input.dtype)  # fmt: skip
+        out += bias.to(dtype).view(groups, -1, 1)
+    out = out.view(geo.batch, geo.out_channels, *geo.out_size)
+    return out if dtype == input.dtype else out.to(input.dtype)
 
 
 def backward(
