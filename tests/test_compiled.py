@@ -48,6 +48,31 @@ def test_compiled_2d_matches_uncompiled_forward_and_every_gradient():
 
 
 @needs_compiler
+def test_compiled_wide_rows_match_uncompiled_forward_and_every_gradient():
+    """Rows wider than NARROW_ROWS: the plan and the offset and mask gradients compiled, the
+    gathers uncompiled."""
+    generator = torch.Generator().manual_seed(11)
+    channels = 2 * (compiled.NARROW_ROWS + 3)  # 2 offset groups of 35 channels
+    input = torch.randn(2, channels, 7, 6, generator=generator, requires_grad=True)
+    offset = 2 * torch.randn(2, 2 * 2 * 6, 4, 4, generator=generator)
+    mask = torch.rand(2, 2 * 6, 4, 4, generator=generator)
+    weight = torch.randn(5, channels, 3, 2, generator=generator, requires_grad=True)
+    bias = torch.randn(5, generator=generator, requires_grad=True)
+    leaves = [input, offset.requires_grad_(), mask.requires_grad_(), weight, bias]
+
+    def run():
+        out = deformconv.deform_conv2d(input, offset, weight, bias, stride=(2, 1),
+                                       padding=(1, 0), dilation=(1, 2), mask=mask)  # fmt: skip
+        return out, *torch.autograd.grad(out.square().sum(), leaves)
+
+    expected, actual = _both_ways(run)
+    assert compiled.compile_failure() is None
+    assert set(compiled._compiled) == {"corners", "dot_terms"}
+    for first, second in zip(expected, actual, strict=True):
+        torch.testing.assert_close(second, first, atol=1e-4, rtol=1e-5)
+
+
+@needs_compiler
 def test_one_compilation_serves_other_sizes_and_geometries():
     """Dynamic shapes, the constants as tensors and no view relations: other input sizes,
     channels, groups, kernels, strides and batches reuse the first compilation.  (A first
@@ -122,8 +147,9 @@ def test_a_failed_compilation_warns_once_and_runs_uncompiled(monkeypatch):
 
 def test_which_tables_compile_and_the_switch(monkeypatch):
     compiled.set_cpu_compile(True)
-    assert compiled.active(torch.empty(5, compiled.NARROW_ROWS))
-    assert not compiled.active(torch.empty(5, compiled.NARROW_ROWS + 1))  # wide rows
+    assert compiled.fuses_gathers(torch.empty(5, compiled.NARROW_ROWS))
+    assert not compiled.fuses_gathers(torch.empty(5, compiled.NARROW_ROWS + 1))  # wide rows
+    assert compiled.active(torch.empty(5, compiled.NARROW_ROWS + 1))
     assert not compiled.active(torch.empty(5, 4, dtype=torch.float16))
     assert not compiled.active(torch.empty(5, 4, device="meta"))
     deformconv.set_cpu_compile(False)

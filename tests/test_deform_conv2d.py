@@ -285,10 +285,8 @@ def test_chunked_path_matches_single_pass(monkeypatch, budget):
         budget = 2 * positions * config.kernel[0] * config.kernel[1] * config.channels * 8 * 2
     expected, expected_grads = output_and_grads(deformconv.deform_conv2d, tensors, config)
     calls = []
-    original = samples.sampling_plan
-    monkeypatch.setattr(
-        samples, "sampling_plan", lambda *a, **k: calls.append(1) or original(*a, **k)
-    )
+    original = samples.grid_of
+    monkeypatch.setattr(samples, "grid_of", lambda *a, **k: calls.append(1) or original(*a, **k))
     deformconv.set_column_budget(budget)
     try:
         assert deformconv.column_budget() == budget
@@ -303,6 +301,18 @@ def test_chunked_path_matches_single_pass(monkeypatch, budget):
     torch.testing.assert_close(actual, expected, atol=1e-12, rtol=0)
     for name in expected_grads:
         torch.testing.assert_close(actual_grads[name], expected_grads[name], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [None, 5000])
+def test_many_outputs_per_group_are_written_in_place(budget):
+    """With DIRECT_OUTPUTS output channels per weight group or more, the forward's product
+    goes straight into the output: whole images, or parts of one at a small budget."""
+    config = Config(batch=3, out_channels=2 * torch_backend.DIRECT_OUTPUTS)
+    deformconv.set_column_budget(budget)
+    try:
+        assert_matches_reference(config, seed=5)
+    finally:
+        deformconv.set_column_budget(None)
 
 
 @pytest.mark.parametrize("bad", [0, -5, 1.5, True, "1GB"])

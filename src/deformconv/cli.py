@@ -118,8 +118,8 @@ def _cpu_sampling() -> str:
     if not compiled.compile_enabled():
         return f"uncompiled ({compiled.ENV_VAR}=0 or set_cpu_compile(False))"
     return (
-        f"compiled with torch.compile for rows of at most {compiled.NARROW_ROWS} "
-        "channels, on first use"
+        "plan compiled with torch.compile on first use; gathers too for rows of at most "
+        f"{compiled.NARROW_ROWS} channels"
     )
 
 

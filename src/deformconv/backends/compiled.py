@@ -1,28 +1,28 @@
 """Compiled sampling for the torch backend on the CPU.
 
-The torch backends' sampling plan, bilinear gather and corner dot products (the
-convolution's and DCNv3's) are dozens of small tensor operations over all samples, each a
-pass over memory.  Compiled by
-``torch.compile`` (Inductor's C++ code generation), each of the two functions below becomes a
-fused loop over the samples that never materialises the plan:
+The sampling plan, its corner dot products and the offset and mask gradients are dozens of
+small tensor operations over all samples, each a pass over memory (and, at small sizes, a
+few microseconds of dispatch).  Compiled by ``torch.compile`` (Inductor's C++ code
+generation), each function below becomes one fused loop over the samples:
 
-* :func:`columns`: every sample's weighted (and masked) sum of its corner rows;
-* :func:`corner_terms`: from the column gradient, the mask and position gradients, plus the
-  first rows and masked weights that the input gradient's gathers take.
+* :func:`corners`: every sample's corner rows, masked corner weights and fractional
+  position, which the fused gathers of :mod:`~deformconv.backends.gather` take;
+* :func:`dot_terms`: the mask and position gradients from per-corner dot products;
+* for tables of narrow rows (:data:`NARROW_ROWS`), where the plan's arithmetic rather than
+  the gathers takes the time, the gathers are compiled with the plan, which is then never
+  materialised: :func:`columns`, every sample's weighted corner rows, and
+  :func:`corner_terms`, the whole backward sampling (plan, corner dot products with the
+  column gradient, mask and position gradients).  (N=2, C=64, 56×56, 4 offset groups of 16
+  channels: forward+backward 63–67 → 46 ms on 2 cores.)
 
-It pays where the table's rows are narrow (many offset groups, few channels): there the
-plan's operations, not the gather, take the time (N=2, C=64, 56×56, 4 offset groups of 16
-channels: forward+backward 63–67 → 46 ms on 2 cores).  Rows of more than
-:data:`NARROW_ROWS` channels keep the uncompiled path.
-
-The uncompiled functions give the same results (up to rounding) and run wherever compiling
-does not: they are what the backend falls back to.  Compilation happens on first use, with
-dynamic shapes, on one entry per sample (detached, so that no view relation is guarded
-on) and with the table's constants as 0-d tensors: once per dtype, mask / no mask and number
-of axes, not per input size or geometry.  Inductor keeps what it compiled in its on-disk
-cache for later processes.  It needs a C++
-compiler at run time: where compiling fails for any reason the backend warns once and goes
-on uncompiled.  :func:`set_cpu_compile` (or ``DEFORMCONV_COMPILE=0``) turns it off.
+The functions are plain tensor code: uncompiled they give the same results (up to rounding)
+and run wherever compiling does not, which is what the backend falls back to.  Compilation
+happens on first use, with dynamic shapes, on one entry per sample (detached, so that no
+view relation is guarded on) and with the table's constants as 0-d tensors: once per dtype,
+mask / no mask and number of axes, not per input size or geometry.  Inductor keeps what it
+compiled in its on-disk cache for later processes.  It needs a C++ compiler at run time:
+where compiling fails for any reason the backend warns once and goes on uncompiled.
+:func:`set_cpu_compile` (or ``DEFORMCONV_COMPILE=0``) turns it off.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .plan import Grid, corner_deltas, plan_from_grid
+from .plan import Grid, corner_deltas, corner_weights, pairs_of, plan_from_grid, position_grads
 
 ENV_VAR = "DEFORMCONV_COMPILE"
 _enabled = os.environ.get(ENV_VAR, "1") != "0"
@@ -66,33 +66,45 @@ def compile_failure() -> str | None:
     return _failure
 
 
+def corners(offsets: Tensor, masks: Tensor | None, grid: Grid,
+            strict: bool = False) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """For samples at ``offsets`` ``(M, d)`` with ``masks`` ``(M,)`` (or ``None``): their
+    corner rows ``(M, 2**d)``, masked corner weights ``(M, 2**d)`` and fractional positions
+    ``(M, d)``; ``strict`` as for :func:`~deformconv.backends.plan.sampling_plan`."""
+    plan = plan_from_grid(offsets, grid, strict)
+    weights = plan.weights if masks is None else plan.weights * masks[:, None]
+    return plan.rows, weights, torch.stack([high for _, high in plan.pairs], dim=1)
+
+
 def columns(table: Tensor, offsets: Tensor, masks: Tensor | None, grid: Grid,
             strict: bool = False, bag: int = 1) -> Tensor:  # fmt: skip
     """``(M / bag, D)``: each sample's corner rows of ``table``, weighted and masked, summed
-    over ``bag`` consecutive samples; ``offsets`` ``(M, d)``, ``masks`` ``(M,)``; ``strict``
-    as for :func:`~deformconv.backends.plan.sampling_plan`."""
-    plan = plan_from_grid(offsets, grid, strict)
-    weights = plan.weights if masks is None else plan.weights * masks[:, None]
-    total = _weighted_corners(table, plan.rows, weights)
-    return total if bag == 1 else total.view(-1, bag, total.shape[-1]).sum(1)
-
-
-def _weighted_corners(table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
-    """``(M, D)``: each sample's corner rows ``rows`` ``(M, 2**d)`` of ``table`` times
-    ``weights``, summed."""
+    over ``bag`` consecutive samples (the plan of :func:`corners`)."""
+    rows, weights, _ = corners(offsets, masks, grid, strict)
     total = table[rows[:, 0]] * weights[:, :1]
     for corner in range(1, weights.shape[1]):
         total = total + table[rows[:, corner]] * weights[:, corner : corner + 1]
-    return total
+    return total if bag == 1 else total.view(-1, bag, total.shape[-1]).sum(1)
+
+
+def dot_terms(dots: Tensor, fractions: Tensor, masks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mask gradients ``(M,)`` and masked position gradients ``(M, d)`` of samples with
+    fractional positions ``fractions`` ``(M, d)`` (from :func:`corners`), given the dot product
+    of every corner's row with the sample's column gradient ``dots`` ``(M, 2**d)``."""
+    pairs = pairs_of(fractions)
+    mask_grad = (corner_weights(pairs) * dots).sum(1)
+    position_grad = position_grads(pairs, dots)
+    if masks is not None:
+        position_grad = position_grad * masks[:, None]
+    return mask_grad, position_grad
 
 
 def corner_terms(table: Tensor, grad_columns: Tensor, offsets: Tensor, masks: Tensor | None,
-                 grid: Grid, strict: bool = False, share: int = 1,
-                 with_columns: bool = False) -> tuple:  # fmt: skip
+                 grid: Grid, strict: bool = False, share: int = 1) -> tuple:  # fmt: skip
     """For samples with column gradient ``grad_columns`` ``(M / share, D)``, shared by
     ``share`` consecutive samples: their first rows ``(M,)``, masked corner weights
-    ``(M, 2**d)``, mask gradients ``(M,)``, position gradients ``(M, d)`` (masked) and, with
-    ``with_columns``, their :func:`columns` (else ``None``), from the same plan."""
+    ``(M, 2**d)``, mask gradients ``(M,)`` and position gradients ``(M, d)`` (masked), from
+    the plan of :func:`corners`."""
     plan = plan_from_grid(offsets, grid, strict)
     if share > 1:
         sample = torch.arange(plan.first.shape[0], device=table.device)
@@ -102,13 +114,12 @@ def corner_terms(table: Tensor, grad_columns: Tensor, offsets: Tensor, masks: Te
          for corner in range(plan.rows.shape[1])], dim=1,
     )  # fmt: skip
     mask_grad = (plan.weights * dots).sum(1)
-    position_grad = plan.position_grads(dots)
+    position_grad = position_grads(plan.pairs, dots)
     weights = plan.weights
     if masks is not None:
         position_grad = position_grad * masks[:, None]
         weights = weights * masks[:, None]
-    sums = _weighted_corners(table, plan.rows, weights) if with_columns else None
-    return plan.first, weights, mask_grad, position_grad, sums
+    return plan.first, weights, mask_grad, position_grad
 
 
 @functools.lru_cache(maxsize=64)
@@ -133,35 +144,44 @@ def _tensor_constants(grid: Grid, device: torch.device) -> Grid:
                          bases=[base.detach() for base in grid.bases], **constants)  # fmt: skip
 
 
-#: Compiled only for tables of at most this many channels a row: wider rows are gathered as
-#: fast by ``embedding_bag``, and the compiled call's fixed cost outweighs what it saves.
+#: :func:`columns` and :func:`corner_terms` are compiled only for tables of at most this many
+#: channels a row: wider rows are gathered faster by :mod:`~deformconv.backends.gather`.
 NARROW_ROWS = 32
 
 
-def active(table: Tensor) -> bool:
-    """Whether :func:`run` compiles for ``table``: on the CPU, in float32 or float64, with
-    narrow rows (:data:`NARROW_ROWS`)."""
-    return (_enabled and _failure is None and table.device.type == "cpu"
-            and table.dtype in (torch.float32, torch.float64)
-            and table.shape[-1] <= NARROW_ROWS)  # fmt: skip
+def active(tensor: Tensor) -> bool:
+    """Whether :func:`run` compiles for tensors like ``tensor``: on the CPU, in float32 or
+    float64, where :func:`set_cpu_compile` allows and compiling has not failed."""
+    return (_enabled and _failure is None and tensor.device.type == "cpu"
+            and tensor.dtype in (torch.float32, torch.float64))  # fmt: skip
+
+
+def fuses_gathers(table: Tensor) -> bool:
+    """Whether the gathers from ``table`` run compiled, in :func:`columns` and
+    :func:`corner_terms`: where :func:`active` and the rows are narrow (:data:`NARROW_ROWS`)."""
+    return active(table) and table.shape[-1] <= NARROW_ROWS
 
 
 def run(function, *args, **options):
-    """``function(*args, **options)`` (:func:`columns` or :func:`corner_terms`, whose last
-    positional argument is the grid), compiled where :func:`set_cpu_compile` allows and
-    compiling works."""
+    """``function(*args, **options)`` (a function of this module), compiled where
+    :func:`active` for its first tensor argument.  A :class:`~deformconv.backends.plan.Grid`
+    argument gets its numbers as 0-d tensors."""
     global _failure
-    if not active(args[0]):
+    like = next(arg for arg in args if isinstance(arg, Tensor))
+    if not active(like):
         return function(*args, **options)
     name = function.__name__
     if name not in _compiled:
         _compiled[name] = torch.compile(function, dynamic=True)
-    grid = _tensor_constants(args[-1], args[0].device)
     # detach(): no view relations, on which the compiled code would otherwise guard.
-    tensors = [arg.detach() if isinstance(arg, Tensor) else arg for arg in args[:-1]]
+    inputs = [
+        _tensor_constants(arg, like.device) if isinstance(arg, Grid)
+        else arg.detach() if isinstance(arg, Tensor) else arg
+        for arg in args
+    ]  # fmt: skip
     try:
         with torch.no_grad():
-            return _compiled[name](*tensors, grid, **options)
+            return _compiled[name](*inputs, **options)
     except Exception as error:  # no compiler, a compiler error, an unsupported platform...
         _failure = f"{type(error).__name__}: {str(error).strip()[:300]}"
         warnings.warn(

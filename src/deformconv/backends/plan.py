@@ -119,22 +119,33 @@ class SamplingPlan(NamedTuple):
     weights: Tensor
     pairs: list[tuple[Tensor, Tensor]]
 
-    def position_grads(self, dots: Tensor) -> Tensor:
-        """``(M, d)``: the derivatives along each axis of ``Σ_k weights[:, k] · dots[:, k]``,
-        from per-corner ``dots`` ``(M, 2**d)`` (corners differing along an axis, times the
-        other axes' weights)."""
-        dims = len(self.pairs)
-        grads = []
-        for axis in range(dims):
-            bit = 1 << (dims - 1 - axis)
-            others = _per_corner([pair for a, pair in enumerate(self.pairs) if a != axis])
-            lows = [corner for corner in range(2**dims) if not corner & bit]
-            terms = [
-                weight * (dots[:, low | bit] - dots[:, low])
-                for weight, low in zip(others, lows, strict=True)
-            ]
-            grads.append(sum(terms[1:], terms[0]))
-        return torch.stack(grads, dim=-1)
+
+def pairs_of(fractions: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """A plan's ``pairs`` from the fractional positions ``(M, d)``: ``(1 − f, f)`` per axis."""
+    return [(1 - fraction, fraction) for fraction in fractions.unbind(1)]
+
+
+def corner_weights(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``(M, 2**d)``: each corner's interpolation weight, the product of its axes' factors."""
+    return torch.stack(_per_corner(pairs), dim=-1)
+
+
+def position_grads(pairs: list[tuple[Tensor, Tensor]], dots: Tensor) -> Tensor:
+    """``(M, d)``: the derivatives along each axis of ``Σ_k weights[:, k] · dots[:, k]``, from
+    per-corner ``dots`` ``(M, 2**d)`` (corners differing along an axis, times the other axes'
+    weights)."""
+    dims = len(pairs)
+    grads = []
+    for axis in range(dims):
+        bit = 1 << (dims - 1 - axis)
+        others = _per_corner([pair for a, pair in enumerate(pairs) if a != axis])
+        lows = [corner for corner in range(2**dims) if not corner & bit]
+        terms = [
+            weight * (dots[:, low | bit] - dots[:, low])
+            for weight, low in zip(others, lows, strict=True)
+        ]
+        grads.append(sum(terms[1:], terms[0]))
+    return torch.stack(grads, dim=-1)
 
 
 def _unravel(index: Tensor, sizes: tuple[int, ...]) -> list[Tensor]:
@@ -337,5 +348,4 @@ def plan_from_grid(offsets: Tensor, grid: Grid, strict: bool = False) -> Samplin
         rows = first[:, None] + grid.deltas
     else:
         rows = torch.stack([first + delta for delta in grid.deltas], dim=1)
-    weights = torch.stack(_per_corner(pairs), dim=-1)
-    return SamplingPlan(first, rows, weights, pairs)
+    return SamplingPlan(first, rows, corner_weights(pairs), pairs)

@@ -184,17 +184,28 @@ def _image_chunks(geo: Geometry, size: int):
             yield image * positions + start, image * positions + stop
 
 
+#: With at least this many output channels per weight group, the forward's matrix product
+#: writes the output directly (reading the columns transposed); with fewer, BLAS runs faster
+#: on pixel-major operands and the product is then copied into place.
+DIRECT_OUTPUTS = 64
+
+
 def _contract(matrix: Tensor, cols: Tensor, out: Tensor, start: int, stop: int) -> None:
     """``out[image, group, :, position] = matrix[group] @ cols[group, pixel]`` for the pixels
     ``start:stop`` of a chunk (:func:`_image_chunks`): ``matrix`` ``(wg, O/wg, K·C/wg)``,
-    ``cols`` ``(wg, pixels, K·C/wg)``, ``out`` ``(N, wg, O/wg, positions)``.  The product is
-    written in place, the columns read transposed: no rearrangement of the output."""
+    ``cols`` ``(wg, pixels, K·C/wg)``, ``out`` ``(N, wg, O/wg, positions)``."""
+    groups, outputs = matrix.shape[:2]
     positions = out.shape[-1]
     image, first = divmod(start, positions)
     images = max(1, (stop - start) // positions)
     pixels = (stop - start) // images
     target = out[image : image + images, ..., first : first + pixels]
-    for group in range(matrix.shape[0]):
+    if outputs < DIRECT_OUTPUTS:
+        product = scratch("product", (groups, stop - start, outputs), out.dtype, out.device)
+        torch.bmm(cols, matrix.transpose(1, 2), out=product)
+        target.copy_(product.view(groups, images, pixels, outputs).permute(1, 0, 3, 2))
+        return
+    for group in range(groups):
         columns = cols[group].view(images, pixels, -1).transpose(1, 2)
         torch.bmm(matrix[group].expand(images, -1, -1), columns, out=target[:, group])
 

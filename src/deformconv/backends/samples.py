@@ -1,7 +1,7 @@
 """The samples of one chunk of output pixels, as both torch backends (convolution and DCNv3)
-use them: their columns and, for the backward, their corner terms.  Compiled
-(:mod:`~deformconv.backends.compiled`) where that runs, else from one sampling plan
-(:mod:`~deformconv.backends.plan`) and the fused gathers of :mod:`~deformconv.backends.gather`.
+use them: their columns and, for the backward, their corner terms.  The plan's arithmetic
+runs compiled where it can (:mod:`~deformconv.backends.compiled`); the gathers are the fused
+ones of :mod:`~deformconv.backends.gather`, or, for narrow rows, compiled with the plan.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch import Tensor
 from .._geometry import Geometry
 from . import compiled
 from .gather import row_dots, weighted_rows
-from .plan import grid_of, sampling_plan
+from .plan import grid_of
 
 
 class Samples:
@@ -27,26 +27,29 @@ class Samples:
                  first_pixel: int, *, taps: tuple | None = None, groups_first: bool = False,
                  strict: bool = False, share: int = 1):  # fmt: skip
         self.table, self.masks, self.strict, self.share = table, masks, strict, share
-        if compiled.active(table):
-            self.grid = grid_of(geo, first_pixel, offsets.shape[0], table.device, taps=taps,
-                                groups_first=groups_first)  # fmt: skip
-            self.offsets = offsets.reshape(-1, geo.dims)  # one entry per sample, as the grid
-            self.plan = None
-        else:
-            self.plan = sampling_plan(geo, offsets, first_pixel, taps=taps,
-                                      groups_first=groups_first, strict=strict)  # fmt: skip
-            weights = self.plan.weights
-            self.weights = weights if masks is None else weights * masks[:, None]
+        self.grid = grid_of(geo, first_pixel, offsets.shape[0], table.device, taps=taps,
+                            groups_first=groups_first)  # fmt: skip
+        self.offsets = offsets.reshape(-1, geo.dims)  # one entry per sample, as the grid
+        self._corners: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def corners(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Corner rows ``(M, 2**d)``, masked corner weights ``(M, 2**d)`` and fractional
+        positions ``(M, d)`` (:func:`~deformconv.backends.compiled.corners`), computed once."""
+        if self._corners is None:
+            self._corners = compiled.run(compiled.corners, self.offsets, self.masks, self.grid,
+                                         strict=self.strict)  # fmt: skip
+        return self._corners
 
     def columns(self, bag: int = 1) -> Tensor:
         """``(M / bag, D)``: each sample's weighted, masked corner rows, summed over ``bag``
         consecutive samples."""
-        if self.plan is None:
+        if compiled.fuses_gathers(self.table) and self._corners is None:
             return compiled.run(compiled.columns, self.table, self.offsets, self.masks,
                                 self.grid, strict=self.strict, bag=bag)  # fmt: skip
-        corners = self.plan.rows.shape[1]
-        return weighted_rows(self.table, self.plan.rows.view(-1, bag * corners),
-                             self.weights.view(-1, bag * corners))  # fmt: skip
+        rows, weights, _ = self.corners()
+        corners = rows.shape[1]
+        return weighted_rows(self.table, rows.view(-1, bag * corners),
+                             weights.view(-1, bag * corners))  # fmt: skip
 
     def corner_terms(self, grad: Tensor, positions: bool, with_columns: bool = False):
         """First rows ``(M,)``, masked corner weights ``(M, 2**d)``, mask gradients ``(M,)``
@@ -54,18 +57,21 @@ class Samples:
         :func:`~deformconv.backends.compiled.corner_terms`) for the gradient rows ``grad``
         ``(M / share, D)``, then, with ``with_columns``, :meth:`columns` (else ``None``);
         without ``positions`` the gradients may be ``None``."""
-        if self.plan is None:
-            return compiled.run(compiled.corner_terms, self.table, grad, self.offsets,
-                                self.masks, self.grid, strict=self.strict, share=self.share,
-                                with_columns=with_columns)  # fmt: skip
-        plan = self.plan
+        if compiled.fuses_gathers(self.table):
+            first, weights, mask_grad, position_grad = compiled.run(
+                compiled.corner_terms, self.table, grad, self.offsets, self.masks, self.grid,
+                strict=self.strict, share=self.share,
+            )  # fmt: skip
+            columns = None
+            if with_columns:
+                columns = weighted_rows(self.table, first[:, None] + self.grid.deltas, weights)
+            return first, weights, mask_grad, position_grad, columns
+        rows, weights, fractions = self.corners()
         columns = self.columns() if with_columns else None
         if not positions:
-            return plan.first, self.weights, None, None, columns
-        corners = plan.rows.shape[1]
-        dots = row_dots(grad, self.table, plan.rows.view(-1, self.share * corners))
-        dots = dots.view(-1, corners)
-        position_grad = plan.position_grads(dots)
-        if self.masks is not None:
-            position_grad *= self.masks[:, None]
-        return plan.first, self.weights, (plan.weights * dots).sum(1), position_grad, columns
+            return rows[:, 0], weights, None, None, columns
+        corners = rows.shape[1]
+        dots = row_dots(grad, self.table, rows.view(-1, self.share * corners))
+        mask_grad, position_grad = compiled.run(compiled.dot_terms, dots.view(-1, corners),
+                                                fractions, self.masks)  # fmt: skip
+        return rows[:, 0], weights, mask_grad, position_grad, columns
