@@ -42,21 +42,29 @@ def test_table_holds_the_input_inside_a_zero_border():
     assert torch.equal(volume.fill(cells, torch.float32, buffer), volume.fill(cells, torch.float32))
 
 
-@pytest.mark.parametrize("span", [40, 400, -400], ids=["dense", "sparse", "sparse-per-corner"])
+@pytest.mark.parametrize("path", ["dense", "wide", "spread", "sparse", "sparse-per-corner"])
 @pytest.mark.parametrize("gap_rows", [1024, 1, 0], ids=["one-range", "split", "split-all"])
 @pytest.mark.parametrize("share", [1, 3])
-def test_scatter_corners_matches_a_loop_of_index_add(share, gap_rows, span, monkeypatch):
-    """Dense: more bags than rows (sorted gathers); sparse: fewer (bag by bag on the CPU, all
-    corners in one ``index_add_`` or, past its byte limit, one per corner).  As in the
-    backends, skipped bags start at one dead row and no corner of the others reaches it."""
-    if span < 0:
-        span = -span
+def test_scatter_corners_matches_a_loop_of_index_add(share, gap_rows, path, monkeypatch):
+    """Dense: more bags than rows (a sorted gather per corner); wide rows, or bags spread
+    over more rows than there are bags: every (bag, corner) pair sorted, one gather; sparse:
+    far more rows than pairs (bag by bag on the CPU, all corners in one ``index_add_`` or,
+    past its byte limit, one per corner).  As in the backends, skipped bags start at one dead
+    row and no corner of the others reaches it."""
+    span = {"dense": 40, "wide": 40, "spread": 400}.get(path, 4000)
+    if path == "wide":
+        monkeypatch.setattr(gather, "WIDE_ROWS", 5)
+    if path == "sparse-per-corner":
         monkeypatch.setattr(gather, "ONE_ADD_BYTES", 0)
     monkeypatch.setattr(gather, "GAP_ROWS", gap_rows)
-    bag_by_bag = []
-    original = gather._add_bag_by_bag
-    monkeypatch.setattr(gather, "_add_bag_by_bag",
-                        lambda *a: bag_by_bag.append(1) or original(*a))  # fmt: skip
+    taken = []
+
+    def spy(name):
+        original = getattr(gather, name)
+        return lambda *args: taken.append(name) or original(*args)
+
+    for name in ("_add_bag_by_bag", "_gather_pairs"):
+        monkeypatch.setattr(gather, name, spy(name))
     generator = torch.Generator().manual_seed(0)
     bags, corners, depth, deltas = 60, 4, 5, [0, 1, 6, 7]
     skip_from = span + deltas[-1]
@@ -73,8 +81,9 @@ def test_scatter_corners_matches_a_loop_of_index_add(share, gap_rows, span, monk
                 expected[first[b] + delta] += weights[b, k] * grad[b // share]
     # the rows from skip_from on are scratch space
     torch.testing.assert_close(actual[:skip_from], expected[:skip_from], atol=1e-12, rtol=0)
-    if gap_rows == 1024:
-        assert bool(bag_by_bag) == (span == 400)
+    paths = {"wide": "_gather_pairs", "spread": "_gather_pairs", "sparse": "_add_bag_by_bag",
+             "sparse-per-corner": "_add_bag_by_bag"}  # fmt: skip
+    assert taken == ([paths[path]] if path in paths else [])
 
 
 def test_every_bag_skipped_leaves_the_gradient_alone():

@@ -22,12 +22,19 @@ from torch import Tensor
 #: Gaps in the sorted rows of :func:`scatter_corners` beyond this many rows split its output
 #: range: an empty row costs a write and an add, a split a few calls.
 GAP_ROWS = 1024
+#: From this many channels a row on, :func:`scatter_corners` sorts every (bag, corner) pair:
+#: reading each gradient row once outweighs sorting four times the keys.
+WIDE_ROWS = 128
+#: On the CPU, :func:`scatter_corners` adds pair by pair where its range of rows is more
+#: than this many times the number of pairs.
+SPARSE_SPAN = 4
 
 #: ``torch.sort`` on the CPU switches to a much faster algorithm from this many elements on
 #: (torch 2.13 and 2.14 on 2 cores: 1.5 ms for 30 000 int32 keys, 0.29 ms for 32 768), so
-#: mid-sized key sets are padded up to it.
+#: mid-sized key sets are padded up to it: from about 10 000 keys on for the nearly sorted
+#: rows of a plan (7 056: 0.20 ms as they are, 0.31 ms padded; 14 112: 0.47 and 0.32 ms).
 _FAST_SORT_SIZE = 2**15
-_PAD_SORT_FROM = 6000
+_PAD_SORT_FROM = 10000
 #: Up to this many bytes of contributions, the CPU's sparse input gradient adds every corner
 #: in one ``index_add_`` (fewer passes than one per corner).
 ONE_ADD_BYTES = 16 * 2**20
@@ -69,26 +76,33 @@ def scatter_corners(table_grad: Tensor, first: Tensor, deltas: list[int], weight
     first row, and ``share`` consecutive bags share one gradient row.  The rows of
     ``table_grad`` from ``skip_from`` on are scratch space: they may receive anything.
 
-    A gather rather than a scatter: sorted by first row, the bags that reach one table row
-    through corner ``k`` are consecutive, so each corner is one fused, multi-threaded
-    ``embedding_bag`` over the gradient rows, in a fixed order (deterministic), that writes
-    a contiguous range of rows.  Where the sorted rows leave a gap of more than
-    :data:`GAP_ROWS` (e.g. between offset groups of a large image), the range is split.  On
-    the CPU, where the ranges hold more rows than there are bags, adding each bag to its
-    rows with ``index_add_`` (deterministic there too) costs less.
+    A gather rather than a scatter, in a fixed order (deterministic): sorted by table row,
+    the contributions to one row are consecutive, so one fused, multi-threaded
+    ``embedding_bag`` over the gradient rows writes a contiguous range of rows.  For rows of
+    :data:`WIDE_ROWS` channels or more, or where few bags spread over many rows, every
+    (bag, corner) pair is sorted by its row: one gather reads each gradient row once.  Else
+    only the bags are sorted, by first row, and each corner is one gather over them (a fourth
+    of the keys to sort, each gradient row read once per corner), its range split where the
+    sorted rows leave a gap of more than :data:`GAP_ROWS` (e.g. between offset groups of a
+    large image).  On the CPU, where the range holds many more rows than there are pairs,
+    adding each pair to its row with ``index_add_`` (deterministic there too) costs less.
     """
     keys, order = _stable_sort(first)
     count = int(torch.searchsorted(keys, skip_from))
     if count == 0:
         return
     keys, order = keys[:count], order[:count]
+    span = int(keys[-1]) - int(keys[0]) + deltas[-1] + 1
+    if table_grad.device.type == "cpu" and span > SPARSE_SPAN * len(deltas) * count:
+        _add_bag_by_bag(table_grad, first, deltas, weights, grad, share)
+        return
+    if table_grad.shape[-1] >= WIDE_ROWS or span > count:
+        _gather_pairs(table_grad, first, deltas, weights, grad, share, skip_from)
+        return
     cuts = torch.nonzero(keys[1:] - keys[:-1] > GAP_ROWS).view(-1) + 1
     edges = [0, *cuts.tolist(), count]
     lows = keys[edges[:-1]].tolist()
     highs = (keys[[edge - 1 for edge in edges[1:]]] + 1).tolist()
-    if table_grad.device.type == "cpu" and sum(highs) - sum(lows) > count:
-        _add_bag_by_bag(table_grad, first, deltas, weights, grad, share)
-        return
     sources = order if share == 1 else order // share
     # Whole rows gathered, then transposed: about twice as fast as gathering along weights.T.
     sorted_weights = weights.index_select(0, order).T.contiguous()
@@ -100,6 +114,24 @@ def scatter_corners(table_grad: Tensor, first: Tensor, deltas: list[int], weight
                                    per_sample_weights=sorted_weights[k, begin:end],
                                    include_last_offset=True)  # fmt: skip
             table_grad[low + delta : high + delta] += part
+
+
+def _gather_pairs(table_grad: Tensor, first: Tensor, deltas: list[int], weights: Tensor,
+                  grad: Tensor, share: int, skip_from: int) -> None:  # fmt: skip
+    """:func:`scatter_corners` with every (bag, corner) pair sorted by its row."""
+    corners = len(deltas)
+    offsets = torch.tensor(deltas, dtype=first.dtype, device=first.device)
+    keys, order = _stable_sort((first[:, None] + offsets).view(-1))
+    # Dead bags' corners lie at skip_from or beyond, live bags' corners before it.
+    count = int(torch.searchsorted(keys, skip_from))
+    keys, order = keys[:count], order[:count]
+    low, high = int(keys[0]), int(keys[-1]) + 1
+    rows = torch.arange(low, high + 1, device=keys.device, dtype=keys.dtype)
+    bounds = torch.searchsorted(keys, rows)
+    part = F.embedding_bag(order // (corners * share), grad, bounds, mode="sum",
+                           per_sample_weights=weights.reshape(-1)[order],
+                           include_last_offset=True)  # fmt: skip
+    table_grad[low:high] += part
 
 
 def _stable_sort(keys: Tensor) -> tuple[Tensor, Tensor]:
