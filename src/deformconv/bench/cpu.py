@@ -1,7 +1,8 @@
 """CPU benchmark: deformconv against torchvision (when importable) and nn.Conv2d.
 
 Times forward and forward+backward of each implementation side by side in one process,
-interleaved, median of repeats; measures the extra peak memory of one forward+backward per
+interleaved, median of repeats, each timed call right after an untimed call of the same
+implementation (``--cold``: without); measures the extra peak memory of one forward+backward per
 implementation in a separate process each.  Prints a Markdown table and writes CSV.
 
 torchvision does not import beside every torch build; to include it, run this script from an
@@ -136,7 +137,13 @@ def runner(name: str, shape: Shape, tensors: dict, backward: bool):
     return run
 
 
-def time_shapes(shapes: list[Shape], repeats: int) -> list[dict]:
+def time_shapes(shapes: list[Shape], repeats: int, cold: bool = False) -> list[dict]:
+    """Median times in rounds over the implementations (interleaved, so that drifts of the
+    machine hit every implementation alike).  Each timed call follows an untimed call of the
+    same implementation, unless ``cold``: then it follows the previous implementation's
+    calls, and pays for the state they leave (a single-threaded torchvision backward leaves
+    one core idle for tens of milliseconds, after which the next few milliseconds of any
+    work run up to 30 % slower on the machine of RESULTS.md)."""
     rows = []
     names = [*implementations(), "nn.Conv2d"]
     for shape in shapes:
@@ -146,8 +153,10 @@ def time_shapes(shapes: list[Shape], repeats: int) -> list[dict]:
             for run in runs.values():
                 run()  # warm-up
             times: dict[str, list[float]] = {name: [] for name in names}
-            for _ in range(repeats):  # interleaved, so drifts hit every implementation alike
+            for _ in range(repeats):
                 for name, run in runs.items():
+                    if not cold:
+                        run()
                     start = time.perf_counter()
                     run()
                     times[name].append(time.perf_counter() - start)
@@ -245,11 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
     parser.add_argument("--csv", default=None, help="write the timings to this CSV file")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--cold", action="store_true",
+                        help="no untimed call right before each timed one")  # fmt: skip
     args = parser.parse_args(argv)
     shapes = QUICK if args.quick else STANDARD
     repeats = args.repeats or (3 if args.quick else 7)
-    print(f"# {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
-    rows = time_shapes(shapes, repeats)
+    protocol = "cold" if args.cold else "each timed call right after an untimed one"
+    print(f"# {machine()}, {time.strftime('%Y-%m-%d')}, {protocol}", flush=True)
+    rows = time_shapes(shapes, repeats, cold=args.cold)
     memory: dict[str, dict[str, float]] = {}
     if not args.no_memory:
         memory_shape = Shape(4, 128, 128, 48)

@@ -1,0 +1,36 @@
+"""The CPU benchmark's timing protocol and table, on a tiny shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from deformconv.bench import cpu
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_every_implementation_timed_in_rounds(monkeypatch, cold):
+    calls = []
+    original = cpu.runner
+
+    def counting(name, shape, tensors, backward):
+        run = original(name, shape, tensors, backward)
+        return lambda: calls.append((name, backward)) or run()
+
+    monkeypatch.setattr(cpu, "runner", counting)
+    monkeypatch.setattr(
+        cpu, "implementations", lambda: {"deformconv": cpu.deformconv.deform_conv2d}
+    )
+    rows = cpu.time_shapes([cpu.Shape(1, 4, 4, 6)], repeats=3, cold=cold)
+    assert [(row["mode"], row["impl"]) for row in rows] == [
+        ("fwd", "deformconv"), ("fwd", "nn.Conv2d"),
+        ("fwd+bwd", "deformconv"), ("fwd+bwd", "nn.Conv2d"),
+    ]  # fmt: skip
+    assert all(row["ms"] > 0 for row in rows)
+    # a warm-up each, then per round one timed call each, after an untimed one unless cold
+    per_round = 1 if cold else 2
+    assert len(calls) == 2 * 2 * (1 + 3 * per_round)
+    if not cold:  # rounds alternate the implementations, each timed call after its own
+        fwd = [name for name, backward in calls if not backward]
+        assert fwd[2:8] == ["deformconv"] * 2 + ["nn.Conv2d"] * 2 + ["deformconv"] * 2
+    table = cpu.markdown(rows, {})
+    assert "| N=1 C=4→4 6² k3 | fwd+bwd |" in table
