@@ -211,3 +211,25 @@ def test_int64_rows_give_the_same_results(monkeypatch):
         plan._grid_cache.clear()
     for first, second in zip(narrow, wide, strict=True):
         torch.testing.assert_close(first, second, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("index", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_corner_sums_and_dots_match_the_fused_gathers(index, dtype):
+    """The sparse products for the corners of single samples: the same sums as
+    ``embedding_bag`` (into a buffer whose NaNs they ignore) and the same dot products."""
+    generator = torch.Generator().manual_seed(2)
+    table = torch.randn(30, 7, generator=generator, dtype=dtype)
+    first = torch.randint(0, 20, (11,), generator=generator)
+    rows = (first[:, None] + torch.tensor([0, 1, 6, 7])).to(index)
+    weights = torch.randn(11, 4, generator=generator, dtype=dtype)
+    grad = torch.randn(11, 7, generator=generator, dtype=dtype)
+    out = torch.full((11, 7), float("nan"), dtype=dtype)
+    assert gather.corner_sums(table, rows, weights, out) is out
+    torch.testing.assert_close(out, gather.weighted_rows(table, rows, weights))
+    torch.testing.assert_close(gather.corner_sums(table, rows, weights), out)
+    torch.testing.assert_close(gather.corner_dots(grad, table, rows),
+                               gather.row_dots(grad, table, rows))  # fmt: skip
+    none = rows[:0]
+    assert gather.corner_sums(table, none, weights[:0]).shape == (0, 7)
+    assert gather.corner_dots(grad[:0], table, none).shape == (0, 4)

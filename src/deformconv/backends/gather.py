@@ -5,15 +5,23 @@ A *bag* is a fixed number of (row, weight) pairs: the interpolation corners of o
 (DCNv3).  Three operations on ``rows`` and ``weights`` of shape ``(B, K)``:
 
 * :func:`weighted_rows`: ``Σ_k weights[b, k] · table[rows[b, k]]``, one fused
-  ``embedding_bag`` call (multi-threaded, no ``(B·K, D)`` intermediate);
+  ``embedding_bag`` call (multi-threaded, no ``(B·K, D)`` intermediate), or, for the corners
+  of single samples, :func:`corner_sums`: one sparse-dense product on the CPU, written into
+  a given buffer;
 * :func:`row_dots`: ``table[rows[b, k]] · grad[b]`` for every pair, the gradient of the former
-  with respect to its weights (the fused kernel ``embedding_bag``'s own backward uses);
+  with respect to its weights (the fused kernel ``embedding_bag``'s own backward uses), or,
+  for the corners of single samples, :func:`corner_dots`: one sampled dense-dense product
+  on the CPU;
 * :func:`scatter_corners`: the gradient with respect to the table, accumulated into
   ``table_grad``, for bags whose rows lie at fixed deltas from a first row (the corners of
   a sample in the padded table of :mod:`~deformconv.backends.plan`).
+
+All of them sum in a fixed order: the results do not change from run to run.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +47,11 @@ _PAD_SORT_FROM = 10000
 #: in one ``index_add_`` (fewer passes than one per corner).
 ONE_ADD_BYTES = 16 * 2**20
 
+with warnings.catch_warnings():  # PyTorch's once-only note that CSR tensors are in beta
+    warnings.simplefilter("ignore")
+    torch.sparse_csr_tensor(torch.tensor([0, 0]), torch.tensor([], dtype=torch.int64),
+                            torch.tensor([]), size=(1, 1), check_invariants=False)  # fmt: skip
+
 _per_sample_weights_backward = getattr(
     torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None
 )
@@ -47,6 +60,38 @@ _per_sample_weights_backward = getattr(
 def weighted_rows(table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
     """``(B, D)``: each bag's weighted sum of table rows."""
     return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+
+
+def corner_sums(table: Tensor, rows: Tensor, weights: Tensor, out: Tensor | None = None) -> Tensor:
+    """:func:`weighted_rows` for bags whose rows strictly increase along each bag (the corners
+    of one sample): on the CPU one sparse-dense product (CSR, with MKL where PyTorch has it),
+    written into ``out`` ``(B, D)`` when given, with no intermediate."""
+    if table.device.type != "cpu" or rows.shape[0] == 0:
+        sums = weighted_rows(table, rows, weights)
+        return sums if out is None else out.copy_(sums)
+    matrix = _corner_matrix(rows, weights.reshape(-1), table.shape[0])
+    if out is None:
+        out = table.new_empty(rows.shape[0], table.shape[1])
+    return torch.addmm(out, matrix, table, beta=0, out=out)  # beta=0: out's contents ignored
+
+
+def corner_dots(grad: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """:func:`row_dots` for one gradient row per bag whose rows strictly increase (the
+    corners of one sample): on the CPU one sampled dense-dense product (CSR)."""
+    if table.device.type != "cpu" or rows.shape[0] == 0:
+        return row_dots(grad, table, rows)
+    pattern = _corner_matrix(rows, grad.new_zeros(rows.numel()), table.shape[0])
+    dots = torch.sparse.sampled_addmm(pattern, grad, table.T, beta=0)
+    return dots.values().view(rows.shape)
+
+
+def _corner_matrix(rows: Tensor, values: Tensor, columns: int) -> Tensor:
+    """The CSR matrix ``(B, columns)`` with ``values`` at ``rows[b, k]`` in row ``b``."""
+    bags, size = rows.shape
+    index = rows.dtype if bags * size < 2**31 else torch.int64
+    starts = torch.arange(0, bags * size + 1, size, dtype=index, device=rows.device)
+    return torch.sparse_csr_tensor(starts, rows.reshape(-1).to(index), values,
+                                   size=(bags, columns), check_invariants=False)  # fmt: skip
 
 
 def row_dots(grad: Tensor, table: Tensor, rows: Tensor) -> Tensor:

@@ -72,12 +72,14 @@ def _groups_first(geo: Geometry) -> bool:
 
 def _per_pixel(tensor: Tensor, geo: Geometry, trailing: int, dtype: torch.dtype) -> Tensor:
     """Offset ``(N, G·K·t, *out_size)`` → contiguous ``(positions, K, G, t)``, or
-    ``(positions, G, K, t)`` (:func:`_groups_first`)."""
+    ``(positions, G, K, t)`` (:func:`_groups_first`), in a buffer of
+    :mod:`~deformconv.backends.scratch` (one for offsets, ``t > 1``, one for masks)."""
     tensor = tensor.reshape(
         geo.batch, geo.offset_groups, geo.taps, trailing, math.prod(geo.out_size)
     )
     tensor = tensor.permute(0, 4, 1, 2, 3) if _groups_first(geo) else tensor.permute(0, 4, 2, 1, 3)
-    return tensor.to(dtype).contiguous().view(geo.pixels, -1, trailing)
+    out = scratch("offsets" if trailing > 1 else "masks", tensor.shape, dtype, tensor.device)
+    return out.copy_(tensor).view(geo.pixels, -1, trailing)
 
 
 def _column_blocks(geo: Geometry) -> tuple[int, int]:
@@ -239,8 +241,9 @@ def forward(
             chunk_masks = None if masks is None else masks[start * per_pixel : stop * per_pixel]
             cols = Samples(table, offsets[start:stop], chunk_masks, geo, start,
                            groups_first=_groups_first(geo)).columns()  # fmt: skip
-            cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
-            _contract(matrix, cols, out, start, stop)
+            _contract(matrix, _grouped(cols.view(stop - start, geo.taps, geo.channels), geo),
+                      out, start, stop)  # fmt: skip
+            del cols  # before the next chunk's: one chunk's columns at a time
     if bias is not None:
         out += bias.to(dtype).view(groups, -1, 1)
     out = out.view(geo.batch, geo.out_channels, *geo.out_size)
@@ -280,8 +283,46 @@ def backward(
         table_grad = scratch("table_grad", (layout.rows, group_channels), dtype, input.device)
         table_grad.zero_()
     weight_grad = None  # (wg, O/wg, K·C/wg), from the first chunk on
-    position_grad = zeros(geo.pixels * per_pixel, geo.dims) if need_offset else None
-    mask_grad = zeros(geo.pixels * per_pixel) if need_mask else None
+    # Per sample, rearranged into the results at the end.
+    position_grad = mask_grad = None
+    if need_offset:
+        position_grad = scratch("position_grad", (geo.pixels * per_pixel, geo.dims), dtype,
+                                input.device).zero_()  # fmt: skip
+    if need_mask:
+        mask_grad = scratch("mask_grad", (geo.pixels * per_pixel,), dtype, input.device).zero_()
+
+    def backward_chunk(samples: Samples, start: int, stop: int, matrix: Tensor,
+                       weight_grad: Tensor | None) -> Tensor | None:  # fmt: skip
+        """The gradients' part from the output pixels ``start:stop``: written into
+        ``table_grad``, ``mask_grad`` and ``position_grad``, added to ``weight_grad``
+        (returned; allocated at the first chunk)."""
+        chunk_grad = grad_out[start:stop].transpose(0, 1)
+        cols = None
+        if need_input or need_offset or need_mask:
+            grad_cols = scratch("grad_columns", (groups, stop - start, matrix.shape[2]),
+                                dtype, input.device)  # fmt: skip
+            grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix, out=grad_cols), geo)
+            # The columns for the weight gradient come from the same plan.
+            terms = samples.corner_terms(grad_cols, need_offset or need_mask, need_weight)
+            first_rows, weights, chunk_mask_grad, chunk_position_grad, cols = terms
+            first, last = start * per_pixel, stop * per_pixel
+            if table_grad is not None:
+                scatter_corners(table_grad, first_rows, layout.deltas, weights, grad_cols,
+                                share=1, skip_from=layout.dead)  # fmt: skip
+            if mask_grad is not None:
+                mask_grad[first:last] = chunk_mask_grad
+            if position_grad is not None:
+                position_grad[first:last] = chunk_position_grad
+        if need_weight:
+            cols = samples.columns() if cols is None else cols
+            cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
+            if weight_grad is None:
+                weight_grad = scratch("weight_grad", (groups, out_per_group, cols.shape[2]),
+                                      dtype, input.device)  # fmt: skip
+                torch.bmm(chunk_grad.transpose(1, 2), cols, out=weight_grad)
+            else:
+                weight_grad.baddbmm_(chunk_grad.transpose(1, 2), cols)
+        return weight_grad
 
     if geo.pixels > 0 and any((need_input, need_offset, need_mask, need_weight)):
         table = _input_table(input, geo, dtype)
@@ -294,31 +335,8 @@ def backward(
             chunk_masks = None if masks is None else masks[first:last]
             samples = Samples(table, offsets[start:stop], chunk_masks, geo, start,
                               groups_first=_groups_first(geo))  # fmt: skip
-            chunk_grad = grad_out[start:stop].transpose(0, 1)
-            cols = None
-            if need_input or need_offset or need_mask:
-                grad_cols = scratch("grad_columns", (groups, stop - start, matrix.shape[2]),
-                                    dtype, input.device)  # fmt: skip
-                grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix, out=grad_cols), geo)
-                # The columns for the weight gradient come from the same plan.
-                terms = samples.corner_terms(grad_cols, need_offset or need_mask, need_weight)
-                first_rows, weights, chunk_mask_grad, chunk_position_grad, cols = terms
-                if table_grad is not None:
-                    scatter_corners(table_grad, first_rows, layout.deltas, weights, grad_cols,
-                                    share=1, skip_from=layout.dead)  # fmt: skip
-                if mask_grad is not None:
-                    mask_grad[first:last] = chunk_mask_grad
-                if position_grad is not None:
-                    position_grad[first:last] = chunk_position_grad
-            if need_weight:
-                cols = samples.columns() if cols is None else cols
-                cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)
-                if weight_grad is None:
-                    weight_grad = scratch("weight_grad", (groups, out_per_group, cols.shape[2]),
-                                          dtype, input.device)  # fmt: skip
-                    torch.bmm(chunk_grad.transpose(1, 2), cols, out=weight_grad)
-                else:
-                    weight_grad.baddbmm_(chunk_grad.transpose(1, 2), cols)
+            weight_grad = backward_chunk(samples, start, stop, matrix, weight_grad)
+            del samples  # before the next chunk's: one chunk's temporaries at a time
 
     # Samples (image, position, offset group, tap) → (image, offset group, tap, position).
     positions = math.prod(geo.out_size)
@@ -334,10 +352,10 @@ def backward(
         grad_input = _fresh(grad_input.movedim(-1, 2), input.dtype).view(input.shape)
     if position_grad is not None:
         grad_offset = position_grad.view(*sample_shape, geo.dims).permute(*order, 4, 1)
-        grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype)
+        grad_offset = _fresh(grad_offset, offset.dtype).view(offset.shape)
     if mask_grad is not None:
         grad_mask = mask_grad.view(sample_shape).permute(*order, 1)
-        grad_mask = grad_mask.reshape(mask.shape).to(mask.dtype)
+        grad_mask = _fresh(grad_mask, mask.dtype).view(mask.shape)
     if need_weight:
         if weight_grad is None:  # no output positions
             weight_grad = zeros(groups, out_per_group, geo.taps * geo.channels // groups)

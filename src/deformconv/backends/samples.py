@@ -10,8 +10,9 @@ from torch import Tensor
 
 from .._geometry import Geometry
 from . import compiled
-from .gather import row_dots, weighted_rows
+from .gather import corner_dots, corner_sums, row_dots, weighted_rows
 from .plan import grid_of
+from .scratch import scratch
 
 
 class Samples:
@@ -47,6 +48,13 @@ class Samples:
             return compiled.run(compiled.columns, self.table, self.offsets, self.masks,
                                 self.grid, strict=self.strict, bag=bag)  # fmt: skip
         rows, weights, _ = self.corners()
+        return self._sums(rows, weights, bag)
+
+    def _sums(self, rows: Tensor, weights: Tensor, bag: int = 1) -> Tensor:
+        if bag == 1:  # into a reused buffer
+            out = scratch("columns", (rows.shape[0], self.table.shape[1]), self.table.dtype,
+                          self.table.device)  # fmt: skip
+            return corner_sums(self.table, rows, weights, out)
         corners = rows.shape[1]
         return weighted_rows(self.table, rows.view(-1, bag * corners),
                              weights.view(-1, bag * corners))  # fmt: skip
@@ -64,14 +72,17 @@ class Samples:
             )  # fmt: skip
             columns = None
             if with_columns:
-                columns = weighted_rows(self.table, first[:, None] + self.grid.deltas, weights)
+                columns = self._sums(first[:, None] + self.grid.deltas, weights)
             return first, weights, mask_grad, position_grad, columns
         rows, weights, fractions = self.corners()
         columns = self.columns() if with_columns else None
         if not positions:
             return rows[:, 0], weights, None, None, columns
         corners = rows.shape[1]
-        dots = row_dots(grad, self.table, rows.view(-1, self.share * corners))
+        if self.share == 1:
+            dots = corner_dots(grad, self.table, rows)
+        else:
+            dots = row_dots(grad, self.table, rows.view(-1, self.share * corners))
         mask_grad, position_grad = compiled.run(compiled.dot_terms, dots.view(-1, corners),
                                                 fractions, self.masks)  # fmt: skip
         return rows[:, 0], weights, mask_grad, position_grad, columns
