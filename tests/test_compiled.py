@@ -21,10 +21,12 @@ needs_compiler = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def _fresh_state(monkeypatch):
-    """No failure and nothing compiled yet; the switch as it was afterwards."""
+    """No failure and nothing compiled yet; the switch as it was afterwards; the small calls
+    of these tests compiled as large ones are."""
     monkeypatch.setattr(compiled, "_failure", None)
     monkeypatch.setattr(compiled, "_compiled", {})
     monkeypatch.setattr(compiled, "_enabled", compiled._enabled)
+    monkeypatch.setattr(compiled, "MIN_SAMPLES", 0)
 
 
 def _both_ways(function):
@@ -143,6 +145,18 @@ def test_a_failed_compilation_warns_once_and_runs_uncompiled(monkeypatch):
         for name in expected[1]:
             torch.testing.assert_close(result[1][name], expected[1][name], atol=1e-4,
                                        rtol=1e-5)  # fmt: skip
+
+
+@needs_compiler
+def test_calls_of_few_samples_stay_uncompiled(monkeypatch):
+    monkeypatch.setattr(compiled, "MIN_SAMPLES", 10**6)
+    config = LOPSIDED["straddling-groups"]
+    tensors = make_inputs(config, dtype=torch.float32, seed=6)
+    compiled.set_cpu_compile(True)
+    output_and_grads(deformconv.deform_conv2d, tensors, config)
+    assert compiled._compiled == {}
+    assert not compiled.worthwhile(torch.empty(5, 4), 10**6 - 1)
+    assert compiled.worthwhile(torch.empty(5, 4), 10**6)
 
 
 def test_which_tables_compile_and_the_switch(monkeypatch):

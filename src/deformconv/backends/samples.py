@@ -32,19 +32,28 @@ class Samples:
                             groups_first=groups_first)  # fmt: skip
         self.offsets = offsets.reshape(-1, geo.dims)  # one entry per sample, as the grid
         self._corners: tuple[Tensor, Tensor, Tensor] | None = None
+        # Compiled where that runs and there are enough samples to pay for the call.
+        self.compiled = compiled.worthwhile(table, self.offsets.shape[0])
+        self.fused = self.compiled and compiled.fuses_gathers(table)
+
+    def _run(self, function, *args, **options):
+        """A function of :mod:`~deformconv.backends.compiled`, compiled if worthwhile."""
+        if self.compiled:
+            return compiled.run(function, *args, **options)
+        return function(*args, **options)
 
     def corners(self) -> tuple[Tensor, Tensor, Tensor]:
         """Corner rows ``(M, 2**d)``, masked corner weights ``(M, 2**d)`` and fractional
         positions ``(M, d)`` (:func:`~deformconv.backends.compiled.corners`), computed once."""
         if self._corners is None:
-            self._corners = compiled.run(compiled.corners, self.offsets, self.masks, self.grid,
-                                         strict=self.strict)  # fmt: skip
+            self._corners = self._run(compiled.corners, self.offsets, self.masks, self.grid,
+                                      strict=self.strict)  # fmt: skip
         return self._corners
 
     def columns(self, bag: int = 1) -> Tensor:
         """``(M / bag, D)``: each sample's weighted, masked corner rows, summed over ``bag``
         consecutive samples."""
-        if compiled.fuses_gathers(self.table) and self._corners is None:
+        if self.fused and self._corners is None:
             return compiled.run(compiled.columns, self.table, self.offsets, self.masks,
                                 self.grid, strict=self.strict, bag=bag)  # fmt: skip
         rows, weights, _ = self.corners()
@@ -65,7 +74,7 @@ class Samples:
         :func:`~deformconv.backends.compiled.corner_terms`) for the gradient rows ``grad``
         ``(M / share, D)``, then, with ``with_columns``, :meth:`columns` (else ``None``);
         without ``positions`` the gradients may be ``None``."""
-        if compiled.fuses_gathers(self.table):
+        if self.fused:
             first, weights, mask_grad, position_grad = compiled.run(
                 compiled.corner_terms, self.table, grad, self.offsets, self.masks, self.grid,
                 strict=self.strict, share=self.share,
@@ -83,6 +92,6 @@ class Samples:
             dots = corner_dots(grad, self.table, rows)
         else:
             dots = row_dots(grad, self.table, rows.view(-1, self.share * corners))
-        mask_grad, position_grad = compiled.run(compiled.dot_terms, dots.view(-1, corners),
-                                                fractions, self.masks)  # fmt: skip
+        mask_grad, position_grad = self._run(compiled.dot_terms, dots.view(-1, corners),
+                                             fractions, self.masks)  # fmt: skip
         return rows[:, 0], weights, mask_grad, position_grad, columns
