@@ -118,8 +118,9 @@ def _cpu_sampling() -> str:
     if not compiled.compile_enabled():
         return f"uncompiled ({compiled.ENV_VAR}=0 or set_cpu_compile(False))"
     return (
-        "plan compiled with torch.compile on first use; gathers too for rows of at most "
-        f"{compiled.NARROW_ROWS} channels"
+        f"compiled with torch.compile on first use for calls of {compiled.MIN_SAMPLES} samples "
+        f"or more (the plan; the gathers too for rows of at most {compiled.NARROW_ROWS} "
+        "channels)"
     )
 
 

@@ -13,17 +13,20 @@ Design
   which the backward differentiates.  Corners outside the input fall on the zero
   border, and samples with no corner inside on a block of zero rows, so nothing is ever
   read out of bounds, whatever the offsets hold, and no weight needs masking.
-* Forward: the weighted corners of every sample are summed by one fused gather
-  (:mod:`~deformconv.backends.gather`, ``embedding_bag``) into a column buffer
-  ``(positions, K·C)``, which one batched matrix product per weight group contracts with the
-  weight, writing the output in its final ``(N, O, *out_size)`` layout.
+* Forward: the weighted corners of every sample are summed into a column buffer
+  ``(positions, K·C)`` by one fused gather (:mod:`~deformconv.backends.gather`: on the CPU a
+  sparse-dense product into a reused buffer, elsewhere ``embedding_bag``; for narrow rows
+  compiled with the plan, :mod:`~deformconv.backends.compiled`), which one batched matrix
+  product per weight group contracts with the weight, writing the output in its final
+  ``(N, O, *out_size)`` layout where that is as fast.
 * Backward: the samples are recomputed rather than stored.  ``grad_input`` gathers, for
-  every table row, the weighted column gradients of the samples that reach it (samples
-  sorted by first corner, one fused gather per corner); ``grad_offset`` and ``grad_mask``
-  come from the dot product of every corner's row with its column gradient (one fused
-  kernel); ``grad_weight`` is one more matrix product.
-* Output positions are processed in chunks (whole images, or parts of one) whose column
-  buffers together fit the column budget (:func:`set_column_budget`, 256 MiB by default).
+  every table row, the weighted column gradients of the samples that reach it (sorted by
+  row, :func:`~deformconv.backends.gather.scatter_corners`); ``grad_offset`` and
+  ``grad_mask`` come from the dot product of every corner's row with its column gradient
+  (one fused kernel); ``grad_weight`` is one more matrix product.
+* Output positions are processed in chunks (in the forward whole images, or parts of one)
+  whose column buffers together fit the column budget (:func:`set_column_budget`, 256 MiB by
+  default); each chunk's temporaries are released before the next chunk's are made.
 * float16 and bfloat16 are computed in float32 and rounded once at the end; float64 stays
   float64.
 
