@@ -36,6 +36,16 @@ def _both_ways(function):
     return expected, function()
 
 
+def _assert_compiled_matches(run, functions: set[str]):
+    """``run()``'s results compiled equal its results uncompiled, having compiled
+    ``functions``."""
+    expected, actual = _both_ways(run)
+    assert compiled.compile_failure() is None
+    assert set(compiled._compiled) == functions
+    for first, second in zip(expected, actual, strict=True):
+        torch.testing.assert_close(second, first, atol=1e-4, rtol=1e-5)
+
+
 @needs_compiler
 def test_compiled_2d_matches_uncompiled_forward_and_every_gradient():
     config = LOPSIDED["straddling-groups"]  # 3 offset groups of 2 channels: compiled
@@ -67,11 +77,7 @@ def test_compiled_wide_rows_match_uncompiled_forward_and_every_gradient():
                                        padding=(1, 0), dilation=(1, 2), mask=mask)  # fmt: skip
         return out, *torch.autograd.grad(out.square().sum(), leaves)
 
-    expected, actual = _both_ways(run)
-    assert compiled.compile_failure() is None
-    assert set(compiled._compiled) == {"corners", "dot_terms"}
-    for first, second in zip(expected, actual, strict=True):
-        torch.testing.assert_close(second, first, atol=1e-4, rtol=1e-5)
+    _assert_compiled_matches(run, {"corners", "dot_terms"})
 
 
 @needs_compiler
@@ -113,11 +119,7 @@ def test_compiled_3d_without_mask_matches_uncompiled():
                                        padding=(1, 0, 1))  # fmt: skip
         return out, *torch.autograd.grad(out.square().sum(), (input, offset, weight))
 
-    expected, actual = _both_ways(run)
-    assert compiled.compile_failure() is None
-    assert set(compiled._compiled) == {"columns", "corner_terms"}
-    for first, second in zip(expected, actual, strict=True):
-        torch.testing.assert_close(second, first, atol=1e-4, rtol=1e-5)
+    _assert_compiled_matches(run, {"columns", "corner_terms"})
 
 
 def test_a_failed_compilation_warns_once_and_runs_uncompiled(monkeypatch):
@@ -209,8 +211,4 @@ def test_compiled_dcnv3_matches_uncompiled():
                                offset_scale=0.7, remove_center=True)  # fmt: skip
         return out, *torch.autograd.grad(out.square().sum(), leaves)
 
-    expected, actual = _both_ways(run)
-    assert compiled.compile_failure() is None
-    assert set(compiled._compiled) == {"columns", "corner_terms"}
-    for first, second in zip(expected, actual, strict=True):
-        torch.testing.assert_close(second, first, atol=1e-4, rtol=1e-5)
+    _assert_compiled_matches(run, {"columns", "corner_terms"})
