@@ -70,7 +70,7 @@ def corners(offsets: Tensor, masks: Tensor | None, grid: Grid,
             strict: bool = False) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """For samples at ``offsets`` ``(M, d)`` with ``masks`` ``(M,)`` (or ``None``): their
     corner rows ``(M, 2**d)``, masked corner weights ``(M, 2**d)`` and fractional positions
-    ``(M, d)``; ``strict`` as for :func:`~deformconv.backends.plan.sampling_plan`."""
+    ``(M, d)``; ``strict`` as for :func:`~deformconv.backends.plan.plan_from_grid`."""
     plan = plan_from_grid(offsets, grid, strict)
     weights = plan.weights if masks is None else plan.weights * masks[:, None]
     return plan.rows, weights, torch.stack([high for _, high in plan.pairs], dim=1)

@@ -277,8 +277,10 @@ def grid_of(
     taps: tuple[tuple[int, ...], ...] | None = None,
     groups_first: bool = False,
 ) -> Grid:
-    """The :class:`Grid` of ``pixels`` output pixels from ``first_pixel`` (see
-    :func:`sampling_plan` for ``taps`` and ``groups_first``)."""
+    """The :class:`Grid` of ``pixels`` output pixels from ``first_pixel``: their samples in
+    (pixel, tap, offset group) order, or (pixel, offset group, tap) with ``groups_first``.
+    ``taps`` lists the kernel coordinates of the ``K`` taps (default: every tap of
+    ``geo.kernel``, row-major)."""
     table = table_of(geo)
     first, bases, deltas = _grid_cache(geo, first_pixel, pixels, taps, groups_first, device)
     # Beyond ``reach`` no sample has a corner inside (see plan_from_grid).
@@ -291,34 +293,14 @@ def grid_of(
     return Grid(first, bases, deltas, tuple(geo.size), reaches, tuple(table.strides), table.dead)
 
 
-def sampling_plan(
-    geo: Geometry,
-    offsets: Tensor,
-    first_pixel: int,
-    *,
-    taps: tuple[tuple[int, ...], ...] | None = None,
-    groups_first: bool = False,
-    strict: bool = False,
-) -> SamplingPlan:
-    """Plan the samples of ``offsets.shape[0]`` output pixels starting at ``first_pixel``.
-
-    ``offsets`` is ``(pixels, K, G, d)``, or ``(pixels, G, K, d)`` with ``groups_first``,
-    with the displacement along each axis (Δy, Δx in 2-D) in the last dimension, in the
-    compute dtype; the samples are planned in that order.  ``taps`` lists the kernel
-    coordinates of the ``K`` taps (default: every tap of ``geo.kernel``, row-major).  A
-    sample is 0 unless it has a corner inside the input; with ``strict``, unless its
-    position lies strictly inside ``(−1, size)`` on every axis (DCNv3's rule).
-    """
-    grid = grid_of(geo, first_pixel, offsets.shape[0], offsets.device, taps=taps,
-                   groups_first=groups_first)  # fmt: skip
-    return plan_from_grid(offsets.reshape(-1, geo.dims), grid, strict)
-
-
 def plan_from_grid(offsets: Tensor, grid: Grid, strict: bool = False) -> SamplingPlan:
-    """:func:`sampling_plan` of offsets ``(M, d)`` given its :class:`Grid`: tensor operations
-    on one entry per sample only, whose constants may be numbers or 0-d tensors (the deltas
-    a tensor or a tuple of 0-d tensors), so that it can also be compiled
-    (:mod:`~deformconv.backends.compiled`)."""
+    """Plan the samples of a :class:`Grid` (:func:`grid_of`) at ``offsets`` ``(M, d)``, one
+    row per sample in the grid's order, the displacement along each axis (Δy, Δx in 2-D), in
+    the compute dtype.  A sample is 0 unless it has a corner inside the input; with
+    ``strict``, unless its position lies strictly inside ``(−1, size)`` on every axis (DCNv3's
+    rule).  Tensor operations on one entry per sample only, whose constants may be numbers or
+    0-d tensors (the deltas a tensor or a tuple of 0-d tensors), so that it can also be
+    compiled (:mod:`~deformconv.backends.compiled`)."""
     first = grid.first
     near = None
     pairs = []

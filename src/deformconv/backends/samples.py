@@ -18,10 +18,11 @@ from .scratch import scratch
 class Samples:
     """The ``M`` samples of the output pixels ``offsets`` covers, from ``first_pixel`` on.
 
-    ``offsets`` and ``masks`` ``(M,)`` (or ``None``) are as for
-    :func:`~deformconv.backends.plan.sampling_plan`, which ``taps``, ``groups_first`` and
-    ``strict`` go to; ``share`` consecutive samples share one gradient row in
-    :meth:`corner_terms`.
+    ``offsets`` is ``(pixels, K, G, d)``, or ``(pixels, G, K, d)`` with ``groups_first``, and
+    ``masks`` ``(M,)`` (or ``None``) in the same order; ``taps`` and ``groups_first`` go to
+    :func:`~deformconv.backends.plan.grid_of`, ``strict`` to
+    :func:`~deformconv.backends.plan.plan_from_grid`; ``share`` consecutive samples share one
+    gradient row in :meth:`corner_terms`.
     """
 
     def __init__(self, table: Tensor, offsets: Tensor, masks: Tensor | None, geo: Geometry,
