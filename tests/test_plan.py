@@ -46,14 +46,15 @@ def test_table_holds_the_input_inside_a_zero_border():
 @pytest.mark.parametrize("gap_rows", [1024, 1, 0], ids=["one-range", "split", "split-all"])
 @pytest.mark.parametrize("share", [1, 3])
 def test_scatter_corners_matches_a_loop_of_index_add(share, gap_rows, path, monkeypatch):
-    """Dense: more bags than rows (a sorted gather per corner); wide rows, or bags spread
-    over more rows than there are bags: every (bag, corner) pair sorted, one gather; sparse:
+    """Dense: more bags than rows (a sorted gather per corner); a wide range (rows times
+    channels), or bags spread over more rows than there are bags: every (bag, corner) pair
+    sorted, one gather; sparse:
     far more rows than pairs (bag by bag on the CPU, all corners in one ``index_add_`` or,
     past its byte limit, one per corner).  As in the backends, skipped bags start at one dead
     row and no corner of the others reaches it."""
     span = {"dense": 40, "wide": 40, "spread": 400}.get(path, 4000)
     if path == "wide":
-        monkeypatch.setattr(gather, "WIDE_ROWS", 5)
+        monkeypatch.setattr(gather, "WIDE_RANGE", 2)
     if path == "sparse-per-corner":
         monkeypatch.setattr(gather, "ONE_ADD_BYTES", 0)
     monkeypatch.setattr(gather, "GAP_ROWS", gap_rows)
@@ -233,3 +234,16 @@ def test_corner_sums_and_dots_match_the_fused_gathers(index, dtype):
     none = rows[:0]
     assert gather.corner_sums(table, none, weights[:0]).shape == (0, 7)
     assert gather.corner_dots(grad[:0], table, none).shape == (0, 4)
+
+
+@pytest.mark.parametrize("size", [3000, 20000, 50000])
+@pytest.mark.parametrize("spread", [1000, 2**15 - 2, 2**15 - 1, 10**6])
+def test_stable_sort_of_keys_matches_torch_sort(size, spread):
+    """Padded to the fast size or not, on 16-bit keys where their range allows or not."""
+    generator = torch.Generator().manual_seed(size + spread)
+    keys = (torch.randint(0, spread, (size,), generator=generator) + 7).to(torch.int32)
+    keys[0], keys[-1] = 7, 7 + spread - 1  # the whole range
+    values, order = gather._stable_sort(keys)
+    expected_values, expected_order = torch.sort(keys, stable=True)
+    assert values.dtype == keys.dtype
+    assert torch.equal(values, expected_values) and torch.equal(order, expected_order)
