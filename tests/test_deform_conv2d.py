@@ -395,3 +395,24 @@ def test_weight_gradient_alone_equals_it_among_all_gradients():
     every = torch.autograd.grad(call(deformconv.deform_conv2d, tensors, config).sum(),
                                 tensors["weight"])[0]  # fmt: skip
     assert torch.equal(alone, every)
+
+
+@pytest.mark.parametrize("channels", [8, 160])  # narrow and wide table rows
+def test_torch_backend_repeats_bit_for_bit(channels):
+    """Same inputs, same results to the last bit, every gradient included: all sums run in
+    a fixed order (sorted gathers, not atomic adds)."""
+    generator = torch.Generator().manual_seed(12)
+    input = torch.randn(2, channels, 23, 21, generator=generator, requires_grad=True)
+    offset = (3 * torch.randn(2, 2 * 2 * 9, 23, 21, generator=generator)).requires_grad_()
+    mask = torch.rand(2, 2 * 9, 23, 21, generator=generator, requires_grad=True)
+    weight = torch.randn(6, channels, 3, 3, generator=generator, requires_grad=True)
+    leaves = (input, offset, mask, weight)
+
+    def run():
+        out = deformconv.deform_conv2d(input, offset, weight, padding=1, mask=mask)
+        return (out, *torch.autograd.grad(out.square().sum(), leaves))
+
+    first = run()
+    for again in (run(), run()):
+        for a, b in zip(first, again, strict=True):
+            assert torch.equal(a, b)
