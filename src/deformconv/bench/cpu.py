@@ -216,11 +216,13 @@ def machine() -> str:
         pass
     from ..backends import compiled
 
-    sampling = "compiled" if compiled.compile_enabled() else "uncompiled"
+    sampling = "not compiled"
+    if compiled.compile_enabled():
+        sampling = f"compiled from {compiled.MIN_SAMPLES} samples a call"
     return (
         f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, Python {platform.python_version()}, "
-        f"narrow-row sampling {sampling}"
+        f"CPU sampling {sampling}"
     )
 
 
