@@ -141,17 +141,20 @@ def scatter_corners(table_grad: Tensor, first: Tensor, deltas: list[int], weight
     if count == 0:
         return
     keys, order = keys[:count], order[:count]
-    span = int(keys[-1]) - int(keys[0]) + deltas[-1] + 1
+    low, high = int(keys[0]), int(keys[-1]) + 1
+    span = high - low + deltas[-1]
     if table_grad.device.type == "cpu" and span > SPARSE_SPAN * len(deltas) * count:
         _add_bag_by_bag(table_grad, first, deltas, weights, grad, share)
         return
     if span * table_grad.shape[-1] >= WIDE_RANGE * count or span > count:
         _gather_pairs(table_grad, first, deltas, weights, grad, share, skip_from)
         return
-    cuts = torch.nonzero(keys[1:] - keys[:-1] > GAP_ROWS).view(-1) + 1
-    edges = [0, *cuts.tolist(), count]
-    lows = keys[edges[:-1]].tolist()
-    highs = (keys[[edge - 1 for edge in edges[1:]]] + 1).tolist()
+    edges, lows, highs = [0, count], [low], [high]
+    if high - low > GAP_ROWS:  # there may be gaps to split at
+        cuts = torch.nonzero(keys[1:] - keys[:-1] > GAP_ROWS).view(-1) + 1
+        edges = [0, *cuts.tolist(), count]
+        lows = keys[edges[:-1]].tolist()
+        highs = (keys[[edge - 1 for edge in edges[1:]]] + 1).tolist()
     sources = order if share == 1 else order // share
     # Whole rows gathered, then each corner's column copied: several times faster than
     # gathering along weights.T or transposing in one copy.
