@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends import handoff
 
 _NAMESPACE = "deformconv"
 
@@ -95,6 +96,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.save_for_backward(input, offset, mask, weight)
     ctx.has_bias = bias is not None
     ctx.conv_args = (stride, padding, dilation)
+    ctx.plan = handoff.take(offset, mask)  # what the forward kept for the backward, if any
 
 
 def _register(dims: int) -> tuple[Any, Any]:
@@ -120,10 +122,11 @@ def _register(dims: int) -> tuple[Any, Any]:
         input, offset, mask, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         modulated = mask is not None and needs[2]
-        grads = backward_op(
-            grad_output, input, offset, mask, weight, *ctx.conv_args,
-            [needs[0], needs[1], modulated, needs[3]],
-        )  # fmt: skip
+        with handoff.offered(ctx.plan):
+            grads = backward_op(
+                grad_output, input, offset, mask, weight, *ctx.conv_args,
+                [needs[0], needs[1], modulated, needs[3]],
+            )  # fmt: skip
         grad_input, grad_offset, grad_mask, grad_weight, grad_bias = grads
         return (
             grad_input if needs[0] else None,

@@ -19,7 +19,9 @@ Design
   compiled with the plan, :mod:`~deformconv.backends.compiled`), which one batched matrix
   product per weight group contracts with the weight, writing the output in its final
   ``(N, O, *out_size)`` layout where that is as fast.
-* Backward: the samples are recomputed rather than stored.  ``grad_input`` gathers, for
+* Backward: the samples are recomputed rather than stored, but for the sampling plan of a
+  call small enough to run in one chunk, which the forward hands to its own backward
+  (:mod:`~deformconv.backends.handoff`).  ``grad_input`` gathers, for
   every table row, the weighted column gradients of the samples that reach it (sorted by
   row, :func:`~deformconv.backends.gather.scatter_corners`); ``grad_offset`` and
   ``grad_mask`` come from the dot product of every corner's row with its column gradient
@@ -44,6 +46,7 @@ from torch import Tensor
 
 from .._geometry import Geometry, geometry
 from .._utils import compute_dtype
+from . import handoff
 from .gather import scatter_corners
 from .plan import table_of
 from .samples import Samples
@@ -233,6 +236,7 @@ def forward(
         out = torch.empty(shape, dtype=dtype, device=input.device)
     else:  # rounded into the result at the end
         out = scratch("output", shape, dtype, input.device)
+    plan = None  # kept for the backward where one chunk holds every sample
     if geo.pixels > 0:
         table = _input_table(input, geo, dtype)
         offsets = _per_pixel(offset, geo, geo.dims, dtype)
@@ -242,11 +246,15 @@ def forward(
         per_pixel = geo.taps * geo.offset_groups
         for start, stop in _image_chunks(geo, step):
             chunk_masks = None if masks is None else masks[start * per_pixel : stop * per_pixel]
-            cols = Samples(table, offsets[start:stop], chunk_masks, geo, start,
-                           groups_first=_groups_first(geo)).columns()  # fmt: skip
+            samples = Samples(table, offsets[start:stop], chunk_masks, geo, start,
+                              groups_first=_groups_first(geo))  # fmt: skip
+            cols = samples.columns()
             _contract(matrix, _grouped(cols.view(stop - start, geo.taps, geo.channels), geo),
                       out, start, stop)  # fmt: skip
-            del cols  # before the next chunk's: one chunk's columns at a time
+            if stop - start == geo.pixels:
+                plan = samples.plan()
+            del samples, cols  # before the next chunk's: one chunk's temporaries at a time
+    handoff.keep(offset, mask, (geo, dtype), plan)
     if bias is not None:
         out += bias.to(dtype).view(groups, -1, 1)
     out = out.view(geo.batch, geo.out_channels, *geo.out_size)
@@ -333,11 +341,13 @@ def backward(
         masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(-1)
         matrix = _weight_matrix(weight, geo, dtype)
         step = chunk_pixels(geo.pixels, geo.taps * geo.channels, 4, table)
+        plan = handoff.offer(offset, mask, (geo, dtype))  # the forward's, if it kept it
         for start, stop in _chunks(geo.pixels, step):
             first, last = start * per_pixel, stop * per_pixel
             chunk_masks = None if masks is None else masks[first:last]
+            chunk_plan = None if plan is None else [t[first:last] for t in plan]
             samples = Samples(table, offsets[start:stop], chunk_masks, geo, start,
-                              groups_first=_groups_first(geo))  # fmt: skip
+                              groups_first=_groups_first(geo), plan=chunk_plan)  # fmt: skip
             weight_grad = backward_chunk(samples, start, stop, matrix, weight_grad)
             del samples  # before the next chunk's: one chunk's temporaries at a time
 

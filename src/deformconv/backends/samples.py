@@ -27,12 +27,12 @@ class Samples:
 
     def __init__(self, table: Tensor, offsets: Tensor, masks: Tensor | None, geo: Geometry,
                  first_pixel: int, *, taps: tuple | None = None, groups_first: bool = False,
-                 strict: bool = False, share: int = 1):  # fmt: skip
+                 strict: bool = False, share: int = 1, plan: list | None = None):  # fmt: skip
         self.table, self.masks, self.strict, self.share = table, masks, strict, share
         self.grid = grid_of(geo, first_pixel, offsets.shape[0], table.device, taps=taps,
                             groups_first=groups_first)  # fmt: skip
         self.offsets = offsets.reshape(-1, geo.dims)  # one entry per sample, as the grid
-        self._corners: tuple[Tensor, Tensor, Tensor] | None = None
+        self._corners: tuple[Tensor, Tensor, Tensor] | None = None if plan is None else tuple(plan)
         # Compiled where that runs and there are enough samples to pay for the call.
         self.compiled = compiled.worthwhile(table, self.offsets.shape[0])
         self.fused = self.compiled and compiled.fuses_gathers(table)
@@ -49,6 +49,11 @@ class Samples:
         if self._corners is None:
             self._corners = self._run(compiled.corners, self.offsets, self.masks, self.grid,
                                       strict=self.strict)  # fmt: skip
+        return self._corners
+
+    def plan(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """:meth:`corners` if they were computed (not where the gathers ran compiled with the
+        plan), else ``None``: what a backward of the same samples can take as ``plan``."""
         return self._corners
 
     def columns(self, bag: int = 1) -> Tensor:
