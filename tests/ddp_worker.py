@@ -26,6 +26,9 @@ def main(out: str) -> None:
     if not distributed or dist.get_rank() == 0:
         torch.save(model.state_dict(), out)
     if distributed:
+        # Every process done before the group goes: a process tearing gloo down while
+        # another still uses it aborts ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -143,13 +143,14 @@ def test_cli_demo_under_torchrun_takes_one_gpu_per_process(
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
     monkeypatch.setattr(dist, "init_process_group", lambda b: calls.append(("init", b)))
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append(("barrier",)))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
     monkeypatch.setattr(experiment, "run", lambda settings, out, d, progress: calls.append(
         ("run", d)))  # fmt: skip
     assert cli.main(["demo", "--quick", "--device", device, "--out", str(tmp_path)]) == 0
     expected = torch.device(expected)
     setup = [("set_device", expected)] if expected.type == "cuda" else []
-    assert calls == [*setup, ("init", backend), ("run", expected), ("destroy",)]
+    assert calls == [*setup, ("init", backend), ("run", expected), ("barrier",), ("destroy",)]
 
 
 def test_quickstart_example_runs():

@@ -149,6 +149,8 @@ def _demo(args: argparse.Namespace) -> int:
     settings = type(settings)(**{**settings.__dict__, "seed": args.seed})
     try:
         experiment.run(settings, args.out, device, progress=not args.no_progress)
+        if distributed:  # every process done before the group goes
+            dist.barrier()
     finally:
         if distributed:
             dist.destroy_process_group()
