@@ -4,8 +4,10 @@ The plan (corner rows, masked weights, fractional positions) depends only on the
 mask and the geometry.  The torch backend's forward hands it over (:func:`keep`) when it fits
 in :data:`KEEP_BYTES`; the op's autograd takes it into the autograd context right after the
 forward (:func:`take`) and offers it to the backward (:func:`offered`, :func:`offer`), which
-then skips recomputing it.  Elsewhere (a larger call, ``torch.compile``, another backend)
-nothing is kept and the backward recomputes the plan: the results are the same either way.
+then skips recomputing it.  Elsewhere (a larger call, under ``torch.compile``, another
+backend) the backward recomputes the plan: the results are the same either way.  A plan no
+autograd context takes (a forward without gradients) is dropped at the thread's next
+forward.
 
 A plan is matched to its tensors by identity (weak references) and version counter, as
 autograd's saved tensors are: offsets or a mask changed in place after the forward are never
@@ -22,8 +24,10 @@ from typing import Any
 
 from torch import Tensor
 
-#: Plans of at most this many bytes are kept from a forward for its backward.
-KEEP_BYTES = 8 * 2**20
+#: Plans of at most this many bytes are kept from a forward for its backward: the small
+#: calls, whose plan costs most relative to the rest; a plan (40 bytes a sample in 2-D) is
+#: held from the forward to the backward, as autograd holds saved tensors.
+KEEP_BYTES = 4 * 2**20
 
 _local = threading.local()
 

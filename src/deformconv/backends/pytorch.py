@@ -20,8 +20,8 @@ Design
   product per weight group contracts with the weight, writing the output in its final
   ``(N, O, *out_size)`` layout where that is as fast.
 * Backward: the samples are recomputed rather than stored, but for the sampling plan of a
-  call small enough to run in one chunk, which the forward hands to its own backward
-  (:mod:`~deformconv.backends.handoff`).  ``grad_input`` gathers, for
+  small call (one chunk, a plan of at most 4 MiB), which the forward hands to its own
+  backward (:mod:`~deformconv.backends.handoff`).  ``grad_input`` gathers, for
   every table row, the weighted column gradients of the samples that reach it (sorted by
   row, :func:`~deformconv.backends.gather.scatter_corners`); ``grad_offset`` and
   ``grad_mask`` come from the dot product of every corner's row with its column gradient
