@@ -103,23 +103,19 @@ def corner_terms(table: Tensor, grad_columns: Tensor, offsets: Tensor, masks: Te
                  grid: Grid, strict: bool = False, share: int = 1) -> tuple:  # fmt: skip
     """For samples with column gradient ``grad_columns`` ``(M / share, D)``, shared by
     ``share`` consecutive samples: their first rows ``(M,)``, masked corner weights
-    ``(M, 2**d)``, mask gradients ``(M,)`` and position gradients ``(M, d)`` (masked), from
-    the plan of :func:`corners`."""
-    plan = plan_from_grid(offsets, grid, strict)
+    ``(M, 2**d)``, mask gradients ``(M,)`` and position gradients ``(M, d)`` (masked): the
+    plan of :func:`corners` and the gradients of :func:`dot_terms`, with the dot products
+    gathered in the same loop."""
+    rows, weights, fractions = corners(offsets, masks, grid, strict)
     if share > 1:
-        sample = torch.arange(plan.first.shape[0], device=table.device)
+        sample = torch.arange(rows.shape[0], device=table.device)
         grad_columns = grad_columns[sample // share]
     dots = torch.stack(
-        [(table[plan.rows[:, corner]] * grad_columns).sum(1)
-         for corner in range(plan.rows.shape[1])], dim=1,
-    )  # fmt: skip
-    mask_grad = (plan.weights * dots).sum(1)
-    position_grad = position_grads(plan.pairs, dots)
-    weights = plan.weights
-    if masks is not None:
-        position_grad = position_grad * masks[:, None]
-        weights = weights * masks[:, None]
-    return plan.first, weights, mask_grad, position_grad
+        [(table[rows[:, corner]] * grad_columns).sum(1) for corner in range(rows.shape[1])],
+        dim=1,
+    )
+    mask_grad, position_grad = dot_terms(dots, fractions, masks)
+    return rows[:, 0], weights, mask_grad, position_grad
 
 
 @functools.lru_cache(maxsize=64)
