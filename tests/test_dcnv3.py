@@ -93,6 +93,7 @@ def _check_against_reference(tensors, case, dtype=torch.float64, tolerance=1e-10
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.usefixtures("cpu_gathers")
 def test_torch_backend_matches_reference(name):
     with deformconv.use_backend("torch"):
         _check_against_reference(make_inputs(CASES[name]), CASES[name])

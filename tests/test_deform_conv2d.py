@@ -30,12 +30,14 @@ def assert_matches_reference(
 
 
 @pytest.mark.parametrize("name", list(LOPSIDED))
+@pytest.mark.usefixtures("cpu_gathers")
 def test_matches_reference(name):
     assert_matches_reference(LOPSIDED[name])
 
 
 @pytest.mark.parametrize("offsets", ["integer", "zero"])
 @pytest.mark.parametrize("name", ["straddling-groups", "no-mask-no-bias", "single-row-input"])
+@pytest.mark.usefixtures("cpu_gathers")
 def test_matches_reference_at_integer_positions(name, offsets):
     # Integer positions are where the offset derivative is one-sided; zero offsets with
     # padding put samples exactly on the border y = -1, where the gradient is not zero.
@@ -195,6 +197,7 @@ def test_integer_offsets_shift_the_kernel():
     torch.testing.assert_close(actual[..., 1:6, 3:8], expected[..., 1:6, 3:8])
 
 
+@pytest.mark.usefixtures("cpu_gathers")
 def test_hand_computed_sample():
     # One pixel, one 1x1 tap, sampled between four known values.
     image = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=torch.float64)
@@ -255,6 +258,7 @@ def test_float64_backend_agrees_with_reference_in_float32():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e30, -1e30])
+@pytest.mark.usefixtures("cpu_gathers")
 def test_non_finite_and_huge_offsets_sample_zero(bad):
     config = LOPSIDED["straddling-groups"]
     tensors = make_inputs(config, requires_grad=False)
@@ -277,6 +281,7 @@ def test_non_finite_and_huge_offsets_sample_zero(bad):
 
 
 @pytest.mark.parametrize("budget", [1, 5000, "two images"])
+@pytest.mark.usefixtures("cpu_gathers")
 def test_chunked_path_matches_single_pass(monkeypatch, budget):
     config = LOPSIDED["batch-3"]
     tensors = make_inputs(config, seed=4)
@@ -333,6 +338,7 @@ def test_matches_torchvision_when_importable():
             torch.testing.assert_close(actual_grads[name], expected_grads[name], atol=1e-10, rtol=0)
 
 
+@pytest.mark.usefixtures("cpu_gathers")
 def test_corner_of_positions_that_round_across_an_integer():
     # At x = 100 + Δ with Δ = -1e-6, x rounds to 100.0 in float32, yet the exact position lies
     # in [99, 100): the corners (and the one-sided Δx derivative) must be those of 99.
@@ -355,8 +361,9 @@ def test_corner_of_positions_that_round_across_an_integer():
 def test_corner_dot_products_without_the_fused_kernel(monkeypatch):
     """The loop that replaces ``_embedding_bag_per_sample_weights_backward`` where a PyTorch
     lacks it gives the same gradients."""
-    from deformconv.backends import gather
+    from deformconv.backends import compiled, gather
 
+    monkeypatch.setattr(compiled, "_native", False)  # the tensor operations
     config = LOPSIDED["straddling-groups"]
     tensors = make_inputs(config)
     expected = output_and_grads(deformconv.deform_conv2d, tensors, config)[1]
@@ -398,6 +405,7 @@ def test_weight_gradient_alone_equals_it_among_all_gradients():
 
 
 @pytest.mark.parametrize("channels", [8, 160])  # narrow and wide table rows
+@pytest.mark.usefixtures("cpu_gathers")
 def test_torch_backend_repeats_bit_for_bit(channels):
     """Same inputs, same results to the last bit, every gradient included: all sums run in
     a fixed order (sorted gathers, not atomic adds)."""

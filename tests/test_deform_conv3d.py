@@ -116,6 +116,7 @@ def _run(function, tensors, **args):
 
 
 @pytest.mark.parametrize("modulated", [True, False])
+@pytest.mark.usefixtures("cpu_gathers")
 def test_forward_and_every_gradient_match_reference(modulated):
     tensors = make_inputs()
     if not modulated:
@@ -183,6 +184,7 @@ def test_batch_zero():
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -1e30])
+@pytest.mark.usefixtures("cpu_gathers")
 def test_non_finite_and_far_offsets_sample_zero(bad):
     tensors = make_inputs()
     tensors["offset"][:, :3] = bad  # every coordinate of tap 0 in offset group 0
@@ -194,6 +196,7 @@ def test_non_finite_and_far_offsets_sample_zero(bad):
     assert (tensors["offset"].grad[:, :3] == 0).all()
 
 
+@pytest.mark.usefixtures("cpu_gathers")
 def test_chunked_path_is_identical():
     tensors = make_inputs()
     expected = _run(deformconv.deform_conv3d, tensors, **_conv_args())

@@ -37,7 +37,8 @@ from torch import Tensor
 from .plan import Grid, corner_deltas, corner_weights, pairs_of, plan_from_grid, position_grads
 
 ENV_VAR = "DEFORMCONV_COMPILE"
-_enabled = os.environ.get(ENV_VAR, "1") != "0"
+_enabled = os.environ.get(ENV_VAR, "1") not in ("0", "native")
+_native = os.environ.get(ENV_VAR, "1") != "0"
 _failure: str | None = None
 _compiled: dict[str, object] = {}
 
@@ -50,15 +51,24 @@ def set_cpu_compile(enabled: bool | None) -> None:
     False
     >>> set_cpu_compile(None)
     """
-    global _enabled
+    global _enabled, _native
     if enabled is not None and not isinstance(enabled, bool):
         raise ValueError(f"set_cpu_compile takes True, False or None, got {enabled!r}")
-    _enabled = os.environ.get(ENV_VAR, "1") != "0" if enabled is None else enabled
+    setting = os.environ.get(ENV_VAR, "1")
+    _enabled = setting not in ("0", "native") if enabled is None else enabled
+    _native = setting != "0" if enabled is None else enabled
 
 
 def compile_enabled() -> bool:
     """Whether the CPU sampling is compiled (see :func:`set_cpu_compile`)."""
     return _enabled
+
+
+def native_enabled() -> bool:
+    """Whether the C corner loops of :mod:`~deformconv.backends.native` may run: unless
+    :func:`set_cpu_compile` turned compiling off (``$DEFORMCONV_COMPILE`` ``native`` keeps these
+    and turns Inductor off)."""
+    return _native
 
 
 def compile_failure() -> str | None:

@@ -14,18 +14,20 @@ Design
   border, and samples with no corner inside on a block of zero rows, so nothing is ever
   read out of bounds, whatever the offsets hold, and no weight needs masking.
 * Forward: the weighted corners of every sample are summed into a column buffer
-  ``(positions, K·C)`` by one fused gather (:mod:`~deformconv.backends.gather`: on the CPU a
-  sparse-dense product into a reused buffer, elsewhere ``embedding_bag``; for narrow rows
-  compiled with the plan, :mod:`~deformconv.backends.compiled`), which one batched matrix
+  ``(positions, K·C)`` by one fused gather (on the CPU a C loop compiled at run time,
+  :mod:`~deformconv.backends.native`, or, for narrow rows, compiled with the plan,
+  :mod:`~deformconv.backends.compiled`; else :mod:`~deformconv.backends.gather`: a
+  sparse-dense product on the CPU, ``embedding_bag`` elsewhere), which one batched matrix
   product per weight group contracts with the weight, writing the output in its final
   ``(N, O, *out_size)`` layout where that is as fast.
 * Backward: the samples are recomputed rather than stored, but for the sampling plan of a
   small call (one chunk, a plan of at most 4 MiB), which the forward hands to its own
-  backward (:mod:`~deformconv.backends.handoff`).  ``grad_input`` gathers, for
-  every table row, the weighted column gradients of the samples that reach it (sorted by
-  row, :func:`~deformconv.backends.gather.scatter_corners`); ``grad_offset`` and
-  ``grad_mask`` come from the dot product of every corner's row with its column gradient
-  (one fused kernel); ``grad_weight`` is one more matrix product.
+  backward (:mod:`~deformconv.backends.handoff`).  ``grad_input`` sums, for every
+  table row, the weighted column gradients of the samples that reach it, in the samples'
+  order (on the CPU the C loop, whose threads each own a range of rows; else sorted by row,
+  :func:`~deformconv.backends.gather.scatter_corners`); ``grad_offset`` and ``grad_mask``
+  come from the dot product of every corner's row with its column gradient (in the same C
+  loop, or one fused kernel); ``grad_weight`` is one more matrix product.
 * Output positions are processed in chunks (in the forward whole images, or parts of one)
   whose column buffers together fit the column budget (:func:`set_column_budget`, 256 MiB by
   default); each chunk's temporaries are released before the next chunk's are made.
@@ -47,7 +49,6 @@ from torch import Tensor
 from .._geometry import Geometry, geometry
 from .._utils import compute_dtype
 from . import handoff
-from .gather import scatter_corners
 from .plan import table_of
 from .samples import Samples
 from .scratch import scratch
@@ -314,12 +315,10 @@ def backward(
                                 dtype, input.device)  # fmt: skip
             grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix, out=grad_cols), geo)
             # The columns for the weight gradient come from the same plan.
-            terms = samples.corner_terms(grad_cols, need_offset or need_mask, need_weight)
-            first_rows, weights, chunk_mask_grad, chunk_position_grad, cols = terms
+            terms = samples.corner_terms(grad_cols, need_offset or need_mask, need_weight,
+                                         table_grad)  # fmt: skip
+            chunk_mask_grad, chunk_position_grad, cols = terms
             first, last = start * per_pixel, stop * per_pixel
-            if table_grad is not None:
-                scatter_corners(table_grad, first_rows, layout.deltas, weights, grad_cols,
-                                share=1, skip_from=layout.dead)  # fmt: skip
             if mask_grad is not None:
                 mask_grad[first:last] = chunk_mask_grad
             if position_grad is not None:

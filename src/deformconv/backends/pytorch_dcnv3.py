@@ -23,7 +23,6 @@ from torch import Tensor
 
 from .._geometry import Geometry
 from .._utils import compute_dtype
-from .gather import scatter_corners
 from .plan import table_of
 from .pytorch import chunk_pixels
 from .samples import Samples
@@ -125,11 +124,9 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
             bag_grads = grad_out[start * group : stop * group]
             chunk = Samples(table, shifts[start:stop], masks[first:last], geo, start,
                             taps=coords, groups_first=True, strict=True, share=points)  # fmt: skip
-            terms = chunk.corner_terms(bag_grads, need_offset or need_mask)
-            first_rows, weights, chunk_mask_grad, chunk_position_grad, _ = terms
-            if table_grad is not None:
-                scatter_corners(table_grad, first_rows, layout.deltas, weights, bag_grads,
-                                share=points, skip_from=layout.dead)  # fmt: skip
+            terms = chunk.corner_terms(bag_grads, need_offset or need_mask,
+                                       table_grad=table_grad)  # fmt: skip
+            chunk_mask_grad, chunk_position_grad, _ = terms
             if mask_grad is not None:
                 mask_grad[first:last] = chunk_mask_grad
             if position_grad is not None:

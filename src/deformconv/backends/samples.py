@@ -1,7 +1,9 @@
 """The samples of one chunk of output pixels, as both torch backends (convolution and DCNv3)
-use them: their columns and, for the backward, their corner terms.  The plan's arithmetic
-runs compiled where it can (:mod:`~deformconv.backends.compiled`); the gathers are the fused
-ones of :mod:`~deformconv.backends.gather`, or, for narrow rows, compiled with the plan.
+use them: their columns and, for the backward, their corner terms and input gradient.  The
+plan's arithmetic runs compiled where it can (:mod:`~deformconv.backends.compiled`), for
+narrow rows together with the gathers of the plan's own pass.  The other gathers and the
+input gradient's scatter are the C loops of :mod:`~deformconv.backends.native` on the CPU where
+they build, else the fused tensor operations of :mod:`~deformconv.backends.gather`.
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from .._geometry import Geometry
-from . import compiled
-from .gather import corner_dots, corner_sums, row_dots, weighted_rows
-from .plan import grid_of
+from . import compiled, native
+from .gather import corner_dots, corner_sums, row_dots, scatter_corners, weighted_rows
+from .plan import grid_of, table_of
 from .scratch import scratch
 
 
@@ -36,6 +38,8 @@ class Samples:
         # Compiled where that runs and there are enough samples to pay for the call.
         self.compiled = compiled.worthwhile(table, self.offsets.shape[0])
         self.fused = self.compiled and compiled.fuses_gathers(table)
+        self.native = native.available(table)
+        self.deltas = table_of(geo).deltas
 
     def _run(self, function, *args, **options):
         """A function of :mod:`~deformconv.backends.compiled`, compiled if worthwhile."""
@@ -66,38 +70,65 @@ class Samples:
         return self._sums(rows, weights, bag)
 
     def _sums(self, rows: Tensor, weights: Tensor, bag: int = 1) -> Tensor:
-        if bag == 1:  # into a reused buffer
-            out = scratch("columns", (rows.shape[0], self.table.shape[1]), self.table.dtype,
-                          self.table.device)  # fmt: skip
+        if bag == 1 or self.native:  # into a reused buffer
+            out = scratch("columns", (rows.shape[0] // bag, self.table.shape[1]),
+                          self.table.dtype, self.table.device)  # fmt: skip
+            if self.native:
+                return native.corner_sums(self.table, rows[:, 0], weights, self.deltas, out,
+                                          bag=bag)  # fmt: skip
             return corner_sums(self.table, rows, weights, out)
         corners = rows.shape[1]
         return weighted_rows(self.table, rows.view(-1, bag * corners),
                              weights.view(-1, bag * corners))  # fmt: skip
 
-    def corner_terms(self, grad: Tensor, positions: bool, with_columns: bool = False):
-        """First rows ``(M,)``, masked corner weights ``(M, 2**d)``, mask gradients ``(M,)``
-        and masked position gradients ``(M, d)`` (see
-        :func:`~deformconv.backends.compiled.corner_terms`) for the gradient rows ``grad``
-        ``(M / share, D)``, then, with ``with_columns``, :meth:`columns` (else ``None``);
-        without ``positions`` the gradients may be ``None``."""
+    def corner_terms(self, grad: Tensor, positions: bool, with_columns: bool = False,
+                     table_grad: Tensor | None = None) -> tuple:  # fmt: skip
+        """For the gradient rows ``grad`` ``(M / share, D)``: adds the samples' part of the
+        input gradient into ``table_grad`` (where given; its rows from the dead block on are
+        scratch), and returns the mask gradients ``(M,)`` and masked position gradients
+        ``(M, d)`` (see :func:`~deformconv.backends.compiled.corner_terms`; ``None`` without
+        ``positions``), then, with ``with_columns``, :meth:`columns` (else ``None``)."""
         if self.fused:
             first, weights, mask_grad, position_grad = compiled.run(
                 compiled.corner_terms, self.table, grad, self.offsets, self.masks, self.grid,
                 strict=self.strict, share=self.share,
             )  # fmt: skip
+            self._scatter(table_grad, first, weights, grad)
             columns = None
             if with_columns:
                 columns = self._sums(first[:, None] + self.grid.deltas, weights)
-            return first, weights, mask_grad, position_grad, columns
+            return mask_grad, position_grad, columns
         rows, weights, fractions = self.corners()
         columns = self.columns() if with_columns else None
-        if not positions:
-            return rows[:, 0], weights, None, None, columns
         corners = rows.shape[1]
-        if self.share == 1:
-            dots = corner_dots(grad, self.table, rows)
+        if self.native:  # the dot products and the input gradient in one pass
+            dots = native.corner_grads(self.table, rows[:, 0], weights, self.deltas, grad,
+                                       share=self.share, skip_from=self.grid.dead,
+                                       dots=positions, table_grad=table_grad)  # fmt: skip
         else:
-            dots = row_dots(grad, self.table, rows.view(-1, self.share * corners))
+            self._scatter(table_grad, rows[:, 0], weights, grad)
+            if not positions:
+                dots = None
+            elif self.share == 1:
+                dots = corner_dots(grad, self.table, rows)
+            else:
+                dots = row_dots(grad, self.table, rows.view(-1, self.share * corners))
+        if not positions:
+            return None, None, columns
         mask_grad, position_grad = self._run(compiled.dot_terms, dots.view(-1, corners),
                                              fractions, self.masks)  # fmt: skip
-        return rows[:, 0], weights, mask_grad, position_grad, columns
+        return mask_grad, position_grad, columns
+
+    def _scatter(self, table_grad: Tensor | None, first: Tensor, weights: Tensor,
+                 grad: Tensor) -> None:  # fmt: skip
+        """Adds the input gradient of the samples with first rows ``first`` and corner
+        weights ``weights`` into ``table_grad`` (where given)."""
+        if table_grad is None:
+            return
+        if self.native:
+            native.corner_grads(self.table, first, weights, self.deltas, grad,
+                                share=self.share, skip_from=self.grid.dead, dots=False,
+                                table_grad=table_grad)  # fmt: skip
+        else:
+            scatter_corners(table_grad, first, self.deltas, weights, grad, share=self.share,
+                            skip_from=self.grid.dead)  # fmt: skip

@@ -1,0 +1,223 @@
+"""The C corner loops of the torch backend on the CPU: against plain loops, bit for bit
+whatever the number of threads, odd rows skipped, and a clean fallback where they do not
+build.  (The convolution tests run both with them and without: the ``cpu_gathers``
+fixture.)"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import deformconv
+from cases import LOPSIDED, make_inputs, output_and_grads
+from deformconv.backends import compiled, native
+
+needs_native = pytest.mark.skipif(
+    not native.available(torch.empty(1, 1)), reason="the C corner loops do not build here"
+)
+DELTAS = [0, 1, 7, 8]  # the corners of a plane 7 rows wide
+
+
+def _bags(dtype, index, bags=300, rows=60, depth=11, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    table = torch.randn(rows, depth, generator=generator, dtype=torch.float64).to(dtype)
+    first = torch.randint(0, rows - DELTAS[-1], (bags,), generator=generator).to(index)
+    weights = torch.rand(bags, len(DELTAS), generator=generator, dtype=torch.float64).to(dtype)
+    return table, first, weights, generator
+
+
+def _loop_sums(table, first, weights, bag):
+    out = torch.zeros(first.shape[0] // bag, table.shape[1], dtype=torch.float64)
+    for b in range(first.shape[0]):
+        for k, delta in enumerate(DELTAS):
+            out[b // bag] += weights[b, k].double() * table[int(first[b]) + delta].double()
+    return out
+
+
+def _loop_grads(table, first, weights, grad, share, skip_from):
+    table_grad = torch.zeros(table.shape, dtype=torch.float64)
+    dots = torch.zeros(weights.shape, dtype=torch.float64)
+    for b in range(first.shape[0]):
+        row = grad[b // share].double()
+        for k, delta in enumerate(DELTAS):
+            target = int(first[b]) + delta
+            dots[b, k] = table[target].double() @ row
+            if first[b] < skip_from:
+                table_grad[target] += weights[b, k].double() * row
+    return table_grad, dots
+
+
+@needs_native
+@pytest.mark.parametrize("index", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bag", [1, 3])
+def test_sums_match_a_plain_loop(dtype, index, bag):
+    table, first, weights, _ = _bags(dtype, index)
+    out = torch.full((first.shape[0] // bag, table.shape[1]), float("nan"), dtype=dtype)
+    assert native.corner_sums(table, first, weights, DELTAS, out, bag=bag) is out
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), _loop_sums(table, first, weights, bag),
+                               atol=tolerance, rtol=tolerance)  # fmt: skip
+
+
+@needs_native
+@pytest.mark.parametrize("index", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("share", [1, 4])
+def test_dots_and_input_gradient_match_a_plain_loop(dtype, index, share):
+    table, first, weights, generator = _bags(dtype, index)
+    grad = torch.randn(first.shape[0] // share, table.shape[1], generator=generator).to(dtype)
+    skip_from = 40  # bags from row 40 on give dots but no input gradient
+    table_grad = torch.zeros_like(table)
+    dots = native.corner_grads(table, first, weights, DELTAS, grad, share=share,
+                               skip_from=skip_from, dots=True, table_grad=table_grad)  # fmt: skip
+    expected_grad, expected_dots = _loop_grads(table, first, weights, grad, share, skip_from)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(table_grad.double(), expected_grad, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(dots.double(), expected_dots, atol=tolerance, rtol=tolerance)
+    # Either part alone.
+    alone = torch.zeros_like(table)
+    none = native.corner_grads(table, first, weights, DELTAS, grad, share=share,
+                               skip_from=skip_from, dots=False, table_grad=alone)  # fmt: skip
+    assert none is None
+    assert torch.equal(alone, table_grad)
+    only_dots = native.corner_grads(table, first, weights, DELTAS, grad, share=share,
+                                    skip_from=skip_from, dots=True, table_grad=None)  # fmt: skip
+    assert torch.equal(only_dots, dots)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_results_do_not_depend_on_the_number_of_threads(monkeypatch, threads):
+    """Every table row is summed by one thread, in the bags' order: bit-identical."""
+    table, first, weights, generator = _bags(torch.float32, torch.int32, bags=2000, depth=24)
+    grad = torch.randn(2000, 24, generator=generator)
+    out = torch.empty(2000, 24)
+
+    def run():
+        table_grad = torch.zeros_like(table)
+        dots = native.corner_grads(table, first, weights, DELTAS, grad, share=1, skip_from=60,
+                                   dots=True, table_grad=table_grad)  # fmt: skip
+        native.corner_sums(table, first, weights, DELTAS, out)
+        return table_grad, dots, out.clone()
+
+    monkeypatch.setattr(native, "WORK_PER_THREAD", 1)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = run()
+        torch.set_num_threads(threads)
+        actual = run()
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(actual, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_native
+def test_rows_outside_the_table_are_skipped():
+    """The backend never makes such rows; the loops still read and write nothing outside
+    the table: such bags sum to 0, give 0 dot products and no gradient."""
+    table, first, weights, generator = _bags(torch.float64, torch.int64, bags=6)
+    first[1], first[3], first[4] = -1, table.shape[0] - DELTAS[-1], 2**40
+    grad = torch.randn(6, table.shape[1], generator=generator, dtype=torch.float64)
+    out = torch.empty(6, table.shape[1], dtype=torch.float64)
+    native.corner_sums(table, first, weights, DELTAS, out)
+    table_grad = torch.zeros_like(table)
+    dots = native.corner_grads(table, first, weights, DELTAS, grad, share=1, skip_from=10**6,
+                               dots=True, table_grad=table_grad)  # fmt: skip
+    odd = torch.tensor([1, 3, 4])
+    assert (out[odd] == 0).all() and (dots[odd] == 0).all()
+    kept = torch.tensor([0, 2, 5])
+    expected_grad, expected_dots = _loop_grads(table, first[kept], weights[kept], grad[kept], 1,
+                                               10**6)  # fmt: skip
+    torch.testing.assert_close(table_grad, expected_grad)
+    torch.testing.assert_close(dots[kept], expected_dots)
+
+
+@needs_native
+def test_mismatched_tensors_are_refused():
+    table, first, weights, _ = _bags(torch.float32, torch.int32)
+    out = torch.empty(first.shape[0], table.shape[1], dtype=torch.float64)
+    with pytest.raises(TypeError, match="mismatched"):
+        native.corner_sums(table, first, weights, DELTAS, out)
+    with pytest.raises(TypeError, match="mismatched"):
+        native.corner_sums(table, first.float(), weights, DELTAS, out.float())
+
+
+def test_the_switch():
+    """``set_cpu_compile`` turns the loops off with the rest; ``DEFORMCONV_COMPILE=native``
+    (what the tests run with) keeps them and turns Inductor off."""
+    try:
+        deformconv.set_cpu_compile(False)
+        assert not compiled.native_enabled() and not native.available(torch.empty(1, 1))
+        deformconv.set_cpu_compile(True)
+        assert compiled.native_enabled() and compiled.compile_enabled()
+    finally:
+        deformconv.set_cpu_compile(None)
+    assert compiled.native_enabled() and not compiled.compile_enabled()
+    assert not native.available(torch.empty(1, 1, dtype=torch.float16))
+    assert not native.available(torch.empty(1, 1, device="meta"))
+
+
+def test_a_failed_build_warns_once_and_uses_tensor_operations(monkeypatch, tmp_path):
+    def no_compiler():
+        raise RuntimeError("no C compiler found here")
+
+    config = LOPSIDED["straddling-groups"]
+    tensors = make_inputs(config, dtype=torch.float32, seed=3)
+    monkeypatch.setattr(compiled, "_native", False)
+    expected = output_and_grads(deformconv.deform_conv2d, tensors, config)
+    monkeypatch.setattr(compiled, "_native", True)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "_compiler", no_compiler)
+    monkeypatch.setenv(native.CACHE_VAR, str(tmp_path))  # nothing built there yet
+    with pytest.warns(RuntimeWarning, match="no C compiler found here"):
+        actual = output_and_grads(deformconv.deform_conv2d, tensors, config)
+    assert "no C compiler found here" in native.failure()
+    assert not native.available(torch.empty(1, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        again = output_and_grads(deformconv.deform_conv2d, tensors, config)
+    for result in (actual, again):
+        torch.testing.assert_close(result[0], expected[0])
+        for name in expected[1]:
+            torch.testing.assert_close(result[1][name], expected[1][name])
+
+
+@needs_native
+def test_the_library_is_built_once_and_then_loaded(monkeypatch, tmp_path):
+    built = native._build(tmp_path)
+    assert built.exists() and built.parent == tmp_path
+    assert [path.name for path in tmp_path.iterdir()] == [built.name]  # no temporaries left
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(native.subprocess, "run", no_compiling)
+    assert native._build(tmp_path) == built
+
+
+def test_a_compiler_error_is_reported(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    with pytest.raises(RuntimeError, match=r"failed|no C compiler"):
+        native._build(tmp_path / "cache")
+
+
+@needs_native
+def test_the_convolution_runs_the_loops(monkeypatch):
+    """Forward and backward go through the loops (the ``cpu_gathers`` tests' "native" runs
+    test them, not the tensor operations)."""
+    calls = []
+    for name in ("corner_sums", "corner_grads"):
+        original = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _f=original, _n=name, **k: calls.append(_n)
+                            or _f(*a, **k))  # fmt: skip
+    config = LOPSIDED["straddling-groups"]
+    output_and_grads(deformconv.deform_conv2d, make_inputs(config), config)
+    assert set(calls) == {"corner_sums", "corner_grads"}
