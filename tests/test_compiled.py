@@ -11,7 +11,7 @@ import torch
 
 import deformconv
 from cases import LOPSIDED, make_inputs, output_and_grads
-from deformconv.backends import compiled
+from deformconv.backends import compiled, native
 
 needs_compiler = pytest.mark.skipif(
     not any(shutil.which(name) for name in ("g++", "c++", "clang++")),
@@ -22,7 +22,9 @@ needs_compiler = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _fresh_state(monkeypatch):
     """No failure and nothing compiled yet; the switch as it was afterwards; the small calls
-    of these tests compiled as large ones are."""
+    of these tests compiled as large ones are; no C loops (this is the tier that runs where
+    they do not build)."""
+    monkeypatch.setattr(native, "available", lambda table: False)
     monkeypatch.setattr(compiled, "_failure", None)
     monkeypatch.setattr(compiled, "_compiled", {})
     monkeypatch.setattr(compiled, "_enabled", compiled._enabled)

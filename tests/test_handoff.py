@@ -8,8 +8,15 @@ import torch
 
 import deformconv
 from cases import LOPSIDED, call, differentiable, make_inputs, output_and_grads
-from deformconv.backends import compiled, handoff
+from deformconv.backends import compiled, handoff, native
 from deformconv.backends import pytorch as torch_backend
+
+
+@pytest.fixture(autouse=True)
+def _tensor_operations(monkeypatch):
+    """The plans of the tensor operations: the C loops plan inside the forward's gather and
+    hand nothing over (see test_the_c_loops_hand_nothing_over)."""
+    monkeypatch.setattr(native, "available", lambda table: False)
 
 
 def _count_plans(monkeypatch) -> list:
@@ -82,3 +89,17 @@ def test_large_calls_keep_nothing(monkeypatch):
     plans = _count_plans(monkeypatch)
     output_and_grads(deformconv.deform_conv2d, tensors, config)
     assert len(plans) == 2
+
+
+def test_the_c_loops_hand_nothing_over(monkeypatch):
+    """They plan the forward's samples inside its gather, and the backward's in one pass of
+    their own: nothing kept between."""
+    monkeypatch.undo()  # the C loops, where they build
+    if not native.available(torch.empty(1, 1)):
+        pytest.skip("the C loops do not build here")
+    kept = []
+    original = handoff.keep
+    monkeypatch.setattr(handoff, "keep", lambda *a: kept.append(a[-1]) or original(*a))
+    config = LOPSIDED["straddling-groups"]
+    output_and_grads(deformconv.deform_conv2d, make_inputs(config), config)
+    assert kept == [None]

@@ -71,8 +71,9 @@ def test_dots_and_input_gradient_match_a_plain_loop(dtype, index, share):
     grad = torch.randn(first.shape[0] // share, table.shape[1], generator=generator).to(dtype)
     skip_from = 40  # bags from row 40 on give dots but no input gradient
     table_grad = torch.zeros_like(table)
-    dots = native.corner_grads(table, first, weights, DELTAS, grad, share=share,
-                               skip_from=skip_from, dots=True, table_grad=table_grad)  # fmt: skip
+    dots, _, _ = native.corner_grads(table, first, weights, DELTAS, grad, share=share,
+                                     skip_from=skip_from, dots=True,
+                                     table_grad=table_grad)  # fmt: skip
     expected_grad, expected_dots = _loop_grads(table, first, weights, grad, share, skip_from)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(table_grad.double(), expected_grad, atol=tolerance, rtol=tolerance)
@@ -81,10 +82,10 @@ def test_dots_and_input_gradient_match_a_plain_loop(dtype, index, share):
     alone = torch.zeros_like(table)
     none = native.corner_grads(table, first, weights, DELTAS, grad, share=share,
                                skip_from=skip_from, dots=False, table_grad=alone)  # fmt: skip
-    assert none is None
+    assert none == (None, None, None)
     assert torch.equal(alone, table_grad)
     only_dots = native.corner_grads(table, first, weights, DELTAS, grad, share=share,
-                                    skip_from=skip_from, dots=True, table_grad=None)  # fmt: skip
+                                    skip_from=skip_from, dots=True, table_grad=None)[0]  # fmt: skip
     assert torch.equal(only_dots, dots)
 
 
@@ -99,7 +100,7 @@ def test_results_do_not_depend_on_the_number_of_threads(monkeypatch, threads):
     def run():
         table_grad = torch.zeros_like(table)
         dots = native.corner_grads(table, first, weights, DELTAS, grad, share=1, skip_from=60,
-                                   dots=True, table_grad=table_grad)  # fmt: skip
+                                   dots=True, table_grad=table_grad)[0]  # fmt: skip
         native.corner_sums(table, first, weights, DELTAS, out)
         return table_grad, dots, out.clone()
 
@@ -127,7 +128,7 @@ def test_rows_outside_the_table_are_skipped():
     native.corner_sums(table, first, weights, DELTAS, out)
     table_grad = torch.zeros_like(table)
     dots = native.corner_grads(table, first, weights, DELTAS, grad, share=1, skip_from=10**6,
-                               dots=True, table_grad=table_grad)  # fmt: skip
+                               dots=True, table_grad=table_grad)[0]  # fmt: skip
     odd = torch.tensor([1, 3, 4])
     assert (out[odd] == 0).all() and (dots[odd] == 0).all()
     kept = torch.tensor([0, 2, 5])
@@ -221,3 +222,80 @@ def test_the_convolution_runs_the_loops(monkeypatch):
     config = LOPSIDED["straddling-groups"]
     output_and_grads(deformconv.deform_conv2d, make_inputs(config), config)
     assert set(calls) == {"corner_sums", "corner_grads"}
+
+
+def _grid_and_offsets(dims: int, dtype, strict: bool = False, seed: int = 5):
+    """A lopsided 2-D or 3-D geometry's grid and offsets of every kind: random, integer,
+    far outside, NaN and infinite."""
+    from deformconv._geometry import geometry
+    from deformconv.backends.plan import grid_of
+
+    generator = torch.Generator().manual_seed(seed)
+    size, kernel = ((5, 7), (3, 2)) if dims == 2 else ((3, 4, 5), (2, 2, 3))
+    stride, padding, dilation = (2, 1, 1)[:dims], (1, 0, 2)[:dims], (1, 2, 1)[:dims]
+    input = torch.empty(2, 6, *size)
+    weight = torch.empty(4, 6, *kernel)
+    axes = zip(size, padding, dilation, kernel, stride, strict=True)
+    out_size = [(s + 2 * p - d * (k - 1) - 1) // t + 1 for s, p, d, k, t in axes]
+    taps = weight[0, 0].numel()
+    offset = torch.empty(2, 3 * taps * dims, *out_size)
+    geo = geometry(input, offset, weight, stride, padding, dilation)
+    grid = grid_of(geo, 0, geo.pixels, torch.device("cpu"), groups_first=True)
+    samples = grid.first.shape[0]
+    offsets = 3 * torch.randn(samples, dims, generator=generator, dtype=torch.float64)
+    offsets[::7] = offsets[::7].round()
+    offsets[1::11, 0] = float("nan")
+    offsets[2::13, -1] = float("inf")
+    offsets[3::17, 0] = -1e30
+    masks = torch.rand(samples, generator=generator, dtype=torch.float64).to(dtype)
+    return grid, offsets.to(dtype), masks, geo
+
+
+@needs_native
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plan_is_the_tensor_plan_bit_for_bit(dtype, dims, masked, strict):
+    from deformconv.backends.plan import plan_from_grid
+
+    grid, offsets, masks, _ = _grid_and_offsets(dims, dtype, strict)
+    masks = masks if masked else None
+    first, weights, fractions = native.sample_plan(offsets, masks, grid, strict)
+    expected = plan_from_grid(offsets, grid, strict)
+    expected_weights = expected.weights if masks is None else expected.weights * masks[:, None]
+    assert (first == grid.dead).any() and (first != grid.dead).any()  # both kinds occur
+    assert torch.equal(first, expected.first)
+    assert torch.equal(weights, expected_weights)
+    assert torch.equal(fractions, torch.stack([high for _, high in expected.pairs], dim=1))
+
+
+@needs_native
+@pytest.mark.parametrize("dims", [2, 3])
+def test_planned_sums_and_terms_match_the_tensor_operations(dims):
+    """The sums planned on the way equal those of the plan; the mask and position gradients
+    equal those of dot_terms from the tensor path's dot products."""
+    from deformconv.backends import compiled as tensor_terms
+    from deformconv.backends.gather import row_dots
+    from deformconv.backends.plan import corner_deltas, table_of
+
+    grid, offsets, masks, geo = _grid_and_offsets(dims, torch.float64)
+    layout = table_of(geo)
+    generator = torch.Generator().manual_seed(1)
+    table = torch.randn(layout.rows, 2, generator=generator, dtype=torch.float64)
+    table[layout.dead :] = 0
+    first, weights, fractions = native.sample_plan(offsets, masks, grid)
+    deltas = corner_deltas(grid.strides)
+    out = torch.empty(first.shape[0], 2, dtype=torch.float64)
+    planned = native.sample_sums(table, offsets, masks, grid, out.clone())
+    assert torch.equal(planned, native.corner_sums(table, first, weights, deltas, out))
+    grad = torch.randn(first.shape[0], 2, generator=generator, dtype=torch.float64)
+    dots, mask_grad, position_grad = native.corner_grads(
+        table, first, weights, deltas, grad, share=1, skip_from=layout.dead, table_grad=None,
+        dots=True, fractions=fractions, masks=masks,
+    )  # fmt: skip
+    rows = first[:, None] + torch.tensor(deltas)
+    torch.testing.assert_close(dots, row_dots(grad, table, rows), rtol=1e-12, atol=1e-12)
+    expected = tensor_terms.dot_terms(dots, fractions, masks)
+    torch.testing.assert_close(mask_grad, expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(position_grad, expected[1], rtol=1e-12, atol=1e-12)

@@ -1,4 +1,5 @@
-"""Compiled sampling for the torch backend on the CPU.
+"""Compiled sampling for the torch backend on the CPU, where the C loops of
+:mod:`~deformconv.backends.native` do not run (they take precedence).
 
 The sampling plan, its corner dot products and the offset and mask gradients are dozens of
 small tensor operations over all samples, each a pass over memory (and, at small sizes, a

@@ -1,19 +1,23 @@
-"""Corner gathers and scatters of the torch backend as C loops compiled at run time.
+"""The torch backend's sampling on the CPU as C loops compiled at run time.
 
 The loops of ``kernels/corners.c`` (plain C, no PyTorch headers) do in one pass each what
-the tensor operations of :mod:`~deformconv.backends.gather` do in several: the weighted corner
-sums of the forward, and, in the backward, every corner's dot product with its sample's
-column gradient and the input gradient's accumulation, split over threads by table rows so
-that each sum is formed in the same order whatever the number of threads (bit-identical
-results, no atomics).
+the tensor operations of :mod:`~deformconv.backends.plan` and
+:mod:`~deformconv.backends.gather` do in many: the forward plans every sample from its offset
+and mask inside the gather that sums its weighted corners into the column buffer
+(:func:`sample_sums`); the backward plans the samples in one pass (:func:`sample_plan`, the
+same plan bit for bit) and, in another (:func:`corner_grads`), forms every corner's dot
+product with the sample's column gradient, the mask and position gradients, and the input
+gradient.  Threads split the input gradient by table rows, so that each sum is formed in the
+same order whatever the number of threads (bit-identical results, no atomics); they are
+PyTorch's own OpenMP threads where the compiler has OpenMP.
 
 The source is compiled on first use by the system's C compiler (``$CC``, else ``cc``) into a
 shared library kept in ``$DEFORMCONV_CACHE`` (default ``~/.cache/deformconv``), named by a hash
 of the source, the compiler and the machine, so later processes load it at once; it is
 called through :mod:`ctypes`.  Where there is no compiler or anything else fails, the backend
-warns once and uses :mod:`~deformconv.backends.gather`'s tensor operations (same results up to
-rounding).  ``DEFORMCONV_COMPILE=0`` or ``deformconv.set_cpu_compile(False)`` turns it off with
-the rest of the compiled CPU sampling; ``DEFORMCONV_COMPILE=native`` keeps only these loops.
+warns once and uses the tensor operations (same results up to rounding).
+``DEFORMCONV_COMPILE=0`` or ``deformconv.set_cpu_compile(False)`` turns it off with the rest of
+the compiled CPU sampling; ``DEFORMCONV_COMPILE=native`` keeps only these loops.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 from torch import Tensor
 
 from . import compiled
+from .plan import Grid, corner_deltas
 
 SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "corners.c"
 CACHE_VAR = "DEFORMCONV_CACHE"
@@ -142,78 +147,146 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
-    pointer, number = ctypes.c_void_p, ctypes.c_int64
+    p, n = ctypes.c_void_p, ctypes.c_int64
+    signatures = {  # name: (argument types, result type)
+        "corner_sums": ([p, p, n, p, p, n, n, n, n, n, p, n], None),
+        "sample_sums": ([p, p, p, p, p, p, n, n, n, n, p, p, p, p, n], ctypes.c_int),
+        "sample_plan": ([p, p, p, p, n, p, p, p, n], ctypes.c_int),
+        "corner_grads": ([p, p, n, p, p, n, n, n, n, p, n, n, p, p, p, p, p, p, n], None),
+    }
     for value in ("f32", "f64"):
         for index in ("i32", "i64"):
-            sums = getattr(library, f"corner_sums_{value}_{index}")
-            sums.argtypes = [pointer, pointer, number, pointer, pointer, *[number] * 5, pointer,
-                             number]  # fmt: skip
-            sums.restype = None
-            grads = getattr(library, f"corner_grads_{value}_{index}")
-            grads.argtypes = [pointer, pointer, number, pointer, pointer, *[number] * 4, pointer,
-                              number, number, pointer, pointer, number]  # fmt: skip
-            grads.restype = None
+            for name, (arguments, result) in signatures.items():
+                function = getattr(library, f"{name}_{value}_{index}")
+                function.argtypes, function.restype = arguments, result
     return library
 
 
-def _function(kind: str, table: Tensor, first: Tensor):
-    return getattr(_load(), f"corner_{kind}_{_SUFFIXES[table.dtype]}_{_SUFFIXES[first.dtype]}")
+def _function(kind: str, values: Tensor, index: torch.dtype):
+    return getattr(_load(), f"{kind}_{_SUFFIXES[values.dtype]}_{_SUFFIXES[index]}")
 
 
 def _parts(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // WORK_PER_THREAD))
 
 
+def _address(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
 def _deltas(deltas: list[int]) -> Tensor:
     return torch.tensor(deltas, dtype=torch.int64)
 
 
-def _check(table: Tensor, first: Tensor, weights: Tensor, *others: Tensor | None) -> None:
-    """The loops read raw memory: every tensor on the CPU, in the table's dtype (``first`` in
-    int32 or int64), ``weights`` ``(B, K)`` and ``first`` ``(B,)``."""
-    values = [weights, *(other for other in others if other is not None)]
-    if any(t.dtype != table.dtype or t.device != table.device for t in values) or (
-        first.dtype not in (torch.int32, torch.int64) or first.device != table.device
-    ) or first.shape[0] != weights.shape[0] or table.dim() != 2:  # fmt: skip
+def _check(values: Tensor, index: Tensor, *others: Tensor | None) -> None:
+    """The loops read raw memory: every tensor contiguous (``index`` may be strided) on the
+    CPU, in ``values``' dtype, ``index`` in int32 or int64."""
+    tensors = [values, *(other for other in others if other is not None)]
+    if any(t.dtype != values.dtype or t.device.type != "cpu" for t in tensors) or (
+        index.dtype not in (torch.int32, torch.int64) or index.device.type != "cpu"
+    ) or not all(t.is_contiguous() for t in tensors):  # fmt: skip
         raise TypeError("native corner loops: mismatched tensors")
+
+
+def _check_bags(table: Tensor, first: Tensor, weights: Tensor) -> None:
+    if table.dim() != 2 or first.shape != weights.shape[:1] or weights.dim() != 2:
+        raise TypeError("native corner loops: mismatched tensors")
+
+
+def _grid(grid: Grid, offsets: Tensor, masks: Tensor | None, strict: bool) -> tuple:
+    """The grid's numbers for the C loops (see ``grid_t`` in ``corners.c``), and the tensors
+    whose addresses they hold, to be kept alive for the call."""
+    dims = len(grid.bases)
+    if offsets.shape != (grid.first.shape[0], dims) or (
+        masks is not None and masks.shape != (offsets.shape[0],)
+    ) or not all(base.dtype == grid.first.dtype and base.is_contiguous()
+                 for base in grid.bases) or not grid.first.is_contiguous():  # fmt: skip
+        raise TypeError("native corner loops: mismatched grid")
+    geometry = torch.tensor(
+        [dims, grid.dead, int(strict), grid.first.data_ptr(), *grid.sizes, *grid.strides,
+         *(base.data_ptr() for base in grid.bases)], dtype=torch.int64,
+    )  # fmt: skip
+    reaches = torch.tensor(grid.reaches, dtype=torch.float64)
+    return geometry, reaches
+
+
+def sample_plan(offsets: Tensor, masks: Tensor | None, grid: Grid,
+                strict: bool = False) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The plan of :func:`~deformconv.backends.plan.plan_from_grid` for samples at
+    ``offsets`` ``(M, d)`` with ``masks`` ``(M,)`` (or ``None``): first rows ``(M,)``, masked
+    corner weights ``(M, 2**d)`` and fractional positions ``(M, d)``."""
+    _check(offsets, grid.first, masks)
+    geometry, reaches = _grid(grid, offsets, masks, strict)
+    samples, dims = offsets.shape
+    first = torch.empty(samples, dtype=grid.first.dtype)
+    weights = offsets.new_empty(samples, 2**dims)
+    fractions = offsets.new_empty(samples, dims)
+    _function("sample_plan", offsets, first.dtype)(
+        offsets.data_ptr(), _address(masks), geometry.data_ptr(), reaches.data_ptr(), samples,
+        first.data_ptr(), weights.data_ptr(), fractions.data_ptr(), _parts(samples * 16),
+    )  # fmt: skip
+    return first, weights, fractions
+
+
+def sample_sums(table: Tensor, offsets: Tensor, masks: Tensor | None, grid: Grid, out: Tensor,
+                *, strict: bool = False, bag: int = 1) -> Tensor:  # fmt: skip
+    """:func:`corner_sums` of the samples at ``offsets`` ``(M, d)`` with ``masks`` (or
+    ``None``), planned on the way (:func:`sample_plan`); returns ``out``."""
+    _check(table, grid.first, offsets, masks, out)
+    geometry, reaches = _grid(grid, offsets, masks, strict)
+    samples, dims = offsets.shape
+    steps = _deltas(corner_deltas(grid.strides))  # (kept alive for the call, as all below)
+    _function("sample_sums", table, grid.first.dtype)(
+        table.data_ptr(), offsets.data_ptr(), _address(masks), geometry.data_ptr(),
+        reaches.data_ptr(), steps.data_ptr(), samples, table.shape[1], table.shape[0], bag,
+        out.data_ptr(), None, None, None, _parts(samples * 2**dims * table.shape[1]),
+    )  # fmt: skip
+    return out
 
 
 def corner_sums(table: Tensor, first: Tensor, weights: Tensor, deltas: list[int], out: Tensor,
                 bag: int = 1) -> Tensor:  # fmt: skip
     """``out[b // bag] = Σ Σ_k weights[b, k] · table[first[b] + deltas[k]]`` (the sum over
-    ``bag`` consecutive bags), ``out`` ``(B / bag, D)`` contiguous; returns ``out``.  ``first``
-    may be strided (e.g. a column of a plan's rows)."""
+    ``bag`` consecutive bags), ``out`` ``(B / bag, D)``; returns ``out``.  ``first`` may be
+    strided (e.g. a column of a plan's rows)."""
     _check(table, first, weights, out)
+    _check_bags(table, first, weights)
     bags, corners = weights.shape
-    depth = table.shape[1]
-    table, weights = table.contiguous(), weights.contiguous()
     steps = _deltas(deltas)
-    _function("sums", table, first)(
+    _function("corner_sums", table, first.dtype)(
         table.data_ptr(), first.data_ptr(), first.stride(0), weights.data_ptr(),
-        steps.data_ptr(), bags, corners, depth, table.shape[0], bag, out.data_ptr(),
-        _parts(bags * corners * depth),
+        steps.data_ptr(), bags, corners, table.shape[1], table.shape[0], bag, out.data_ptr(),
+        _parts(bags * corners * table.shape[1]),
     )  # fmt: skip
     return out
 
 
 def corner_grads(table: Tensor, first: Tensor, weights: Tensor, deltas: list[int], grad: Tensor,
-                 *, share: int, skip_from: int, dots: bool,
-                 table_grad: Tensor | None) -> Tensor | None:  # fmt: skip
+                 *, share: int, skip_from: int, table_grad: Tensor | None, dots: bool = False,
+                 fractions: Tensor | None = None,
+                 masks: Tensor | None = None) -> tuple:  # fmt: skip
     """For bags with gradient rows ``grad`` ``(B / share, D)``, one per ``share`` consecutive
     bags: adds ``weights[b, k] · grad[b // share]`` to ``table_grad[first[b] + deltas[k]]`` for
-    bags with ``first[b] < skip_from`` (where ``table_grad`` is given, contiguous), and, with
-    ``dots``, returns ``(B, K)``: every corner row's dot product with its gradient row."""
-    _check(table, first, weights, grad, table_grad)
+    bags with ``first[b] < skip_from`` (where ``table_grad`` is given), and returns ``(dots,
+    mask_grad, position_grad)``: with ``dots`` every corner row's dot product with its
+    gradient row ``(B, K)``; given the plan's ``fractions`` ``(B, d)`` (and ``masks``), the
+    mask gradients ``(B,)`` and masked position gradients ``(B, d)`` of
+    :func:`~deformconv.backends.compiled.dot_terms`; ``None`` where not asked."""
+    _check(table, first, weights, grad, table_grad, fractions, masks)
+    _check_bags(table, first, weights)
     bags, corners = weights.shape
-    depth = table.shape[1]
-    table, weights, grad = table.contiguous(), weights.contiguous(), grad.contiguous()
     out = table.new_empty(bags, corners) if dots else None
+    mask_grad = position_grad = None
+    if fractions is not None:
+        mask_grad = table.new_empty(bags)
+        position_grad = table.new_empty(fractions.shape)
     steps = _deltas(deltas)
-    _function("grads", table, first)(
+    passes = int(dots or fractions is not None) + int(table_grad is not None)
+    _function("corner_grads", table, first.dtype)(
         table.data_ptr(), first.data_ptr(), first.stride(0), weights.data_ptr(),
-        steps.data_ptr(), bags, corners, depth, table.shape[0], grad.data_ptr(), share,
-        skip_from, None if out is None else out.data_ptr(),
-        None if table_grad is None else table_grad.data_ptr(),
-        _parts(bags * corners * depth * (int(dots) + int(table_grad is not None))),
+        steps.data_ptr(), bags, corners, table.shape[1], table.shape[0], grad.data_ptr(), share,
+        skip_from, _address(out), _address(table_grad), _address(fractions), _address(masks),
+        _address(mask_grad), _address(position_grad),
+        _parts(bags * corners * table.shape[1] * passes),
     )  # fmt: skip
-    return out
+    return out, mask_grad, position_grad

@@ -50,7 +50,7 @@ from .._geometry import Geometry, geometry
 from .._utils import compute_dtype
 from . import handoff
 from .plan import table_of
-from .samples import Samples
+from .samples import Samples, uses_native
 from .scratch import scratch
 
 #: The default upper bound, in bytes, on the temporary column buffers of one call.
@@ -255,7 +255,7 @@ def forward(
             if stop - start == geo.pixels:
                 plan = samples.plan()
             del samples, cols  # before the next chunk's: one chunk's temporaries at a time
-    handoff.keep(offset, mask, (geo, dtype), plan)
+    handoff.keep(offset, mask, (geo, dtype, uses_native(out)), plan)
     if bias is not None:
         out += bias.to(dtype).view(groups, -1, 1)
     out = out.view(geo.batch, geo.out_channels, *geo.out_size)
@@ -340,7 +340,8 @@ def backward(
         masks = None if mask is None else _per_pixel(mask, geo, 1, dtype).view(-1)
         matrix = _weight_matrix(weight, geo, dtype)
         step = chunk_pixels(geo.pixels, geo.taps * geo.channels, 4, table)
-        plan = handoff.offer(offset, mask, (geo, dtype))  # the forward's, if it kept it
+        # The forward's plan, if it kept one (of the same kind).
+        plan = handoff.offer(offset, mask, (geo, dtype, uses_native(grad_out)))
         for start, stop in _chunks(geo.pixels, step):
             first, last = start * per_pixel, stop * per_pixel
             chunk_masks = None if masks is None else masks[first:last]

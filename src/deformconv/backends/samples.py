@@ -1,9 +1,12 @@
 """The samples of one chunk of output pixels, as both torch backends (convolution and DCNv3)
-use them: their columns and, for the backward, their corner terms and input gradient.  The
-plan's arithmetic runs compiled where it can (:mod:`~deformconv.backends.compiled`), for
-narrow rows together with the gathers of the plan's own pass.  The other gathers and the
-input gradient's scatter are the C loops of :mod:`~deformconv.backends.native` on the CPU where
-they build, else the fused tensor operations of :mod:`~deformconv.backends.gather`.
+use them: their columns and, for the backward, their corner terms and input gradient.
+
+On the CPU, where they build, the C loops of :mod:`~deformconv.backends.native` do all of it:
+the forward plans the samples inside its gather, the backward plans them in one pass and
+forms the dot products, the mask and position gradients and the input gradient in another.
+Elsewhere the plan is tensor arithmetic (compiled where that runs,
+:mod:`~deformconv.backends.compiled`, for narrow rows with the gathers) and the gathers are
+the fused tensor operations of :mod:`~deformconv.backends.gather`.
 """
 
 from __future__ import annotations
@@ -24,21 +27,26 @@ class Samples:
     ``masks`` ``(M,)`` (or ``None``) in the same order; ``taps`` and ``groups_first`` go to
     :func:`~deformconv.backends.plan.grid_of`, ``strict`` to
     :func:`~deformconv.backends.plan.plan_from_grid`; ``share`` consecutive samples share one
-    gradient row in :meth:`corner_terms`.
+    gradient row in :meth:`corner_terms`; ``plan``: the samples' :meth:`corners`, if known.
     """
 
     def __init__(self, table: Tensor, offsets: Tensor, masks: Tensor | None, geo: Geometry,
                  first_pixel: int, *, taps: tuple | None = None, groups_first: bool = False,
                  strict: bool = False, share: int = 1, plan: list | None = None):  # fmt: skip
-        self.table, self.masks, self.strict, self.share = table, masks, strict, share
+        self.table, self.strict, self.share = table, strict, share
         self.grid = grid_of(geo, first_pixel, offsets.shape[0], table.device, taps=taps,
                             groups_first=groups_first)  # fmt: skip
-        self.offsets = offsets.reshape(-1, geo.dims)  # one entry per sample, as the grid
+        self.native = uses_native(table)
+        # One entry per sample, as the grid (contiguous, as the C loops read them).
+        self.offsets = offsets.reshape(-1, geo.dims)
+        self.masks = masks
+        if self.native:
+            self.offsets = self.offsets.contiguous()
+            self.masks = None if masks is None else masks.contiguous()
         self._corners: tuple[Tensor, Tensor, Tensor] | None = None if plan is None else tuple(plan)
         # Compiled where that runs and there are enough samples to pay for the call.
-        self.compiled = compiled.worthwhile(table, self.offsets.shape[0])
+        self.compiled = not self.native and compiled.worthwhile(table, self.offsets.shape[0])
         self.fused = self.compiled and compiled.fuses_gathers(table)
-        self.native = native.available(table)
         self.deltas = table_of(geo).deltas
 
     def _run(self, function, *args, **options):
@@ -48,35 +56,48 @@ class Samples:
         return function(*args, **options)
 
     def corners(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Corner rows ``(M, 2**d)``, masked corner weights ``(M, 2**d)`` and fractional
-        positions ``(M, d)`` (:func:`~deformconv.backends.compiled.corners`), computed once."""
+        """The plan, computed once: the corner rows ``(M, 2**d)`` (with the C loops only the
+        first ``(M,)``), the masked corner weights ``(M, 2**d)`` and the fractional positions
+        ``(M, d)`` (:func:`~deformconv.backends.compiled.corners`)."""
         if self._corners is None:
-            self._corners = self._run(compiled.corners, self.offsets, self.masks, self.grid,
-                                      strict=self.strict)  # fmt: skip
+            if self.native:
+                self._corners = native.sample_plan(self.offsets, self.masks, self.grid,
+                                                   self.strict)  # fmt: skip
+            else:
+                self._corners = self._run(compiled.corners, self.offsets, self.masks,
+                                          self.grid, strict=self.strict)  # fmt: skip
         return self._corners
 
     def plan(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        """:meth:`corners` if they were computed (not where the gathers ran compiled with the
-        plan), else ``None``: what a backward of the same samples can take as ``plan``."""
+        """:meth:`corners` if they were computed (not where the gathers planned the samples
+        on the way), else ``None``: what a backward of the same samples can take as
+        ``plan``."""
         return self._corners
 
     def columns(self, bag: int = 1) -> Tensor:
         """``(M / bag, D)``: each sample's weighted, masked corner rows, summed over ``bag``
         consecutive samples."""
-        if self.fused and self._corners is None:
+        if self._corners is None and self.native:
+            return native.sample_sums(self.table, self.offsets, self.masks, self.grid,
+                                      self._buffer(bag), strict=self.strict, bag=bag)  # fmt: skip
+        if self._corners is None and self.fused:
             return compiled.run(compiled.columns, self.table, self.offsets, self.masks,
                                 self.grid, strict=self.strict, bag=bag)  # fmt: skip
         rows, weights, _ = self.corners()
         return self._sums(rows, weights, bag)
 
+    def _buffer(self, bag: int) -> Tensor:
+        """The reused buffer of the columns."""
+        samples = self.offsets.shape[0]
+        return scratch("columns", (samples // bag, self.table.shape[1]), self.table.dtype,
+                       self.table.device)  # fmt: skip
+
     def _sums(self, rows: Tensor, weights: Tensor, bag: int = 1) -> Tensor:
-        if bag == 1 or self.native:  # into a reused buffer
-            out = scratch("columns", (rows.shape[0] // bag, self.table.shape[1]),
-                          self.table.dtype, self.table.device)  # fmt: skip
-            if self.native:
-                return native.corner_sums(self.table, rows[:, 0], weights, self.deltas, out,
-                                          bag=bag)  # fmt: skip
-            return corner_sums(self.table, rows, weights, out)
+        if self.native:
+            return native.corner_sums(self.table, rows, weights, self.deltas, self._buffer(bag),
+                                      bag=bag)  # fmt: skip
+        if bag == 1:
+            return corner_sums(self.table, rows, weights, self._buffer(bag))
         corners = rows.shape[1]
         return weighted_rows(self.table, rows.view(-1, bag * corners),
                              weights.view(-1, bag * corners))  # fmt: skip
@@ -88,6 +109,15 @@ class Samples:
         scratch), and returns the mask gradients ``(M,)`` and masked position gradients
         ``(M, d)`` (see :func:`~deformconv.backends.compiled.corner_terms`; ``None`` without
         ``positions``), then, with ``with_columns``, :meth:`columns` (else ``None``)."""
+        if self.native:
+            first, weights, fractions = self.corners()
+            columns = self._sums(first, weights) if with_columns else None
+            _, mask_grad, position_grad = native.corner_grads(
+                self.table, first, weights, self.deltas, grad.contiguous(), share=self.share,
+                skip_from=self.grid.dead, table_grad=table_grad,
+                fractions=fractions if positions else None, masks=self.masks,
+            )  # fmt: skip
+            return mask_grad, position_grad, columns
         if self.fused:
             first, weights, mask_grad, position_grad = compiled.run(
                 compiled.corner_terms, self.table, grad, self.offsets, self.masks, self.grid,
@@ -100,21 +130,14 @@ class Samples:
             return mask_grad, position_grad, columns
         rows, weights, fractions = self.corners()
         columns = self.columns() if with_columns else None
-        corners = rows.shape[1]
-        if self.native:  # the dot products and the input gradient in one pass
-            dots = native.corner_grads(self.table, rows[:, 0], weights, self.deltas, grad,
-                                       share=self.share, skip_from=self.grid.dead,
-                                       dots=positions, table_grad=table_grad)  # fmt: skip
-        else:
-            self._scatter(table_grad, rows[:, 0], weights, grad)
-            if not positions:
-                dots = None
-            elif self.share == 1:
-                dots = corner_dots(grad, self.table, rows)
-            else:
-                dots = row_dots(grad, self.table, rows.view(-1, self.share * corners))
+        self._scatter(table_grad, rows[:, 0], weights, grad)
         if not positions:
             return None, None, columns
+        corners = rows.shape[1]
+        if self.share == 1:
+            dots = corner_dots(grad, self.table, rows)
+        else:
+            dots = row_dots(grad, self.table, rows.view(-1, self.share * corners))
         mask_grad, position_grad = self._run(compiled.dot_terms, dots.view(-1, corners),
                                              fractions, self.masks)  # fmt: skip
         return mask_grad, position_grad, columns
@@ -123,12 +146,12 @@ class Samples:
                  grad: Tensor) -> None:  # fmt: skip
         """Adds the input gradient of the samples with first rows ``first`` and corner
         weights ``weights`` into ``table_grad`` (where given)."""
-        if table_grad is None:
-            return
-        if self.native:
-            native.corner_grads(self.table, first, weights, self.deltas, grad,
-                                share=self.share, skip_from=self.grid.dead, dots=False,
-                                table_grad=table_grad)  # fmt: skip
-        else:
+        if table_grad is not None:
             scatter_corners(table_grad, first, self.deltas, weights, grad, share=self.share,
                             skip_from=self.grid.dead)  # fmt: skip
+
+
+def uses_native(table: Tensor) -> bool:
+    """Whether the samples of ``table`` run in the C loops (their plans then hold first rows
+    where the others hold every corner's row: see :meth:`Samples.corners`)."""
+    return native.available(table)

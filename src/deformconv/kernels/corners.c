@@ -5,22 +5,45 @@
  * first row in a table of `depth`-wide rows (the corners of one sample in the padded table
  * of deformconv.backends.plan).  Three loops over bags:
  *
- *   sums:    out[b / bag] += sum_k weights[b, k] * table[first[b] + deltas[k]]
- *   dots:    dots[b, k]    = table[first[b] + deltas[k]] . grad[b / share]
+ *   sums:    out[o] = sum over the bags b of o, o * bag <= b < (o + 1) * bag,
+ *                     of sum_k weights[b, k] * table[first[b] + deltas[k]]
+ *   dots:    dots[b, k] = table[first[b] + deltas[k]] . grad[b / share]
  *   scatter: table_grad[first[b] + deltas[k]] += weights[b, k] * grad[b / share]
  *            for bags with first[b] < skip_from
  *
  * Threads split `sums` by output rows and `dots` + `scatter` by table rows: a thread adds
  * into its own rows only, taking the bags in their order, so every sum is formed in the
  * same order whatever the number of threads, and nothing needs atomics.  Bags whose rows
- * fall outside the table are skipped (the caller never makes any).
+ * fall outside the table are skipped (the caller never makes any): they sum to 0 and give
+ * 0 dot products.
+ *
+ * A bag's first row and weights come from a plan: `first` and `weights` given, or, for the
+ * samples of a convolution, computed here from their offsets, masks and grid (the rules of
+ * deformconv.backends.plan.plan_from_grid, operation for operation), by `sample_plan`, or
+ * inside the sums themselves (`sample_sums`).  With the plan's fractional positions, the
+ * backward pass also turns each sample's dot products into its mask gradient and position
+ * gradients (deformconv.backends.plan.position_grads).
+ *
+ * The loops are written once below for a value type T and an index type I and instantiated
+ * for float / double and int32 / int64 by including this file into itself.
  */
+#ifndef CORNERS_TEMPLATE
+#define CORNERS_TEMPLATE
+
+#include <math.h>
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#define LANES 8
+#define VECTOR_BYTES 32
+/* Functions inlined into their callers, which call them with a constant number of axes in
+ * the common cases (2-D) so that their loops unroll. */
+#if defined(__GNUC__) || defined(__clang__)
+#define INLINE static inline __attribute__((always_inline))
+#else
+#define INLINE static inline
+#endif
 
 typedef void (*part_fn)(const void *job, int64_t part, int64_t parts);
 
@@ -39,116 +62,421 @@ static void in_parallel(part_fn fn, const void *job, int64_t parts) {
     fn(job, 0, 1);
 }
 
+#define MAX_DIMS 3
+#define MAX_CORNERS (1 << MAX_DIMS)
+
+/* The samples' grid (deformconv.backends.plan.Grid): geometry[] holds the number of axes d,
+ * the dead block's first row, whether the rule is strict, the address of the grid's first
+ * rows, then per axis the input sizes, the row strides and the addresses of the bases;
+ * reaches[] the clamping bound per axis. */
 typedef struct {
-    const void *table, *weights, *grad, *first;
-    void *out, *dots, *table_grad;
+    const void *offsets, *masks, *first;
+    const void *bases[MAX_DIMS];
+    int64_t sizes[MAX_DIMS], strides[MAX_DIMS];
+    double reaches[MAX_DIMS];
+    int64_t dims, dead, strict;
+} grid_t;
+
+static int read_grid(grid_t *grid, const void *offsets, const void *masks,
+                     const int64_t *geometry, const double *reaches) {
+    const int64_t dims = geometry[0];
+    if (dims < 1 || dims > MAX_DIMS) return 0;
+    grid->offsets = offsets;
+    grid->masks = masks;
+    grid->dims = dims;
+    grid->dead = geometry[1];
+    grid->strict = geometry[2];
+    grid->first = (const void *)(uintptr_t)geometry[3];
+    for (int64_t a = 0; a < dims; ++a) {
+        grid->sizes[a] = geometry[4 + a];
+        grid->strides[a] = geometry[4 + dims + a];
+        grid->bases[a] = (const void *)(uintptr_t)geometry[4 + 2 * dims + a];
+        grid->reaches[a] = reaches[a];
+    }
+    return 1;
+}
+
+typedef struct {
+    const void *table, *first, *weights, *grad, *fractions, *masks;
+    void *out, *dots, *table_grad, *mask_grad, *position_grad;
+    void *plan_first, *plan_weights, *plan_fractions; /* where a plan is written */
     const int64_t *deltas;
+    const grid_t *grid;
     int64_t step, bags, corners, depth, rows, bag, share, skip_from;
+    int64_t lowest, highest; /* the rows the live bags reach, which the threads split */
 } job_t;
 
-#define DEFINE_KERNELS(T, I, SUFFIX)                                                        \
-    static inline T dot_##SUFFIX(const T *restrict a, const T *restrict b, int64_t n) {     \
-        T lanes[LANES] = {0};                                                               \
-        int64_t c = 0;                                                                      \
-        for (; c + LANES <= n; c += LANES)                                                  \
-            for (int l = 0; l < LANES; ++l) lanes[l] += a[c + l] * b[c + l];                \
-        T tail = 0;                                                                         \
-        for (; c < n; ++c) tail += a[c] * b[c];                                             \
-        for (int width = LANES / 2; width > 0; width /= 2)                                  \
-            for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];                   \
-        return lanes[0] + tail;                                                             \
-    }                                                                                       \
-                                                                                            \
-    static int inside_##SUFFIX(const job_t *job, int64_t first) {                                 \
-        return first >= 0 && first + job->deltas[job->corners - 1] < job->rows;             \
-    }                                                                                       \
-                                                                                            \
-    static void sums_part_##SUFFIX(const void *arg, int64_t part, int64_t parts) {          \
-        const job_t *job = (const job_t *)arg;                                              \
-        const T *table = (const T *)job->table, *weights = (const T *)job->weights;         \
-        const I *first = (const I *)job->first;                                             \
-        const int64_t depth = job->depth, corners = job->corners, outs = job->bags / job->bag; \
-        for (int64_t o = outs * part / parts; o < outs * (part + 1) / parts; ++o) {         \
-            T *restrict out = (T *)job->out + o * depth;                                    \
-            if (job->bag == 1 && corners == 4) { /* 2-D: one pass over the output row */    \
-                const int64_t lowest = first[o * job->step];                                \
-                const T *w = weights + o * 4;                                               \
-                if (!inside_##SUFFIX(job, lowest)) {                                        \
-                    for (int64_t c = 0; c < depth; ++c) out[c] = 0;                         \
-                    continue;                                                               \
-                }                                                                           \
-                const T *restrict r0 = table + (lowest + job->deltas[0]) * depth;           \
-                const T *restrict r1 = table + (lowest + job->deltas[1]) * depth;           \
-                const T *restrict r2 = table + (lowest + job->deltas[2]) * depth;           \
-                const T *restrict r3 = table + (lowest + job->deltas[3]) * depth;           \
-                for (int64_t c = 0; c < depth; ++c)                                         \
-                    out[c] = w[0] * r0[c] + w[1] * r1[c] + w[2] * r2[c] + w[3] * r3[c];     \
-                continue;                                                                   \
-            }                                                                               \
-            for (int64_t c = 0; c < depth; ++c) out[c] = 0;                                 \
-            for (int64_t b = o * job->bag; b < (o + 1) * job->bag; ++b) {                   \
-                const int64_t lowest = first[b * job->step];                                \
-                if (!inside_##SUFFIX(job, lowest)) continue;                                \
-                for (int64_t k = 0; k < corners; ++k) {                                     \
-                    const T w = weights[b * corners + k];                                   \
-                    const T *restrict row = table + (lowest + job->deltas[k]) * depth;      \
-                    for (int64_t c = 0; c < depth; ++c) out[c] += w * row[c];               \
-                }                                                                           \
-            }                                                                               \
-        }                                                                                   \
-    }                                                                                       \
-                                                                                            \
-    static void scatter_part_##SUFFIX(const void *arg, int64_t part, int64_t parts) {       \
-        const job_t *job = (const job_t *)arg;                                              \
-        const T *table = (const T *)job->table, *weights = (const T *)job->weights;         \
-        const T *grad = (const T *)job->grad;                                               \
-        const I *first = (const I *)job->first;                                             \
-        T *dots = (T *)job->dots, *table_grad = (T *)job->table_grad;                       \
-        const int64_t depth = job->depth, corners = job->corners;                           \
-        const int64_t low = job->rows * part / parts, high = job->rows * (part + 1) / parts; \
-        for (int64_t b = 0; b < job->bags; ++b) {                                           \
-            const int64_t row = first[b * job->step];                                       \
-            if (!inside_##SUFFIX(job, row)) {                                          \
-                if (dots && part == 0)                                                      \
-                    for (int64_t k = 0; k < corners; ++k) dots[b * corners + k] = 0;        \
-                continue;                                                                   \
-            }                                                                               \
-            if (row + job->deltas[corners - 1] < low || row >= high) continue;              \
-            const T *restrict g = grad + (b / job->share) * depth;                          \
-            if (dots && row >= low)                                                         \
-                for (int64_t k = 0; k < corners; ++k)                                       \
-                    dots[b * corners + k] =                                                 \
-                        dot_##SUFFIX(table + (row + job->deltas[k]) * depth, g, depth);     \
-            if (!table_grad || row >= job->skip_from) continue;                             \
-            for (int64_t k = 0; k < corners; ++k) {                                         \
-                const int64_t target = row + job->deltas[k];                                \
-                if (target < low || target >= high) continue;                               \
-                const T w = weights[b * corners + k];                                       \
-                T *restrict out = table_grad + target * depth;                              \
-                for (int64_t c = 0; c < depth; ++c) out[c] += w * g[c];                     \
-            }                                                                               \
-        }                                                                                   \
-    }                                                                                       \
-                                                                                            \
-    void corner_sums_##SUFFIX(const T *table, const I *first, int64_t step, const T *weights, \
-                              const int64_t *deltas, int64_t bags, int64_t corners,         \
-                              int64_t depth, int64_t rows, int64_t bag, T *out,             \
-                              int64_t parts) {                                              \
-        job_t job = {table, weights, 0, first, out, 0, 0, deltas,                           \
-                     step, bags, corners, depth, rows, bag, 1, 0};                                \
-        in_parallel(sums_part_##SUFFIX, &job, parts);                                       \
-    }                                                                                       \
-                                                                                            \
-    void corner_grads_##SUFFIX(const T *table, const I *first, int64_t step, const T *weights, \
-                               const int64_t *deltas, int64_t bags, int64_t corners,        \
-                               int64_t depth, int64_t rows, const T *grad, int64_t share,   \
-                               int64_t skip_from, T *dots, T *table_grad, int64_t parts) {  \
-        job_t job = {table, weights, grad, first, 0, dots, table_grad, deltas,              \
-                     step, bags, corners, depth, rows, 1, share, skip_from};                      \
-        in_parallel(scatter_part_##SUFFIX, &job, parts);                                    \
-    }
+/* Whether all of a bag's rows lie in the table. */
+static inline int inside(const job_t *job, int64_t first) {
+    return first >= 0 && first + job->deltas[job->corners - 1] < job->rows;
+}
 
-DEFINE_KERNELS(float, int32_t, f32_i32)
-DEFINE_KERNELS(float, int64_t, f32_i64)
-DEFINE_KERNELS(double, int32_t, f64_i32)
-DEFINE_KERNELS(double, int64_t, f64_i64)
+#define CAT(a, b) a##_##b
+#define NAME(name, suffix) CAT(name, suffix)
+
+#define T float
+#define I int32_t
+#define SUFFIX f32_i32
+#include __FILE__
+#define T float
+#define I int64_t
+#define SUFFIX f32_i64
+#include __FILE__
+#define T double
+#define I int32_t
+#define SUFFIX f64_i32
+#include __FILE__
+#define T double
+#define I int64_t
+#define SUFFIX f64_i64
+#include __FILE__
+
+#else /* the loops, for T, I and SUFFIX */
+
+/* Sample m's first row, unmasked corner weights `unmasked`, masked ones `w` (both 2**d)
+ * and fractional positions `f` (d), as plan_from_grid computes them. */
+INLINE int64_t NAME(plan_one, SUFFIX)(const grid_t *grid, int64_t dims, int64_t m, T *unmasked,
+                                     T *w, T *f) {
+    const T *offsets = (const T *)grid->offsets + m * dims;
+    int64_t first = ((const I *)grid->first)[m];
+    int near = 1;
+    for (int64_t a = 0; a < dims; ++a) {
+        const T reach = (T)grid->reaches[a];
+        T shift = offsets[a];
+        if (shift != shift) shift = reach; /* NaN */
+        shift = shift < -reach ? -reach : (shift > reach ? reach : shift);
+        const T whole = sizeof(T) == sizeof(float) ? (T)floorf((float)shift) : (T)floor(shift);
+        const T frac = shift - whole;
+        const int64_t step = (int64_t)whole;
+        const int64_t low = (int64_t)((const I *)grid->bases[a])[m] + step;
+        int in = low >= -1 && low < grid->sizes[a];
+        if (grid->strict) in = in && (low >= 0 || frac > 0);
+        near = near && in;
+        first += step * grid->strides[a];
+        f[a] = frac;
+    }
+    /* Corner weights, the first axis slowest: products of (1 - f, f) in axis order. */
+    int64_t count = 2;
+    unmasked[0] = 1 - f[0];
+    unmasked[1] = f[0];
+    for (int64_t a = 1; a < dims; ++a, count *= 2)
+        for (int64_t k = count - 1; k >= 0; --k) {
+            const T corner = unmasked[k];
+            unmasked[2 * k] = corner * (1 - f[a]);
+            unmasked[2 * k + 1] = corner * f[a];
+        }
+    const T mask = grid->masks ? ((const T *)grid->masks)[m] : 1;
+    for (int64_t k = 0; k < count; ++k) w[k] = grid->masks ? unmasked[k] * mask : unmasked[k];
+    return near ? first : grid->dead;
+}
+
+/* A sample's mask gradient (sum_k unmasked[k] dots[k]) and position gradients (per axis the
+ * differences of the corners across it times the other axes' weights, times the mask). */
+INLINE void NAME(position_terms, SUFFIX)(int64_t dims, const T *f, const T *dots, T mask,
+                                        int masked, T *mask_grad, T *position_grad) {
+    const int64_t corners = (int64_t)1 << dims;
+    T total = 0;
+    for (int64_t k = 0; k < corners; ++k) {
+        T weight = 1;
+        for (int64_t a = 0; a < dims; ++a)
+            weight *= (k >> (dims - 1 - a)) & 1 ? f[a] : 1 - f[a];
+        total += weight * dots[k];
+    }
+    *mask_grad = total;
+    for (int64_t a = 0; a < dims; ++a) {
+        const int64_t bit = (int64_t)1 << (dims - 1 - a);
+        T sum = 0;
+        for (int64_t low = 0; low < corners; ++low) {
+            if (low & bit) continue;
+            T weight = 1;
+            for (int64_t b = 0; b < dims; ++b)
+                if (b != a) weight *= (low >> (dims - 1 - b)) & 1 ? f[b] : 1 - f[b];
+            sum += weight * (dots[low | bit] - dots[low]);
+        }
+        position_grad[a] = masked ? sum * mask : sum;
+    }
+}
+
+/* Vectors of VECTOR_BYTES / sizeof(T) values, loaded from any address (GCC and Clang vector
+ * extensions: the compiler maps them onto the machine's vector registers). */
+typedef T NAME(vector, SUFFIX) __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T))));
+#define VEC NAME(vector, SUFFIX)
+#define WIDTH ((int64_t)(VECTOR_BYTES / sizeof(T)))
+
+/* The sum of a vector's entries, in a fixed order. */
+INLINE T NAME(total, SUFFIX)(VEC v) {
+    T sum = 0;
+    for (int64_t l = 0; l < WIDTH; ++l) sum += v[l];
+    return sum;
+}
+
+/* a . b: per vector lane, then the lanes and the tail (the same order every time). */
+INLINE T NAME(dot, SUFFIX)(const T *a, const T *b, int64_t n) {
+    VEC lanes = {0};
+    int64_t c = 0;
+    for (; c + WIDTH <= n; c += WIDTH) lanes += *(const VEC *)(a + c) * *(const VEC *)(b + c);
+    T sum = NAME(total, SUFFIX)(lanes);
+    for (; c < n; ++c) sum += a[c] * b[c];
+    return sum;
+}
+
+/* The dot products of the four rows of a 2-D sample with g, each formed as dot() forms it. */
+INLINE void NAME(dot4, SUFFIX)(const T *r0, const T *r1, const T *r2, const T *r3, const T *g,
+                               int64_t n, T *out) {
+    VEC l0 = {0}, l1 = {0}, l2 = {0}, l3 = {0};
+    int64_t c = 0;
+    for (; c + WIDTH <= n; c += WIDTH) {
+        const VEC v = *(const VEC *)(g + c);
+        l0 += *(const VEC *)(r0 + c) * v;
+        l1 += *(const VEC *)(r1 + c) * v;
+        l2 += *(const VEC *)(r2 + c) * v;
+        l3 += *(const VEC *)(r3 + c) * v;
+    }
+    T s0 = NAME(total, SUFFIX)(l0), s1 = NAME(total, SUFFIX)(l1);
+    T s2 = NAME(total, SUFFIX)(l2), s3 = NAME(total, SUFFIX)(l3);
+    for (; c < n; ++c) {
+        s0 += r0[c] * g[c];
+        s1 += r1[c] * g[c];
+        s2 += r2[c] * g[c];
+        s3 += r3[c] * g[c];
+    }
+    out[0] = s0;
+    out[1] = s1;
+    out[2] = s2;
+    out[3] = s3;
+}
+
+/* out = w0 r0 + w1 r1 + w2 r2 + w3 r3: a 2-D sample in one pass over its output row. */
+static inline void NAME(sum4, SUFFIX)(T *restrict out, const T *restrict r0,
+                                      const T *restrict r1, const T *restrict r2,
+                                      const T *restrict r3, const T *w, int64_t n) {
+    const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+    for (int64_t c = 0; c < n; ++c) out[c] = w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c];
+}
+
+/* out += w g */
+static inline void NAME(axpy, SUFFIX)(T *restrict out, const T *restrict g, T w, int64_t n) {
+    for (int64_t c = 0; c < n; ++c) out[c] += w * g[c];
+}
+
+/* ok += w[k] g for the four rows of a 2-D sample, in one pass over g. */
+static inline void NAME(axpy4, SUFFIX)(T *restrict o0, T *restrict o1, T *restrict o2,
+                                       T *restrict o3, const T *restrict g, const T *w,
+                                       int64_t n) {
+    const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+    for (int64_t c = 0; c < n; ++c) {
+        const T v = g[c];
+        o0[c] += w0 * v;
+        o1[c] += w1 * v;
+        o2[c] += w2 * v;
+        o3[c] += w3 * v;
+    }
+}
+
+/* The plan of bag b: read, or computed from the grid (and written where asked). */
+static int64_t NAME(bag_plan, SUFFIX)(const job_t *job, int64_t b, const T **w, T *space) {
+    if (!job->grid) {
+        *w = (const T *)job->weights + b * job->corners;
+        return ((const I *)job->first)[b * job->step];
+    }
+    T unmasked[MAX_CORNERS], f[MAX_DIMS] = {0};
+    const grid_t *grid = job->grid;
+    const int64_t first = grid->dims == 2
+                              ? NAME(plan_one, SUFFIX)(grid, 2, b, unmasked, space, f)
+                              : NAME(plan_one, SUFFIX)(grid, grid->dims, b, unmasked, space, f);
+    *w = space;
+    if (job->plan_first) {
+        ((I *)job->plan_first)[b] = (I)first;
+        for (int64_t k = 0; k < job->corners; ++k)
+            ((T *)job->plan_weights)[b * job->corners + k] = space[k];
+        for (int64_t a = 0; a < job->grid->dims; ++a)
+            ((T *)job->plan_fractions)[b * job->grid->dims + a] = f[a];
+    }
+    return first;
+}
+
+static void NAME(sums_part, SUFFIX)(const void *arg, int64_t part, int64_t parts) {
+    const job_t *job = (const job_t *)arg;
+    const T *table = (const T *)job->table;
+    const int64_t *deltas = job->deltas;
+    const int64_t depth = job->depth, corners = job->corners, outs = job->bags / job->bag;
+    T space[MAX_CORNERS];
+    for (int64_t o = outs * part / parts; o < outs * (part + 1) / parts; ++o) {
+        T *out = (T *)job->out + o * depth;
+        if (job->bag == 1 && corners == 4) {
+            const T *w;
+            const int64_t lowest = NAME(bag_plan, SUFFIX)(job, o, &w, space);
+            if (inside(job, lowest)) {
+                const T *row = table + lowest * depth;
+                NAME(sum4, SUFFIX)(out, row + deltas[0] * depth, row + deltas[1] * depth,
+                                   row + deltas[2] * depth, row + deltas[3] * depth, w, depth);
+            } else {
+                for (int64_t c = 0; c < depth; ++c) out[c] = 0;
+            }
+            continue;
+        }
+        for (int64_t c = 0; c < depth; ++c) out[c] = 0;
+        for (int64_t b = o * job->bag; b < (o + 1) * job->bag; ++b) {
+            const T *w;
+            const int64_t row = NAME(bag_plan, SUFFIX)(job, b, &w, space);
+            if (!inside(job, row)) continue;
+            for (int64_t k = 0; k < corners; ++k)
+                NAME(axpy, SUFFIX)(out, table + (row + deltas[k]) * depth, w[k], depth);
+        }
+    }
+}
+
+static void NAME(plan_part, SUFFIX)(const void *arg, int64_t part, int64_t parts) {
+    const job_t *job = (const job_t *)arg;
+    T space[MAX_CORNERS];
+    const T *w;
+    for (int64_t b = job->bags * part / parts; b < job->bags * (part + 1) / parts; ++b)
+        NAME(bag_plan, SUFFIX)(job, b, &w, space);
+}
+
+static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t parts) {
+    const job_t *job = (const job_t *)arg;
+    const T *table = (const T *)job->table, *weights = (const T *)job->weights;
+    const T *grad = (const T *)job->grad, *fractions = (const T *)job->fractions;
+    const T *masks = (const T *)job->masks;
+    const I *first = (const I *)job->first;
+    const int64_t *deltas = job->deltas;
+    T *dots = (T *)job->dots, *table_grad = (T *)job->table_grad;
+    T *mask_grad = (T *)job->mask_grad, *position_grad = (T *)job->position_grad;
+    const int64_t depth = job->depth, corners = job->corners, last = deltas[corners - 1];
+    const int64_t dims = corners == 8 ? 3 : corners == 4 ? 2 : 1;
+    const int64_t span = job->highest - job->lowest;
+    const int64_t low = part == 0 ? 0 : job->lowest + span * part / parts;
+    const int64_t high = part == parts - 1 ? job->rows : job->lowest + span * (part + 1) / parts;
+    const int terms = dots || mask_grad;
+    for (int64_t b = 0; b < job->bags; ++b) {
+        const int64_t row = first[b * job->step];
+        if (!inside(job, row)) {
+            if (part == 0) {
+                for (int64_t k = 0; dots && k < corners; ++k) dots[b * corners + k] = 0;
+                if (mask_grad) mask_grad[b] = 0;
+                for (int64_t a = 0; mask_grad && a < dims; ++a) position_grad[b * dims + a] = 0;
+            }
+            continue;
+        }
+        if (row + last < low || row >= high) continue; /* none of its rows is ours */
+        const T *g = grad + (b / job->share) * depth;
+        const T *w = weights + b * corners;
+        if (terms && row >= low) { /* the bag's terms are its first row's owner's */
+            T sample_dots[MAX_CORNERS];
+            const T *first_row = table + row * depth;
+            if (corners == 4)
+                NAME(dot4, SUFFIX)(first_row + deltas[0] * depth, first_row + deltas[1] * depth,
+                                   first_row + deltas[2] * depth, first_row + deltas[3] * depth,
+                                   g, depth, sample_dots);
+            else
+                for (int64_t k = 0; k < corners; ++k)
+                    sample_dots[k] = NAME(dot, SUFFIX)(first_row + deltas[k] * depth, g, depth);
+            for (int64_t k = 0; dots && k < corners; ++k) dots[b * corners + k] = sample_dots[k];
+            const T mask = masks ? masks[b] : 1;
+            if (mask_grad && dims == 2)
+                NAME(position_terms, SUFFIX)(2, fractions + b * 2, sample_dots, mask, masks != 0,
+                                             mask_grad + b, position_grad + b * 2);
+            else if (mask_grad)
+                NAME(position_terms, SUFFIX)(dims, fractions + b * dims, sample_dots, mask,
+                                             masks != 0, mask_grad + b, position_grad + b * dims);
+        }
+        if (!table_grad || row >= job->skip_from) continue;
+        T *target = table_grad + row * depth;
+        if (corners == 4 && row >= low && row + last < high) {
+            NAME(axpy4, SUFFIX)(target + deltas[0] * depth, target + deltas[1] * depth,
+                                target + deltas[2] * depth, target + deltas[3] * depth, g, w,
+                                depth);
+            continue;
+        }
+        for (int64_t k = 0; k < corners; ++k)
+            if (row + deltas[k] >= low && row + deltas[k] < high)
+                NAME(axpy, SUFFIX)(target + deltas[k] * depth, g, w[k], depth);
+    }
+}
+
+/* The range of rows that the bags below skip_from reach (all rows if none). */
+static void NAME(live_rows, SUFFIX)(job_t *job) {
+    const I *first = (const I *)job->first;
+    const int64_t last = job->deltas[job->corners - 1], step = job->step;
+    const int64_t limit = job->skip_from < job->rows - last ? job->skip_from : job->rows - last;
+    int64_t lowest = job->rows, highest = 0;
+    for (int64_t b = 0; b < job->bags; ++b) {
+        const int64_t row = first[b * step];
+        if (row < 0 || row >= limit) continue;
+        lowest = row < lowest ? row : lowest;
+        highest = row > highest ? row : highest;
+    }
+    job->lowest = lowest <= highest ? lowest : 0;
+    job->highest = lowest <= highest ? highest + last + 1 : job->rows;
+}
+
+/* out (bags / bag, depth): the corner sums of bags with the plan `first`, `weights`. */
+void NAME(corner_sums, SUFFIX)(const T *table, const I *first, int64_t step, const T *weights,
+                               const int64_t *deltas, int64_t bags, int64_t corners,
+                               int64_t depth, int64_t rows, int64_t bag, T *out,
+                               int64_t parts) {
+    const job_t job = {.table = table, .first = first, .weights = weights, .out = out,
+                       .deltas = deltas, .step = step, .bags = bags, .corners = corners,
+                       .depth = depth, .rows = rows, .bag = bag, .share = 1};
+    in_parallel(NAME(sums_part, SUFFIX), &job, parts);
+}
+
+/* The same for samples planned from their offsets (bags, d), masks (bags,) or NULL, and
+ * grid; the plan is also written to plan_first, plan_weights, plan_fractions if not NULL.
+ * Returns 0 for a grid it cannot read. */
+int NAME(sample_sums, SUFFIX)(const T *table, const T *offsets, const T *masks,
+                              const int64_t *geometry, const double *reaches,
+                              const int64_t *deltas, int64_t bags, int64_t depth, int64_t rows,
+                              int64_t bag, T *out, I *plan_first, T *plan_weights,
+                              T *plan_fractions, int64_t parts) {
+    grid_t grid;
+    if (!read_grid(&grid, offsets, masks, geometry, reaches)) return 0;
+    const job_t job = {.table = table, .out = out, .plan_first = plan_first,
+                       .plan_weights = plan_weights, .plan_fractions = plan_fractions,
+                       .deltas = deltas, .grid = &grid, .step = 1, .bags = bags,
+                       .corners = (int64_t)1 << grid.dims, .depth = depth, .rows = rows,
+                       .bag = bag, .share = 1};
+    in_parallel(NAME(sums_part, SUFFIX), &job, parts);
+    return 1;
+}
+
+/* The plan alone: first (bags,), masked weights (bags, 2**d), fractions (bags, d). */
+int NAME(sample_plan, SUFFIX)(const T *offsets, const T *masks, const int64_t *geometry,
+                              const double *reaches, int64_t bags, I *plan_first,
+                              T *plan_weights, T *plan_fractions, int64_t parts) {
+    grid_t grid;
+    if (!read_grid(&grid, offsets, masks, geometry, reaches)) return 0;
+    const job_t job = {.plan_first = plan_first, .plan_weights = plan_weights,
+                       .plan_fractions = plan_fractions, .grid = &grid, .bags = bags,
+                       .corners = (int64_t)1 << grid.dims};
+    in_parallel(NAME(plan_part, SUFFIX), &job, parts);
+    return 1;
+}
+
+/* The backward of bags with gradient rows grad (bags / share, depth): adds the input
+ * gradient into table_grad (if not NULL), and writes the dot products dots (bags, corners)
+ * (if not NULL) and, from them, with the plan's fractions (bags, d) and masks (or NULL),
+ * mask_grad (bags,) and position_grad (bags, d) (if mask_grad is not NULL). */
+void NAME(corner_grads, SUFFIX)(const T *table, const I *first, int64_t step, const T *weights,
+                                const int64_t *deltas, int64_t bags, int64_t corners,
+                                int64_t depth, int64_t rows, const T *grad, int64_t share,
+                                int64_t skip_from, T *dots, T *table_grad, const T *fractions,
+                                const T *masks, T *mask_grad, T *position_grad,
+                                int64_t parts) {
+    job_t job = {.table = table, .first = first, .weights = weights, .grad = grad,
+                 .fractions = fractions, .masks = masks, .dots = dots,
+                 .table_grad = table_grad, .mask_grad = mask_grad,
+                 .position_grad = position_grad, .deltas = deltas, .step = step,
+                 .bags = bags, .corners = corners, .depth = depth, .rows = rows,
+                 .bag = 1, .share = share, .skip_from = skip_from};
+    if (parts > 1) NAME(live_rows, SUFFIX)(&job);
+    in_parallel(NAME(grads_part, SUFFIX), &job, parts);
+}
+
+#undef VEC
+#undef WIDTH
+#undef T
+#undef I
+#undef SUFFIX
+#endif
