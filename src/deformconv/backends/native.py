@@ -39,6 +39,7 @@ from torch import Tensor
 
 from . import compiled
 from .plan import Grid, corner_deltas
+from .scratch import scratch
 
 SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "corners.c"
 CACHE_VAR = "DEFORMCONV_CACHE"
@@ -214,13 +215,14 @@ def sample_plan(offsets: Tensor, masks: Tensor | None, grid: Grid,
                 strict: bool = False) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The plan of :func:`~deformconv.backends.plan.plan_from_grid` for samples at
     ``offsets`` ``(M, d)`` with ``masks`` ``(M,)`` (or ``None``): first rows ``(M,)``, masked
-    corner weights ``(M, 2**d)`` and fractional positions ``(M, d)``."""
+    corner weights ``(M, 2**d)`` and fractional positions ``(M, d)``, in this thread's reused
+    buffers (:mod:`~deformconv.backends.scratch`: the next plan overwrites them)."""
     _check(offsets, grid.first, masks)
     geometry, reaches = _grid(grid, offsets, masks, strict)
     samples, dims = offsets.shape
-    first = torch.empty(samples, dtype=grid.first.dtype)
-    weights = offsets.new_empty(samples, 2**dims)
-    fractions = offsets.new_empty(samples, dims)
+    first = scratch("plan_first", (samples,), grid.first.dtype, offsets.device)
+    weights = scratch("plan_weights", (samples, 2**dims), offsets.dtype, offsets.device)
+    fractions = scratch("plan_fractions", (samples, dims), offsets.dtype, offsets.device)
     _function("sample_plan", offsets, first.dtype)(
         offsets.data_ptr(), _address(masks), geometry.data_ptr(), reaches.data_ptr(), samples,
         first.data_ptr(), weights.data_ptr(), fractions.data_ptr(), _parts(samples * 16),

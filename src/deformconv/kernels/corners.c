@@ -32,6 +32,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -203,11 +204,14 @@ typedef T NAME(vector, SUFFIX) __attribute__((vector_size(VECTOR_BYTES), aligned
 #define VEC NAME(vector, SUFFIX)
 #define WIDTH ((int64_t)(VECTOR_BYTES / sizeof(T)))
 
-/* The sum of a vector's entries, in a fixed order. */
+/* The sum of a vector's entries, pairwise (a short chain of dependent adds), in a fixed
+ * order. */
 INLINE T NAME(total, SUFFIX)(VEC v) {
-    T sum = 0;
-    for (int64_t l = 0; l < WIDTH; ++l) sum += v[l];
-    return sum;
+    T lanes[WIDTH];
+    memcpy(lanes, &v, sizeof v);
+    for (int64_t half = WIDTH / 2; half > 0; half /= 2)
+        for (int64_t l = 0; l < half; ++l) lanes[l] += lanes[l + half];
+    return lanes[0];
 }
 
 /* a . b: per vector lane, then the lanes and the tail (the same order every time). */
