@@ -215,13 +215,15 @@ def test_the_convolution_runs_the_loops(monkeypatch):
     """Forward and backward go through the loops (the ``cpu_gathers`` tests' "native" runs
     test them, not the tensor operations)."""
     calls = []
-    for name in ("corner_sums", "corner_grads"):
+    for name in ("sample_sums", "sample_plan", "corner_grads", "corner_sums"):
         original = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *a, _f=original, _n=name, **k: calls.append(_n)
                             or _f(*a, **k))  # fmt: skip
     config = LOPSIDED["straddling-groups"]
     output_and_grads(deformconv.deform_conv2d, make_inputs(config), config)
-    assert set(calls) == {"corner_sums", "corner_grads"}
+    # The forward plans inside its sums; the backward plans, then forms every gradient and
+    # the weight gradient's columns in one pass.
+    assert calls == ["sample_sums", "sample_plan", "corner_grads"]
 
 
 def _grid_and_offsets(dims: int, dtype, strict: bool = False, seed: int = 5):
@@ -290,10 +292,12 @@ def test_planned_sums_and_terms_match_the_tensor_operations(dims):
     planned = native.sample_sums(table, offsets, masks, grid, out.clone())
     assert torch.equal(planned, native.corner_sums(table, first, weights, deltas, out))
     grad = torch.randn(first.shape[0], 2, generator=generator, dtype=torch.float64)
+    columns = torch.full_like(out, float("nan"))
     dots, mask_grad, position_grad = native.corner_grads(
         table, first, weights, deltas, grad, share=1, skip_from=layout.dead, table_grad=None,
-        dots=True, fractions=fractions, masks=masks,
+        dots=True, fractions=fractions, masks=masks, columns=columns,
     )  # fmt: skip
+    assert torch.equal(columns, planned)  # the weight gradient's columns, on the way
     rows = first[:, None] + torch.tensor(deltas)
     torch.testing.assert_close(dots, row_dots(grad, table, rows), rtol=1e-12, atol=1e-12)
     expected = tensor_terms.dot_terms(dots, fractions, masks)

@@ -153,7 +153,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         "corner_sums": ([p, p, n, p, p, n, n, n, n, n, p, n], None),
         "sample_sums": ([p, p, p, p, p, p, n, n, n, n, p, p, p, p, n], ctypes.c_int),
         "sample_plan": ([p, p, p, p, n, p, p, p, n], ctypes.c_int),
-        "corner_grads": ([p, p, n, p, p, n, n, n, n, p, n, n, p, p, p, p, p, p, n], None),
+        "corner_grads": ([p, p, n, p, p, n, n, n, n, p, n, n, p, p, p, p, p, p, p, n], None),
     }
     for value in ("f32", "f64"):
         for index in ("i32", "i64"):
@@ -265,16 +265,17 @@ def corner_sums(table: Tensor, first: Tensor, weights: Tensor, deltas: list[int]
 
 def corner_grads(table: Tensor, first: Tensor, weights: Tensor, deltas: list[int], grad: Tensor,
                  *, share: int, skip_from: int, table_grad: Tensor | None, dots: bool = False,
-                 fractions: Tensor | None = None,
-                 masks: Tensor | None = None) -> tuple:  # fmt: skip
+                 fractions: Tensor | None = None, masks: Tensor | None = None,
+                 columns: Tensor | None = None) -> tuple:  # fmt: skip
     """For bags with gradient rows ``grad`` ``(B / share, D)``, one per ``share`` consecutive
     bags: adds ``weights[b, k] · grad[b // share]`` to ``table_grad[first[b] + deltas[k]]`` for
     bags with ``first[b] < skip_from`` (where ``table_grad`` is given), and returns ``(dots,
     mask_grad, position_grad)``: with ``dots`` every corner row's dot product with its
     gradient row ``(B, K)``; given the plan's ``fractions`` ``(B, d)`` (and ``masks``), the
     mask gradients ``(B,)`` and masked position gradients ``(B, d)`` of
-    :func:`~deformconv.backends.compiled.dot_terms`; ``None`` where not asked."""
-    _check(table, first, weights, grad, table_grad, fractions, masks)
+    :func:`~deformconv.backends.compiled.dot_terms`; ``None`` where not asked.  Given
+    ``columns`` ``(B, D)`` (with ``share`` 1), writes :func:`corner_sums` there too."""
+    _check(table, first, weights, grad, table_grad, fractions, masks, columns)
     _check_bags(table, first, weights)
     bags, corners = weights.shape
     out = table.new_empty(bags, corners) if dots else None
@@ -288,7 +289,7 @@ def corner_grads(table: Tensor, first: Tensor, weights: Tensor, deltas: list[int
         table.data_ptr(), first.data_ptr(), first.stride(0), weights.data_ptr(),
         steps.data_ptr(), bags, corners, table.shape[1], table.shape[0], grad.data_ptr(), share,
         skip_from, _address(out), _address(table_grad), _address(fractions), _address(masks),
-        _address(mask_grad), _address(position_grad),
-        _parts(bags * corners * table.shape[1] * passes),
+        _address(mask_grad), _address(position_grad), _address(columns),
+        _parts(bags * corners * table.shape[1] * (passes + int(columns is not None))),
     )  # fmt: skip
     return out, mask_grad, position_grad

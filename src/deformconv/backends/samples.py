@@ -109,14 +109,16 @@ class Samples:
         scratch), and returns the mask gradients ``(M,)`` and masked position gradients
         ``(M, d)`` (see :func:`~deformconv.backends.compiled.corner_terms`; ``None`` without
         ``positions``), then, with ``with_columns``, :meth:`columns` (else ``None``)."""
-        if self.native:
+        if self.native:  # the columns too, from the rows the dot products read
             first, weights, fractions = self.corners()
-            columns = self._sums(first, weights) if with_columns else None
+            columns = self._buffer(1) if with_columns and self.share == 1 else None
             _, mask_grad, position_grad = native.corner_grads(
                 self.table, first, weights, self.deltas, grad.contiguous(), share=self.share,
                 skip_from=self.grid.dead, table_grad=table_grad,
-                fractions=fractions if positions else None, masks=self.masks,
+                fractions=fractions if positions else None, masks=self.masks, columns=columns,
             )  # fmt: skip
+            if with_columns and columns is None:
+                columns = self._sums(first, weights)
             return mask_grad, position_grad, columns
         if self.fused:
             first, weights, mask_grad, position_grad = compiled.run(

@@ -352,12 +352,14 @@ static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t part
     const int64_t span = job->highest - job->lowest;
     const int64_t low = part == 0 ? 0 : job->lowest + span * part / parts;
     const int64_t high = part == parts - 1 ? job->rows : job->lowest + span * (part + 1) / parts;
-    const int terms = dots || mask_grad;
+    T *columns = (T *)job->out;
+    const int terms = dots || mask_grad || columns;
     for (int64_t b = 0; b < job->bags; ++b) {
         const int64_t row = first[b * job->step];
         if (!inside(job, row)) {
             if (part == 0) {
                 for (int64_t k = 0; dots && k < corners; ++k) dots[b * corners + k] = 0;
+                for (int64_t c = 0; columns && c < depth; ++c) columns[b * depth + c] = 0;
                 if (mask_grad) mask_grad[b] = 0;
                 for (int64_t a = 0; mask_grad && a < dims; ++a) position_grad[b * dims + a] = 0;
             }
@@ -366,7 +368,20 @@ static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t part
         if (row + last < low || row >= high) continue; /* none of its rows is ours */
         const T *g = grad + (b / job->share) * depth;
         const T *w = weights + b * corners;
-        if (terms && row >= low) { /* the bag's terms are its first row's owner's */
+        if (terms && row >= low && columns) { /* the bag's terms are its first row's owner's */
+            const T *first_row = table + row * depth;
+            T *column = columns + b * depth;
+            if (corners == 4) {
+                NAME(sum4, SUFFIX)(column, first_row + deltas[0] * depth,
+                                   first_row + deltas[1] * depth, first_row + deltas[2] * depth,
+                                   first_row + deltas[3] * depth, w, depth);
+            } else {
+                for (int64_t c = 0; c < depth; ++c) column[c] = 0;
+                for (int64_t k = 0; k < corners; ++k)
+                    NAME(axpy, SUFFIX)(column, first_row + deltas[k] * depth, w[k], depth);
+            }
+        }
+        if ((dots || mask_grad) && row >= low) {
             T sample_dots[MAX_CORNERS];
             const T *first_row = table + row * depth;
             if (corners == 4)
@@ -461,14 +476,16 @@ int NAME(sample_plan, SUFFIX)(const T *offsets, const T *masks, const int64_t *g
 /* The backward of bags with gradient rows grad (bags / share, depth): adds the input
  * gradient into table_grad (if not NULL), and writes the dot products dots (bags, corners)
  * (if not NULL) and, from them, with the plan's fractions (bags, d) and masks (or NULL),
- * mask_grad (bags,) and position_grad (bags, d) (if mask_grad is not NULL). */
+ * mask_grad (bags,) and position_grad (bags, d) (if mask_grad is not NULL), and the bags'
+ * sums as corner_sums writes them into columns (bags, depth) (if not NULL). */
 void NAME(corner_grads, SUFFIX)(const T *table, const I *first, int64_t step, const T *weights,
                                 const int64_t *deltas, int64_t bags, int64_t corners,
                                 int64_t depth, int64_t rows, const T *grad, int64_t share,
                                 int64_t skip_from, T *dots, T *table_grad, const T *fractions,
-                                const T *masks, T *mask_grad, T *position_grad,
+                                const T *masks, T *mask_grad, T *position_grad, T *columns,
                                 int64_t parts) {
     job_t job = {.table = table, .first = first, .weights = weights, .grad = grad,
+                 .out = columns,
                  .fractions = fractions, .masks = masks, .dots = dots,
                  .table_grad = table_grad, .mask_grad = mask_grad,
                  .position_grad = position_grad, .deltas = deltas, .step = step,
