@@ -303,3 +303,16 @@ def test_planned_sums_and_terms_match_the_tensor_operations(dims):
     expected = tensor_terms.dot_terms(dots, fractions, masks)
     torch.testing.assert_close(mask_grad, expected[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(position_grad, expected[1], rtol=1e-12, atol=1e-12)
+
+
+def test_info_says_how_the_cpu_samples(monkeypatch):
+    from deformconv import cli
+
+    monkeypatch.setattr(compiled, "_native", False)
+    text = cli._cpu_sampling()
+    assert text.startswith("tensor operations (DEFORMCONV_COMPILE=0 or set_cpu_compile(False))")
+    assert "the plan uncompiled" in text  # conftest: DEFORMCONV_COMPILE=native
+    monkeypatch.setattr(compiled, "_native", True)
+    monkeypatch.setattr(native, "available", lambda table: False)
+    monkeypatch.setattr(native, "_failure", "RuntimeError: no C compiler found")
+    assert "building the C loops failed: RuntimeError: no C compiler" in cli._cpu_sampling()

@@ -110,29 +110,29 @@ def info() -> str:
 
 
 def _cpu_sampling() -> str:
-    """How the torch backend samples on the CPU (:mod:`deformconv.backends.compiled` and
-    :mod:`deformconv.backends.native`)."""
+    """How the torch backend samples on the CPU (:mod:`deformconv.backends.native`, else
+    :mod:`deformconv.backends.compiled`)."""
     import torch
 
     from .backends import compiled, native
 
-    if compiled.compile_failure() is not None:
-        plan = f"plan uncompiled (compiling failed: {compiled.compile_failure()})"
-    elif not compiled.compile_enabled():
-        plan = f"plan uncompiled ({compiled.ENV_VAR}=0 or native, or set_cpu_compile(False))"
-    else:
-        plan = (
-            f"plan compiled with torch.compile on first use for calls of "
-            f"{compiled.MIN_SAMPLES} samples or more (the gathers with it for rows of at most "
-            f"{compiled.NARROW_ROWS} channels)"
-        )
+    if native.available(torch.empty(1, 1)):
+        return "C loops, compiled on first use (the plan, the gathers and the gradients)"
     if not compiled.native_enabled():
         loops = f"tensor operations ({compiled.ENV_VAR}=0 or set_cpu_compile(False))"
-    elif native.available(torch.empty(1, 1)):
-        loops = "C, compiled on first use"
     else:
         loops = f"tensor operations (building the C loops failed: {native.failure()})"
-    return f"{plan}; corner gathers: {loops}"
+    if compiled.compile_failure() is not None:
+        plan = f"uncompiled (compiling failed: {compiled.compile_failure()})"
+    elif not compiled.compile_enabled():
+        plan = f"uncompiled ({compiled.ENV_VAR}=0 or native, or set_cpu_compile(False))"
+    else:
+        plan = (
+            f"compiled with torch.compile on first use for calls of {compiled.MIN_SAMPLES} "
+            f"samples or more (the gathers with it for rows of at most "
+            f"{compiled.NARROW_ROWS} channels)"
+        )
+    return f"{loops}; the plan {plan}"
 
 
 def _demo(args: argparse.Namespace) -> int:
