@@ -316,3 +316,30 @@ def test_info_says_how_the_cpu_samples(monkeypatch):
     monkeypatch.setattr(native, "available", lambda table: False)
     monkeypatch.setattr(native, "_failure", "RuntimeError: no C compiler found")
     assert "building the C loops failed: RuntimeError: no C compiler" in cli._cpu_sampling()
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("name", ["straddling-groups", "tall-kernel", "batch-3", "1x1-kernel"])
+def test_every_gradient_on_several_threads_matches_the_reference(monkeypatch, name, threads):
+    """The backend's calls split over threads (however small), forward and every gradient
+    against the float64 reference, and bit for bit what one thread gives."""
+    from reference import deform_conv2d_reference
+
+    config = LOPSIDED[name]
+    tensors = make_inputs(config, seed=2)
+    expected = output_and_grads(deform_conv2d_reference, tensors, config)
+    monkeypatch.setattr(native, "WORK_PER_THREAD", 1)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = output_and_grads(deformconv.deform_conv2d, tensors, config)
+        torch.set_num_threads(threads)
+        split = output_and_grads(deformconv.deform_conv2d, tensors, config)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(split[0], expected[0], atol=1e-10, rtol=0)
+    assert torch.equal(split[0], alone[0])
+    for key in expected[1]:
+        torch.testing.assert_close(split[1][key], expected[1][key], atol=1e-10, rtol=0, msg=key)
+        assert torch.equal(split[1][key], alone[1][key]), key
