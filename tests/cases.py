@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -148,3 +150,19 @@ def output_and_grads(
         name: (torch.zeros_like(tensor) if grad is None else grad)
         for (name, tensor), grad in zip(inputs.items(), grads, strict=False)
     }
+
+
+def assert_falls_back_once(run, expected, match: str, atol: float = 1e-5) -> None:
+    """``run()`` (an ``output_and_grads`` call) warns with a ``RuntimeWarning`` matching
+    ``match`` the first time, not the second, and gives ``expected`` both times (gradients
+    to ten times ``atol``)."""
+    with pytest.warns(RuntimeWarning, match=match):
+        first = run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        again = run()
+    for result in (first, again):
+        torch.testing.assert_close(result[0], expected[0], atol=atol, rtol=1e-5)
+        for name in expected[1]:
+            torch.testing.assert_close(result[1][name], expected[1][name], atol=10 * atol,
+                                       rtol=1e-5, msg=name)  # fmt: skip

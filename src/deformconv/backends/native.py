@@ -134,7 +134,12 @@ def _load() -> ctypes.CDLL | None:
     with _lock:
         if _library is None and _failure is None:
             try:
-                _library = _declare(ctypes.CDLL(str(_build(_cache_dir()))))
+                try:
+                    path = _build(_cache_dir())
+                except OSError:  # e.g. a read-only home: a private temporary directory
+                    user = os.getuid() if hasattr(os, "getuid") else "user"
+                    path = _build(Path(tempfile.gettempdir()) / f"deformconv-{user}")
+                _library = _declare(ctypes.CDLL(str(path)))
             except Exception as error:  # no compiler, a read-only cache, an odd platform...
                 _failure = f"{type(error).__name__}: {str(error).strip()[:300]}"
                 warnings.warn(
