@@ -171,6 +171,38 @@ INLINE int64_t NAME(plan_one, SUFFIX)(const grid_t *grid, int64_t dims, int64_t 
     return near ? first : grid->dead;
 }
 
+/* plan_one for d = 2 in straight-line code (about twice as fast), operation for operation. */
+INLINE int64_t NAME(plan2_one, SUFFIX)(const grid_t *grid, int64_t m, T *w, T *f) {
+    const T *offsets = (const T *)grid->offsets + 2 * m;
+    const T reach_y = (T)grid->reaches[0], reach_x = (T)grid->reaches[1];
+    T sy = offsets[0], sx = offsets[1];
+    sy = sy != sy ? reach_y : sy; /* NaN */
+    sx = sx != sx ? reach_x : sx;
+    sy = sy < -reach_y ? -reach_y : (sy > reach_y ? reach_y : sy);
+    sx = sx < -reach_x ? -reach_x : (sx > reach_x ? reach_x : sx);
+    const T wy = sizeof(T) == sizeof(float) ? (T)floorf((float)sy) : (T)floor(sy);
+    const T wx = sizeof(T) == sizeof(float) ? (T)floorf((float)sx) : (T)floor(sx);
+    const T fy = sy - wy, fx = sx - wx;
+    const int64_t ky = (int64_t)wy, kx = (int64_t)wx;
+    const int64_t ly = ((const I *)grid->bases[0])[m] + ky;
+    const int64_t lx = ((const I *)grid->bases[1])[m] + kx;
+    int near = ly >= -1 && ly < grid->sizes[0] && lx >= -1 && lx < grid->sizes[1];
+    if (grid->strict) near = near && (ly >= 0 || fy > 0) && (lx >= 0 || fx > 0);
+    const T gy = 1 - fy, gx = 1 - fx;
+    w[0] = gy * gx;
+    w[1] = gy * fx;
+    w[2] = fy * gx;
+    w[3] = fy * fx;
+    if (grid->masks) {
+        const T mask = ((const T *)grid->masks)[m];
+        for (int k = 0; k < 4; ++k) w[k] *= mask;
+    }
+    f[0] = fy;
+    f[1] = fx;
+    const int64_t first = ((const I *)grid->first)[m];
+    return near ? first + ky * grid->strides[0] + kx * grid->strides[1] : grid->dead;
+}
+
 /* A sample's mask gradient (sum_k unmasked[k] dots[k]) and position gradients (per axis the
  * differences of the corners across it times the other axes' weights, times the mask). */
 INLINE void NAME(position_terms, SUFFIX)(int64_t dims, const T *f, const T *dots, T mask,
@@ -277,26 +309,32 @@ static inline void NAME(axpy4, SUFFIX)(T *restrict o0, T *restrict o1, T *restri
     }
 }
 
+/* Writes bag b's plan where the job asks for it (unrolled where `dims` and `corners` are
+ * constants); returns `first`. */
+INLINE int64_t NAME(write_plan, SUFFIX)(const job_t *job, int64_t b, int64_t first, const T *w,
+                                        const T *f, int64_t dims, int64_t corners) {
+    if (job->plan_first) {
+        ((I *)job->plan_first)[b] = (I)first;
+        for (int64_t k = 0; k < corners; ++k) ((T *)job->plan_weights)[b * corners + k] = w[k];
+        for (int64_t a = 0; a < dims; ++a) ((T *)job->plan_fractions)[b * dims + a] = f[a];
+    }
+    return first;
+}
+
 /* The plan of bag b: read, or computed from the grid (and written where asked). */
-static int64_t NAME(bag_plan, SUFFIX)(const job_t *job, int64_t b, const T **w, T *space) {
+INLINE int64_t NAME(bag_plan, SUFFIX)(const job_t *job, int64_t b, const T **w, T *space) {
     if (!job->grid) {
         *w = (const T *)job->weights + b * job->corners;
         return ((const I *)job->first)[b * job->step];
     }
-    T unmasked[MAX_CORNERS], f[MAX_DIMS] = {0};
     const grid_t *grid = job->grid;
-    const int64_t first = grid->dims == 2
-                              ? NAME(plan_one, SUFFIX)(grid, 2, b, unmasked, space, f)
-                              : NAME(plan_one, SUFFIX)(grid, grid->dims, b, unmasked, space, f);
+    T unmasked[MAX_CORNERS], f[MAX_DIMS] = {0};
     *w = space;
-    if (job->plan_first) {
-        ((I *)job->plan_first)[b] = (I)first;
-        for (int64_t k = 0; k < job->corners; ++k)
-            ((T *)job->plan_weights)[b * job->corners + k] = space[k];
-        for (int64_t a = 0; a < job->grid->dims; ++a)
-            ((T *)job->plan_fractions)[b * job->grid->dims + a] = f[a];
-    }
-    return first;
+    if (grid->dims == 2)
+        return NAME(write_plan, SUFFIX)(job, b, NAME(plan2_one, SUFFIX)(grid, b, space, f),
+                                        space, f, 2, 4);
+    const int64_t first = NAME(plan_one, SUFFIX)(grid, grid->dims, b, unmasked, space, f);
+    return NAME(write_plan, SUFFIX)(job, b, first, space, f, grid->dims, job->corners);
 }
 
 static void NAME(sums_part, SUFFIX)(const void *arg, int64_t part, int64_t parts) {
