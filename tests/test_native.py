@@ -69,9 +69,8 @@ def test_dots_and_input_gradient_match_a_plain_loop(dtype, index, share):
     grad = torch.randn(first.shape[0] // share, table.shape[1], generator=generator).to(dtype)
     skip_from = 40  # bags from row 40 on give dots but no input gradient
     table_grad = torch.zeros_like(table)
-    dots, _, _ = native.corner_grads(table, first, weights, DELTAS, grad, share=share,
-                                     skip_from=skip_from, dots=True,
-                                     table_grad=table_grad)  # fmt: skip
+    dots = native.corner_grads(table, first, weights, DELTAS, grad, share=share,
+                               skip_from=skip_from, dots=True, table_grad=table_grad)  # fmt: skip
     expected_grad, expected_dots = _loop_grads(table, first, weights, grad, share, skip_from)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(table_grad.double(), expected_grad, atol=tolerance, rtol=tolerance)
@@ -80,10 +79,10 @@ def test_dots_and_input_gradient_match_a_plain_loop(dtype, index, share):
     alone = torch.zeros_like(table)
     none = native.corner_grads(table, first, weights, DELTAS, grad, share=share,
                                skip_from=skip_from, dots=False, table_grad=alone)  # fmt: skip
-    assert none == (None, None, None)
+    assert none is None
     assert torch.equal(alone, table_grad)
     only_dots = native.corner_grads(table, first, weights, DELTAS, grad, share=share,
-                                    skip_from=skip_from, dots=True, table_grad=None)[0]  # fmt: skip
+                                    skip_from=skip_from, dots=True, table_grad=None)  # fmt: skip
     assert torch.equal(only_dots, dots)
 
 
@@ -98,7 +97,7 @@ def test_results_do_not_depend_on_the_number_of_threads(monkeypatch, threads):
     def run():
         table_grad = torch.zeros_like(table)
         dots = native.corner_grads(table, first, weights, DELTAS, grad, share=1, skip_from=60,
-                                   dots=True, table_grad=table_grad)[0]  # fmt: skip
+                                   dots=True, table_grad=table_grad)  # fmt: skip
         native.corner_sums(table, first, weights, DELTAS, out)
         return table_grad, dots, out.clone()
 
@@ -126,7 +125,7 @@ def test_rows_outside_the_table_are_skipped():
     native.corner_sums(table, first, weights, DELTAS, out)
     table_grad = torch.zeros_like(table)
     dots = native.corner_grads(table, first, weights, DELTAS, grad, share=1, skip_from=10**6,
-                               dots=True, table_grad=table_grad)[0]  # fmt: skip
+                               dots=True, table_grad=table_grad)  # fmt: skip
     odd = torch.tensor([1, 3, 4])
     assert (out[odd] == 0).all() and (dots[odd] == 0).all()
     kept = torch.tensor([0, 2, 5])
@@ -284,9 +283,12 @@ def test_planned_sums_and_terms_match_the_tensor_operations(dims):
     assert torch.equal(planned, native.corner_sums(table, first, weights, deltas, out))
     grad = torch.randn(first.shape[0], 2, generator=generator, dtype=torch.float64)
     columns = torch.full_like(out, float("nan"))
-    dots, mask_grad, position_grad = native.corner_grads(
+    mask_grad = torch.full((first.shape[0],), float("nan"), dtype=torch.float64)
+    position_grad = torch.full((first.shape[0], dims), float("nan"), dtype=torch.float64)
+    dots = native.corner_grads(
         table, first, weights, deltas, grad, share=1, skip_from=layout.dead, table_grad=None,
-        dots=True, fractions=fractions, masks=masks, columns=columns,
+        dots=True, fractions=fractions, masks=masks, mask_grad=mask_grad,
+        position_grad=position_grad, columns=columns,
     )  # fmt: skip
     assert torch.equal(columns, planned)  # the weight gradient's columns, on the way
     rows = first[:, None] + torch.tensor(deltas)
@@ -294,6 +296,11 @@ def test_planned_sums_and_terms_match_the_tensor_operations(dims):
     expected = tensor_terms.dot_terms(dots, fractions, masks)
     torch.testing.assert_close(mask_grad, expected[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(position_grad, expected[1], rtol=1e-12, atol=1e-12)
+    alone = torch.full_like(position_grad, float("nan"))  # either one alone
+    native.corner_grads(table, first, weights, deltas, grad, share=1, skip_from=layout.dead,
+                        table_grad=None, fractions=fractions, masks=masks,
+                        position_grad=alone)  # fmt: skip
+    assert torch.equal(alone, position_grad)
 
 
 def test_info_says_how_the_cpu_samples(monkeypatch):

@@ -271,30 +271,31 @@ def corner_sums(table: Tensor, first: Tensor, weights: Tensor, deltas: list[int]
 def corner_grads(table: Tensor, first: Tensor, weights: Tensor, deltas: list[int], grad: Tensor,
                  *, share: int, skip_from: int, table_grad: Tensor | None, dots: bool = False,
                  fractions: Tensor | None = None, masks: Tensor | None = None,
-                 columns: Tensor | None = None) -> tuple:  # fmt: skip
+                 mask_grad: Tensor | None = None, position_grad: Tensor | None = None,
+                 columns: Tensor | None = None) -> Tensor | None:  # fmt: skip
     """For bags with gradient rows ``grad`` ``(B / share, D)``, one per ``share`` consecutive
     bags: adds ``weights[b, k] · grad[b // share]`` to ``table_grad[first[b] + deltas[k]]`` for
-    bags with ``first[b] < skip_from`` (where ``table_grad`` is given), and returns ``(dots,
-    mask_grad, position_grad)``: with ``dots`` every corner row's dot product with its
-    gradient row ``(B, K)``; given the plan's ``fractions`` ``(B, d)`` (and ``masks``), the
-    mask gradients ``(B,)`` and masked position gradients ``(B, d)`` of
-    :func:`~deformconv.backends.compiled.dot_terms`; ``None`` where not asked.  Given
-    ``columns`` ``(B, D)`` (with ``share`` 1), writes :func:`corner_sums` there too."""
-    _check(table, first, weights, grad, table_grad, fractions, masks, columns)
+    bags with ``first[b] < skip_from`` (where ``table_grad`` is given); writes, from the
+    plan's ``fractions`` ``(B, d)`` (and ``masks``), the mask gradients into ``mask_grad``
+    ``(B,)`` and the masked position gradients into ``position_grad`` ``(B, d)`` (those of
+    :func:`~deformconv.backends.compiled.dot_terms`), and :func:`corner_sums` into
+    ``columns`` ``(B, D)`` (with ``share`` 1), each where given; with ``dots``, returns every
+    corner row's dot product with its gradient row ``(B, K)`` (else ``None``)."""
+    _check(table, first, weights, grad, table_grad, fractions, masks, mask_grad, position_grad,
+           columns)  # fmt: skip
     _check_bags(table, first, weights)
     bags, corners = weights.shape
+    positions = mask_grad is not None or position_grad is not None
+    if positions and fractions is None:
+        raise TypeError("native corner loops: position terms need the plan's fractions")
     out = table.new_empty(bags, corners) if dots else None
-    mask_grad = position_grad = None
-    if fractions is not None:
-        mask_grad = table.new_empty(bags)
-        position_grad = table.new_empty(fractions.shape)
     steps = _deltas(deltas)
-    passes = int(dots or fractions is not None) + int(table_grad is not None)
+    passes = int(dots or positions) + int(table_grad is not None) + int(columns is not None)
     _function("corner_grads", table, first.dtype)(
         table.data_ptr(), first.data_ptr(), first.stride(0), weights.data_ptr(),
         steps.data_ptr(), bags, corners, table.shape[1], table.shape[0], grad.data_ptr(), share,
         skip_from, _address(out), _address(table_grad), _address(fractions), _address(masks),
         _address(mask_grad), _address(position_grad), _address(columns),
-        _parts(bags * corners * table.shape[1] * (passes + int(columns is not None))),
+        _parts(bags * corners * table.shape[1] * passes),
     )  # fmt: skip
-    return out, mask_grad, position_grad
+    return out

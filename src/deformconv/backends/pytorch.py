@@ -296,12 +296,12 @@ def backward(
         table_grad.zero_()
     weight_grad = None  # (wg, O/wg, K·C/wg), from the first chunk on
     # Per sample, rearranged into the results at the end.
-    position_grad = mask_grad = None
+    position_grad = mask_grad = None  # every entry written by its chunk
     if need_offset:
         position_grad = scratch("position_grad", (geo.pixels * per_pixel, geo.dims), dtype,
-                                input.device).zero_()  # fmt: skip
+                                input.device)  # fmt: skip
     if need_mask:
-        mask_grad = scratch("mask_grad", (geo.pixels * per_pixel,), dtype, input.device).zero_()
+        mask_grad = scratch("mask_grad", (geo.pixels * per_pixel,), dtype, input.device)
 
     def backward_chunk(samples: Samples, start: int, stop: int, matrix: Tensor,
                        weight_grad: Tensor | None) -> Tensor | None:  # fmt: skip
@@ -315,14 +315,13 @@ def backward(
                                 dtype, input.device)  # fmt: skip
             grad_cols = _ungrouped(torch.bmm(chunk_grad, matrix, out=grad_cols), geo)
             # The columns for the weight gradient come from the same plan.
-            terms = samples.corner_terms(grad_cols, need_offset or need_mask, need_weight,
-                                         table_grad)  # fmt: skip
-            chunk_mask_grad, chunk_position_grad, cols = terms
             first, last = start * per_pixel, stop * per_pixel
-            if mask_grad is not None:
-                mask_grad[first:last] = chunk_mask_grad
-            if position_grad is not None:
-                position_grad[first:last] = chunk_position_grad
+            cols = samples.corner_terms(
+                grad_cols, table_grad=table_grad,
+                mask_grad=None if mask_grad is None else mask_grad[first:last],
+                position_grad=None if position_grad is None else position_grad[first:last],
+                with_columns=need_weight,
+            )  # fmt: skip
         if need_weight:
             cols = samples.columns() if cols is None else cols
             cols = _grouped(cols.view(stop - start, geo.taps, geo.channels), geo)

@@ -124,13 +124,12 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
             bag_grads = grad_out[start * group : stop * group]
             chunk = Samples(table, shifts[start:stop], masks[first:last], geo, start,
                             taps=coords, groups_first=True, strict=True, share=points)  # fmt: skip
-            terms = chunk.corner_terms(bag_grads, need_offset or need_mask,
-                                       table_grad=table_grad)  # fmt: skip
-            chunk_mask_grad, chunk_position_grad, _ = terms
-            if mask_grad is not None:
-                mask_grad[first:last] = chunk_mask_grad
-            if position_grad is not None:
-                position_grad[first:last] = chunk_position_grad * offset_scale
+            positions = None if position_grad is None else position_grad[first:last]
+            masks_grad = None if mask_grad is None else mask_grad[first:last]
+            chunk.corner_terms(bag_grads, table_grad=table_grad, position_grad=positions,
+                               mask_grad=masks_grad)  # fmt: skip
+            if positions is not None:
+                positions.mul_(offset_scale)
 
     grad_input = grad_offset = grad_mask = None
     if table_grad is not None:

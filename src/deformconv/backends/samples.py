@@ -102,47 +102,48 @@ class Samples:
         return weighted_rows(self.table, rows.view(-1, bag * corners),
                              weights.view(-1, bag * corners))  # fmt: skip
 
-    def corner_terms(self, grad: Tensor, positions: bool, with_columns: bool = False,
-                     table_grad: Tensor | None = None) -> tuple:  # fmt: skip
+    def corner_terms(self, grad: Tensor, *, table_grad: Tensor | None = None,
+                     mask_grad: Tensor | None = None, position_grad: Tensor | None = None,
+                     with_columns: bool = False) -> Tensor | None:  # fmt: skip
         """For the gradient rows ``grad`` ``(M / share, D)``: adds the samples' part of the
-        input gradient into ``table_grad`` (where given; its rows from the dead block on are
-        scratch), and returns the mask gradients ``(M,)`` and masked position gradients
-        ``(M, d)`` (see :func:`~deformconv.backends.compiled.corner_terms`; ``None`` without
-        ``positions``), then, with ``with_columns``, :meth:`columns` (else ``None``)."""
+        input gradient into ``table_grad`` (its rows from the dead block on are scratch) and
+        writes their mask gradients into ``mask_grad`` ``(M,)`` and their masked position
+        gradients into ``position_grad`` ``(M, d)`` (see
+        :func:`~deformconv.backends.compiled.corner_terms`), each where given; returns
+        :meth:`columns` with ``with_columns``, else ``None``."""
+        positions = mask_grad is not None or position_grad is not None
         if self.native:  # the columns too, from the rows the dot products read
             first, weights, fractions = self.corners()
             columns = self._buffer(1) if with_columns and self.share == 1 else None
-            _, mask_grad, position_grad = native.corner_grads(
+            native.corner_grads(
                 self.table, first, weights, self.deltas, grad.contiguous(), share=self.share,
-                skip_from=self.grid.dead, table_grad=table_grad,
-                fractions=fractions if positions else None, masks=self.masks, columns=columns,
+                skip_from=self.grid.dead, table_grad=table_grad, fractions=fractions,
+                masks=self.masks, mask_grad=mask_grad, position_grad=position_grad,
+                columns=columns,
             )  # fmt: skip
-            if with_columns and columns is None:
-                columns = self._sums(first, weights)
-            return mask_grad, position_grad, columns
+            return self._sums(first, weights) if with_columns and columns is None else columns
         if self.fused:
-            first, weights, mask_grad, position_grad = compiled.run(
+            first, weights, *terms = compiled.run(
                 compiled.corner_terms, self.table, grad, self.offsets, self.masks, self.grid,
                 strict=self.strict, share=self.share,
             )  # fmt: skip
             self._scatter(table_grad, first, weights, grad)
-            columns = None
+            _write(terms, mask_grad, position_grad)
             if with_columns:
-                columns = self._sums(first[:, None] + self.grid.deltas, weights)
-            return mask_grad, position_grad, columns
+                return self._sums(first[:, None] + self.grid.deltas, weights)
+            return None
         rows, weights, fractions = self.corners()
         columns = self.columns() if with_columns else None
         self._scatter(table_grad, rows[:, 0], weights, grad)
-        if not positions:
-            return None, None, columns
-        corners = rows.shape[1]
-        if self.share == 1:
-            dots = corner_dots(grad, self.table, rows)
-        else:
-            dots = row_dots(grad, self.table, rows.view(-1, self.share * corners))
-        mask_grad, position_grad = self._run(compiled.dot_terms, dots.view(-1, corners),
-                                             fractions, self.masks)  # fmt: skip
-        return mask_grad, position_grad, columns
+        if positions:
+            corners = rows.shape[1]
+            if self.share == 1:
+                dots = corner_dots(grad, self.table, rows)
+            else:
+                dots = row_dots(grad, self.table, rows.view(-1, self.share * corners))
+            terms = self._run(compiled.dot_terms, dots.view(-1, corners), fractions, self.masks)
+            _write(terms, mask_grad, position_grad)
+        return columns
 
     def _scatter(self, table_grad: Tensor | None, first: Tensor, weights: Tensor,
                  grad: Tensor) -> None:  # fmt: skip
@@ -151,6 +152,14 @@ class Samples:
         if table_grad is not None:
             scatter_corners(table_grad, first, self.deltas, weights, grad, share=self.share,
                             skip_from=self.grid.dead)  # fmt: skip
+
+
+def _write(terms: tuple[Tensor, Tensor], mask_grad: Tensor | None,
+           position_grad: Tensor | None) -> None:  # fmt: skip
+    """Copies the mask and position gradients ``terms`` into the given buffers."""
+    for out, values in zip((mask_grad, position_grad), terms, strict=True):
+        if out is not None:
+            out.copy_(values)
 
 
 def uses_native(table: Tensor) -> bool:

@@ -391,7 +391,8 @@ static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t part
     const int64_t low = part == 0 ? 0 : job->lowest + span * part / parts;
     const int64_t high = part == parts - 1 ? job->rows : job->lowest + span * (part + 1) / parts;
     T *columns = (T *)job->out;
-    const int terms = dots || mask_grad || columns;
+    const int positions = mask_grad || position_grad; /* the mask and position gradients */
+    const int terms = dots || positions || columns;
     for (int64_t b = 0; b < job->bags; ++b) {
         const int64_t row = first[b * job->step];
         if (!inside(job, row)) {
@@ -399,7 +400,7 @@ static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t part
                 for (int64_t k = 0; dots && k < corners; ++k) dots[b * corners + k] = 0;
                 for (int64_t c = 0; columns && c < depth; ++c) columns[b * depth + c] = 0;
                 if (mask_grad) mask_grad[b] = 0;
-                for (int64_t a = 0; mask_grad && a < dims; ++a) position_grad[b * dims + a] = 0;
+                for (int64_t a = 0; position_grad && a < dims; ++a) position_grad[b * dims + a] = 0;
             }
             continue;
         }
@@ -419,7 +420,7 @@ static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t part
                     NAME(axpy, SUFFIX)(column, first_row + deltas[k] * depth, w[k], depth);
             }
         }
-        if ((dots || mask_grad) && row >= low) {
+        if ((dots || positions) && row >= low) {
             T sample_dots[MAX_CORNERS];
             const T *first_row = table + row * depth;
             if (corners == 4)
@@ -431,12 +432,16 @@ static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t part
                     sample_dots[k] = NAME(dot, SUFFIX)(first_row + deltas[k] * depth, g, depth);
             for (int64_t k = 0; dots && k < corners; ++k) dots[b * corners + k] = sample_dots[k];
             const T mask = masks ? masks[b] : 1;
-            if (mask_grad && dims == 2)
+            T sample_mask_grad, sample_position_grad[MAX_DIMS];
+            if (positions && dims == 2)
                 NAME(position_terms, SUFFIX)(2, fractions + b * 2, sample_dots, mask, masks != 0,
-                                             mask_grad + b, position_grad + b * 2);
-            else if (mask_grad)
+                                             &sample_mask_grad, sample_position_grad);
+            else if (positions)
                 NAME(position_terms, SUFFIX)(dims, fractions + b * dims, sample_dots, mask,
-                                             masks != 0, mask_grad + b, position_grad + b * dims);
+                                             masks != 0, &sample_mask_grad, sample_position_grad);
+            if (mask_grad) mask_grad[b] = sample_mask_grad;
+            for (int64_t a = 0; position_grad && a < dims; ++a)
+                position_grad[b * dims + a] = sample_position_grad[a];
         }
         if (!table_grad || row >= job->skip_from) continue;
         T *target = table_grad + row * depth;
@@ -514,7 +519,7 @@ int NAME(sample_plan, SUFFIX)(const T *offsets, const T *masks, const int64_t *g
 /* The backward of bags with gradient rows grad (bags / share, depth): adds the input
  * gradient into table_grad (if not NULL), and writes the dot products dots (bags, corners)
  * (if not NULL) and, from them, with the plan's fractions (bags, d) and masks (or NULL),
- * mask_grad (bags,) and position_grad (bags, d) (if mask_grad is not NULL), and the bags'
+ * mask_grad (bags,) and position_grad (bags, d) (each if not NULL), and the bags'
  * sums as corner_sums writes them into columns (bags, depth) (if not NULL). */
 void NAME(corner_grads, SUFFIX)(const T *table, const I *first, int64_t step, const T *weights,
                                 const int64_t *deltas, int64_t bags, int64_t corners,
