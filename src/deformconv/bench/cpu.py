@@ -214,11 +214,14 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    from ..backends import compiled
+    from ..backends import compiled, native
 
-    sampling = "not compiled"
-    if compiled.compile_enabled():
-        sampling = f"compiled from {compiled.MIN_SAMPLES} samples a call"
+    if native.available(torch.empty(1, 1)):
+        sampling = "in C loops compiled at run time"
+    elif compiled.compile_enabled():
+        sampling = f"as tensor operations, compiled from {compiled.MIN_SAMPLES} samples a call"
+    else:
+        sampling = "as tensor operations"
     return (
         f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, Python {platform.python_version()}, "
