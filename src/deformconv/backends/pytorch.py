@@ -373,5 +373,6 @@ def backward(
             weight_grad = zeros(groups, out_per_group, geo.taps * geo.channels // groups)
         blocks, depth = _column_blocks(geo)  # (block, tap, channel) → (block, channel, tap)
         grad_weight = weight_grad.view(groups, out_per_group, blocks, geo.taps, depth)
-        grad_weight = _fresh(grad_weight.transpose(3, 4).reshape(weight.shape), weight.dtype)
+        # One copy, straight into the result (a reshape first would copy once more).
+        grad_weight = _fresh(grad_weight.transpose(3, 4), weight.dtype).view(weight.shape)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
