@@ -392,7 +392,6 @@ static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t part
     const int64_t high = part == parts - 1 ? job->rows : job->lowest + span * (part + 1) / parts;
     T *columns = (T *)job->out;
     const int positions = mask_grad || position_grad; /* the mask and position gradients */
-    const int terms = dots || positions || columns;
     for (int64_t b = 0; b < job->bags; ++b) {
         const int64_t row = first[b * job->step];
         if (!inside(job, row)) {
@@ -407,7 +406,8 @@ static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t part
         if (row + last < low || row >= high) continue; /* none of its rows is ours */
         const T *g = grad + (b / job->share) * depth;
         const T *w = weights + b * corners;
-        if (terms && row >= low && columns) { /* the bag's terms are its first row's owner's */
+        /* A bag's columns, dot products and gradients are its first row's owner's. */
+        if (columns && row >= low) {
             const T *first_row = table + row * depth;
             T *column = columns + b * depth;
             if (corners == 4) {
