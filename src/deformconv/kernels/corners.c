@@ -256,7 +256,8 @@ INLINE T NAME(dot, SUFFIX)(const T *a, const T *b, int64_t n) {
     return sum;
 }
 
-/* The dot products of the four rows of a 2-D sample with g, each formed as dot() forms it. */
+/* The dot products of four rows (a quad of a sample's corners) with g, each formed as dot()
+ * forms it. */
 INLINE void NAME(dot4, SUFFIX)(const T *r0, const T *r1, const T *r2, const T *r3, const T *g,
                                int64_t n, T *out) {
     VEC l0 = {0}, l1 = {0}, l2 = {0}, l3 = {0};
@@ -290,12 +291,31 @@ static inline void NAME(sum4, SUFFIX)(T *restrict out, const T *restrict r0,
     for (int64_t c = 0; c < n; ++c) out[c] = w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c];
 }
 
+/* out += w0 r0 + w1 r1 + w2 r2 + w3 r3: the second quad of a 3-D sample's corners. */
+static inline void NAME(add4, SUFFIX)(T *restrict out, const T *restrict r0,
+                                      const T *restrict r1, const T *restrict r2,
+                                      const T *restrict r3, const T *w, int64_t n) {
+    const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+    for (int64_t c = 0; c < n; ++c)
+        out[c] += w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c];
+}
+
+/* out = the weighted sum of a sample's rows, by quads of corners (2-D: one, 3-D: two). */
+INLINE void NAME(sum_quads, SUFFIX)(T *out, const T *row, const int64_t *deltas, const T *w,
+                                    int64_t corners, int64_t n) {
+    NAME(sum4, SUFFIX)(out, row + deltas[0] * n, row + deltas[1] * n, row + deltas[2] * n,
+                       row + deltas[3] * n, w, n);
+    for (int64_t q = 4; q < corners; q += 4)
+        NAME(add4, SUFFIX)(out, row + deltas[q] * n, row + deltas[q + 1] * n,
+                           row + deltas[q + 2] * n, row + deltas[q + 3] * n, w + q, n);
+}
+
 /* out += w g */
 static inline void NAME(axpy, SUFFIX)(T *restrict out, const T *restrict g, T w, int64_t n) {
     for (int64_t c = 0; c < n; ++c) out[c] += w * g[c];
 }
 
-/* ok += w[k] g for the four rows of a 2-D sample, in one pass over g. */
+/* ok += w[k] g for a quad of a sample's rows, in one pass over g. */
 static inline void NAME(axpy4, SUFFIX)(T *restrict o0, T *restrict o1, T *restrict o2,
                                        T *restrict o3, const T *restrict g, const T *w,
                                        int64_t n) {
@@ -333,7 +353,9 @@ INLINE int64_t NAME(bag_plan, SUFFIX)(const job_t *job, int64_t b, const T **w, 
     if (grid->dims == 2)
         return NAME(write_plan, SUFFIX)(job, b, NAME(plan2_one, SUFFIX)(grid, b, space, f),
                                         space, f, 2, 4);
-    const int64_t first = NAME(plan_one, SUFFIX)(grid, grid->dims, b, unmasked, space, f);
+    const int64_t first = grid->dims == 3
+                              ? NAME(plan_one, SUFFIX)(grid, 3, b, unmasked, space, f)
+                              : NAME(plan_one, SUFFIX)(grid, grid->dims, b, unmasked, space, f);
     return NAME(write_plan, SUFFIX)(job, b, first, space, f, grid->dims, job->corners);
 }
 
@@ -345,13 +367,11 @@ static void NAME(sums_part, SUFFIX)(const void *arg, int64_t part, int64_t parts
     T space[MAX_CORNERS];
     for (int64_t o = outs * part / parts; o < outs * (part + 1) / parts; ++o) {
         T *out = (T *)job->out + o * depth;
-        if (job->bag == 1 && corners == 4) {
+        if (job->bag == 1 && corners % 4 == 0) {
             const T *w;
             const int64_t lowest = NAME(bag_plan, SUFFIX)(job, o, &w, space);
             if (inside(job, lowest)) {
-                const T *row = table + lowest * depth;
-                NAME(sum4, SUFFIX)(out, row + deltas[0] * depth, row + deltas[1] * depth,
-                                   row + deltas[2] * depth, row + deltas[3] * depth, w, depth);
+                NAME(sum_quads, SUFFIX)(out, table + lowest * depth, deltas, w, corners, depth);
             } else {
                 for (int64_t c = 0; c < depth; ++c) out[c] = 0;
             }
@@ -410,10 +430,8 @@ static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t part
         if (columns && row >= low) {
             const T *first_row = table + row * depth;
             T *column = columns + b * depth;
-            if (corners == 4) {
-                NAME(sum4, SUFFIX)(column, first_row + deltas[0] * depth,
-                                   first_row + deltas[1] * depth, first_row + deltas[2] * depth,
-                                   first_row + deltas[3] * depth, w, depth);
+            if (corners % 4 == 0) {
+                NAME(sum_quads, SUFFIX)(column, first_row, deltas, w, corners, depth);
             } else {
                 for (int64_t c = 0; c < depth; ++c) column[c] = 0;
                 for (int64_t k = 0; k < corners; ++k)
@@ -423,10 +441,13 @@ static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t part
         if ((dots || positions) && row >= low) {
             T sample_dots[MAX_CORNERS];
             const T *first_row = table + row * depth;
-            if (corners == 4)
-                NAME(dot4, SUFFIX)(first_row + deltas[0] * depth, first_row + deltas[1] * depth,
-                                   first_row + deltas[2] * depth, first_row + deltas[3] * depth,
-                                   g, depth, sample_dots);
+            if (corners % 4 == 0)
+                for (int64_t q = 0; q < corners; q += 4)
+                    NAME(dot4, SUFFIX)(first_row + deltas[q] * depth,
+                                       first_row + deltas[q + 1] * depth,
+                                       first_row + deltas[q + 2] * depth,
+                                       first_row + deltas[q + 3] * depth, g, depth,
+                                       sample_dots + q);
             else
                 for (int64_t k = 0; k < corners; ++k)
                     sample_dots[k] = NAME(dot, SUFFIX)(first_row + deltas[k] * depth, g, depth);
@@ -435,6 +456,9 @@ static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t part
             T sample_mask_grad, sample_position_grad[MAX_DIMS];
             if (positions && dims == 2)
                 NAME(position_terms, SUFFIX)(2, fractions + b * 2, sample_dots, mask, masks != 0,
+                                             &sample_mask_grad, sample_position_grad);
+            else if (positions && dims == 3)
+                NAME(position_terms, SUFFIX)(3, fractions + b * 3, sample_dots, mask, masks != 0,
                                              &sample_mask_grad, sample_position_grad);
             else if (positions)
                 NAME(position_terms, SUFFIX)(dims, fractions + b * dims, sample_dots, mask,
@@ -445,10 +469,11 @@ static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t part
         }
         if (!table_grad || row >= job->skip_from) continue;
         T *target = table_grad + row * depth;
-        if (corners == 4 && row >= low && row + last < high) {
-            NAME(axpy4, SUFFIX)(target + deltas[0] * depth, target + deltas[1] * depth,
-                                target + deltas[2] * depth, target + deltas[3] * depth, g, w,
-                                depth);
+        if (corners % 4 == 0 && row >= low && row + last < high) { /* all rows ours */
+            for (int64_t q = 0; q < corners; q += 4)
+                NAME(axpy4, SUFFIX)(target + deltas[q] * depth, target + deltas[q + 1] * depth,
+                                    target + deltas[q + 2] * depth,
+                                    target + deltas[q + 3] * depth, g, w + q, depth);
             continue;
         }
         for (int64_t k = 0; k < corners; ++k)
