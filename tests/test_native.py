@@ -354,3 +354,12 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_directory(monkeypatch, tm
     monkeypatch.setattr(native, "_failure", None)
     assert native.available(torch.empty(1, 1)) and native.failure() is None
     assert len(list((tmp_path / "tmp").glob("deformconv-*/corners-*.so"))) == 1
+
+
+@needs_native
+def test_samples_of_more_than_three_axes_are_refused():
+    grid, offsets, masks, _ = _grid_and_offsets(2, torch.float64)
+    wide = grid._replace(bases=[*grid.bases, *grid.bases], sizes=grid.sizes * 2,
+                         reaches=grid.reaches * 2, strides=grid.strides * 2)  # fmt: skip
+    with pytest.raises(ValueError, match="1 to 3 axes, got 4"):
+        native.sample_plan(torch.cat([offsets, offsets], 1), masks, wide)

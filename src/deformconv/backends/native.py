@@ -194,6 +194,12 @@ def _check(values: Tensor, index: Tensor, *others: Tensor | None) -> None:
         raise TypeError("native corner loops: mismatched tensors")
 
 
+def _planned(result: int, dims: int) -> None:
+    """The loops plan samples of 1 to 3 axes only (and then return 1)."""
+    if not result:
+        raise ValueError(f"native corner loops: samples of 1 to 3 axes, got {dims}")
+
+
 def _check_bags(table: Tensor, first: Tensor, weights: Tensor) -> None:
     if table.dim() != 2 or first.shape != weights.shape[:1] or weights.dim() != 2:
         raise TypeError("native corner loops: mismatched tensors")
@@ -228,10 +234,11 @@ def sample_plan(offsets: Tensor, masks: Tensor | None, grid: Grid,
     first = scratch("plan_first", (samples,), grid.first.dtype, offsets.device)
     weights = scratch("plan_weights", (samples, 2**dims), offsets.dtype, offsets.device)
     fractions = scratch("plan_fractions", (samples, dims), offsets.dtype, offsets.device)
-    _function("sample_plan", offsets, first.dtype)(
+    planned = _function("sample_plan", offsets, first.dtype)(
         offsets.data_ptr(), _address(masks), geometry.data_ptr(), reaches.data_ptr(), samples,
         first.data_ptr(), weights.data_ptr(), fractions.data_ptr(), _parts(samples * 16),
     )  # fmt: skip
+    _planned(planned, dims)
     return first, weights, fractions
 
 
@@ -242,12 +249,15 @@ def sample_sums(table: Tensor, offsets: Tensor, masks: Tensor | None, grid: Grid
     _check(table, grid.first, offsets, masks, out)
     geometry, reaches = _grid(grid, offsets, masks, strict)
     samples, dims = offsets.shape
+    if table.dim() != 2 or samples % bag or out.shape != (samples // bag, table.shape[1]):
+        raise TypeError("native corner loops: mismatched tensors")
     steps = _deltas(corner_deltas(grid.strides))  # (kept alive for the call, as all below)
-    _function("sample_sums", table, grid.first.dtype)(
+    planned = _function("sample_sums", table, grid.first.dtype)(
         table.data_ptr(), offsets.data_ptr(), _address(masks), geometry.data_ptr(),
         reaches.data_ptr(), steps.data_ptr(), samples, table.shape[1], table.shape[0], bag,
         out.data_ptr(), None, None, None, _parts(samples * 2**dims * table.shape[1]),
     )  # fmt: skip
+    _planned(planned, dims)
     return out
 
 
