@@ -39,7 +39,7 @@
 
 #define VECTOR_BYTES 32
 /* Functions inlined into their callers, which call them with a constant number of axes in
- * the common cases (2-D) so that their loops unroll. */
+ * the common cases (2-D and 3-D) so that their loops unroll. */
 #if defined(__GNUC__) || defined(__clang__)
 #define INLINE static inline __attribute__((always_inline))
 #else
