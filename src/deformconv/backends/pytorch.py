@@ -14,20 +14,21 @@ Design
   border, and samples with no corner inside on a block of zero rows, so nothing is ever
   read out of bounds, whatever the offsets hold, and no weight needs masking.
 * Forward: the weighted corners of every sample are summed into a column buffer
-  ``(positions, K·C)`` by one fused gather (on the CPU a C loop compiled at run time,
-  :mod:`~deformconv.backends.native`, or, for narrow rows, compiled with the plan,
-  :mod:`~deformconv.backends.compiled`; else :mod:`~deformconv.backends.gather`: a
-  sparse-dense product on the CPU, ``embedding_bag`` elsewhere), which one batched matrix
-  product per weight group contracts with the weight, writing the output in its final
-  ``(N, O, *out_size)`` layout where that is as fast.
-* Backward: the samples are recomputed rather than stored, but for the sampling plan of a
-  small call (one chunk, a plan of at most 4 MiB), which the forward hands to its own
-  backward (:mod:`~deformconv.backends.handoff`).  ``grad_input`` sums, for every
-  table row, the weighted column gradients of the samples that reach it, in the samples'
-  order (on the CPU the C loop, whose threads each own a range of rows; else sorted by row,
-  :func:`~deformconv.backends.gather.scatter_corners`); ``grad_offset`` and ``grad_mask``
-  come from the dot product of every corner's row with its column gradient (in the same C
-  loop, or one fused kernel); ``grad_weight`` is one more matrix product.
+  ``(positions, K·C)`` by one fused gather (on the CPU a C loop compiled at run time that
+  plans the samples on the way, :mod:`~deformconv.backends.native`; where that does not
+  build, or on other devices, :mod:`~deformconv.backends.gather`: a sparse-dense product on
+  the CPU, compiled with the plan for narrow rows, :mod:`~deformconv.backends.compiled`,
+  ``embedding_bag`` elsewhere), which one batched matrix product per weight group contracts
+  with the weight, writing the output in its final ``(N, O, *out_size)`` layout where that
+  is as fast.
+* Backward: the samples are recomputed rather than stored (in the tensor operations but for
+  the sampling plan of a small call, one chunk and a plan of at most 4 MiB, which the
+  forward hands to its own backward, :mod:`~deformconv.backends.handoff`).  ``grad_input``
+  sums, for every table row, the weighted column gradients of the samples that reach it, in
+  the samples' order (on the CPU the C loop, whose threads each own a range of rows; else
+  sorted by row, :func:`~deformconv.backends.gather.scatter_corners`); ``grad_offset`` and
+  ``grad_mask`` come from the dot product of every corner's row with its column gradient (in
+  the same C loop, or one fused kernel); ``grad_weight`` is one more matrix product.
 * Output positions are processed in chunks (in the forward whole images, or parts of one)
   whose column buffers together fit the column budget (:func:`set_column_budget`, 256 MiB by
   default); each chunk's temporaries are released before the next chunk's are made.
@@ -48,9 +49,9 @@ from torch import Tensor
 
 from .._geometry import Geometry, geometry
 from .._utils import compute_dtype
-from . import handoff
+from . import handoff, native
 from .plan import table_of
-from .samples import Samples, uses_native
+from .samples import Samples
 from .scratch import scratch
 
 #: The default upper bound, in bytes, on the temporary column buffers of one call.
@@ -255,7 +256,8 @@ def forward(
             if stop - start == geo.pixels:
                 plan = samples.plan()
             del samples, cols  # before the next chunk's: one chunk's temporaries at a time
-    handoff.keep(offset, mask, (geo, dtype, uses_native(out)), plan)
+    # Keyed by the tier too: the C loops' plans hold first rows, the others' every corner's.
+    handoff.keep(offset, mask, (geo, dtype, native.available(out)), plan)
     if bias is not None:
         out += bias.to(dtype).view(groups, -1, 1)
     out = out.view(geo.batch, geo.out_channels, *geo.out_size)
@@ -340,7 +342,7 @@ def backward(
         matrix = _weight_matrix(weight, geo, dtype)
         step = chunk_pixels(geo.pixels, geo.taps * geo.channels, 4, table)
         # The forward's plan, if it kept one (of the same kind).
-        plan = handoff.offer(offset, mask, (geo, dtype, uses_native(grad_out)))
+        plan = handoff.offer(offset, mask, (geo, dtype, native.available(grad_out)))
         for start, stop in _chunks(geo.pixels, step):
             first, last = start * per_pixel, stop * per_pixel
             chunk_masks = None if masks is None else masks[first:last]

@@ -36,7 +36,7 @@ class Samples:
         self.table, self.strict, self.share = table, strict, share
         self.grid = grid_of(geo, first_pixel, offsets.shape[0], table.device, taps=taps,
                             groups_first=groups_first)  # fmt: skip
-        self.native = uses_native(table)
+        self.native = native.available(table)  # the C loops
         # One entry per sample, as the grid (contiguous, as the C loops read them).
         self.offsets = offsets.reshape(-1, geo.dims)
         self.masks = masks
@@ -160,9 +160,3 @@ def _write(terms: tuple[Tensor, Tensor], mask_grad: Tensor | None,
     for out, values in zip((mask_grad, position_grad), terms, strict=True):
         if out is not None:
             out.copy_(values)
-
-
-def uses_native(table: Tensor) -> bool:
-    """Whether the samples of ``table`` run in the C loops (their plans then hold first rows
-    where the others hold every corner's row: see :meth:`Samples.corners`)."""
-    return native.available(table)
