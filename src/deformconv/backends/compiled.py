@@ -38,15 +38,15 @@ from torch import Tensor
 from .plan import Grid, corner_deltas, corner_weights, pairs_of, plan_from_grid, position_grads
 
 ENV_VAR = "DEFORMCONV_COMPILE"
-_enabled = os.environ.get(ENV_VAR, "1") not in ("0", "native")
-_native = os.environ.get(ENV_VAR, "1") != "0"
+_enabled = _native = True  # set from the environment by set_cpu_compile(None) below
 _failure: str | None = None
 _compiled: dict[str, object] = {}
 
 
 def set_cpu_compile(enabled: bool | None) -> None:
-    """Compile the torch backend's CPU sampling (``True``), or not (``False``); ``None``:
-    back to ``$DEFORMCONV_COMPILE`` (default on).
+    """Compile the torch backend's CPU sampling (``True``: its C loops, else Inductor), or
+    not (``False``); ``None``: back to ``$DEFORMCONV_COMPILE`` (default on; ``native``: the C
+    loops only).
 
     >>> set_cpu_compile(False); compile_enabled()
     False
@@ -58,6 +58,9 @@ def set_cpu_compile(enabled: bool | None) -> None:
     setting = os.environ.get(ENV_VAR, "1")
     _enabled = setting not in ("0", "native") if enabled is None else enabled
     _native = setting != "0" if enabled is None else enabled
+
+
+set_cpu_compile(None)
 
 
 def compile_enabled() -> bool:
