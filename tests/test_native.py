@@ -143,6 +143,12 @@ def test_mismatched_tensors_are_refused():
         native.corner_sums(table, first, weights, DELTAS, out)
     with pytest.raises(TypeError, match="mismatched"):
         native.corner_sums(table, first.float(), weights, DELTAS, out.float())
+    with pytest.raises(TypeError, match="mismatched shapes"):  # one row short
+        native.corner_sums(table, first, weights, DELTAS, out.float()[1:])
+    grad = torch.zeros(first.shape[0] - 1, table.shape[1])
+    with pytest.raises(TypeError, match="mismatched shapes"):
+        native.corner_grads(table, first, weights, DELTAS, grad, share=1, skip_from=0,
+                            table_grad=torch.zeros_like(table))  # fmt: skip
 
 
 def test_the_switch():

@@ -205,6 +205,12 @@ def _check_bags(table: Tensor, first: Tensor, weights: Tensor) -> None:
         raise TypeError("native corner loops: mismatched tensors")
 
 
+def _check_shapes(*expected: tuple[Tensor | None, tuple[int, ...]]) -> None:
+    """Each given tensor has its expected shape (the loops write and read by it)."""
+    if any(t is not None and tuple(t.shape) != shape for t, shape in expected):
+        raise TypeError("native corner loops: mismatched shapes")
+
+
 def _grid(grid: Grid, offsets: Tensor, masks: Tensor | None, strict: bool) -> tuple:
     """The grid's numbers for the C loops (see ``grid_t`` in ``corners.c``), and the tensors
     whose addresses they hold, to be kept alive for the call."""
@@ -249,8 +255,9 @@ def sample_sums(table: Tensor, offsets: Tensor, masks: Tensor | None, grid: Grid
     _check(table, grid.first, offsets, masks, out)
     geometry, reaches = _grid(grid, offsets, masks, strict)
     samples, dims = offsets.shape
-    if table.dim() != 2 or samples % bag or out.shape != (samples // bag, table.shape[1]):
+    if table.dim() != 2 or samples % bag:
         raise TypeError("native corner loops: mismatched tensors")
+    _check_shapes((out, (samples // bag, table.shape[1])))
     steps = _deltas(corner_deltas(grid.strides))  # (kept alive for the call, as all below)
     planned = _function("sample_sums", table, grid.first.dtype)(
         table.data_ptr(), offsets.data_ptr(), _address(masks), geometry.data_ptr(),
@@ -269,6 +276,9 @@ def corner_sums(table: Tensor, first: Tensor, weights: Tensor, deltas: list[int]
     _check(table, first, weights, out)
     _check_bags(table, first, weights)
     bags, corners = weights.shape
+    if bags % bag:
+        raise TypeError("native corner loops: mismatched tensors")
+    _check_shapes((out, (bags // bag, table.shape[1])))
     steps = _deltas(deltas)
     _function("corner_sums", table, first.dtype)(
         table.data_ptr(), first.data_ptr(), first.stride(0), weights.data_ptr(),
@@ -295,6 +305,12 @@ def corner_grads(table: Tensor, first: Tensor, weights: Tensor, deltas: list[int
            columns)  # fmt: skip
     _check_bags(table, first, weights)
     bags, corners = weights.shape
+    depth, dims = table.shape[1], corners.bit_length() - 1
+    if bags % share:
+        raise TypeError("native corner loops: mismatched tensors")
+    _check_shapes((grad, (bags // share, depth)), (table_grad, tuple(table.shape)),
+                  (fractions, (bags, dims)), (masks, (bags,)), (mask_grad, (bags,)),
+                  (position_grad, (bags, dims)), (columns, (bags, depth)))  # fmt: skip
     positions = mask_grad is not None or position_grad is not None
     if positions and fractions is None:
         raise TypeError("native corner loops: position terms need the plan's fractions")
