@@ -10,6 +10,12 @@ interpreter runs but the compiler rejects fails here.  Prints registers, local m
 ships.
 
     TRITON_INTERPRET=0 python tests/compile_kernels.py [--arch 80 90] [--jobs N]
+        [--shapes small|benchmark] [--sass DIR]
+
+``--shapes benchmark`` records the launches at the benchmarks' first shapes instead of tiny
+ones (the JIT specializes on sizes, so the code can differ); ``--sass DIR`` also writes each
+launch's SASS, one instruction a line, so that two versions of a kernel can be compared
+without a GPU (``diff -r``: identical files mean identical machine code).
 
 Run by ``tests/test_kernel_compilation.py`` in a fresh process (the tests' own process runs
 the kernels in the interpreter, whose ``triton.jit`` functions cannot be compiled).
@@ -93,8 +99,19 @@ def _signature(launch: Launch) -> tuple[dict, dict, dict]:
     return signature, constants, options
 
 
-def _conv_launches(record: list[str]) -> None:
+#: (batch, channels, out channels, height, width, groups, offset groups, kernel) of the
+#: convolution launches and (batch, height, width, groups, channels per group) of the DCNv3
+#: ones: tiny, or the benchmarks' first.
+_SHAPES = {
+    "small": ((2, 6, 4, 9, 8, 2, 2, (2, 3)), (2, 5, 6, 2, 32)),
+    "benchmark": ((8, 256, 256, 64, 64, 1, 1, (3, 3)), (64, 56, 56, 4, 32)),
+}
+
+
+def _conv_launches(record: list[str], shape: tuple) -> None:
     """Forward and backward launches of ``deform_conv2d`` for each dtype and setting."""
+    batch, channels, out_channels, height, width, groups, offset_groups, (kh, kw) = shape
+    taps = kh * kw
     cases = itertools.product(
         [torch.float16, torch.bfloat16, torch.float32], [True, False], [False, True]
     )
@@ -103,11 +120,13 @@ def _conv_launches(record: list[str]) -> None:
         for precision in precisions:
             record[0] = (f"deform_conv2d {str(dtype)[6:]} {precision} "
                          f"mask={modulated} deterministic={deterministic}")  # fmt: skip
-            x = torch.randn(2, 6, 9, 8, dtype=dtype)
-            offset = torch.randn(2, 2 * 2 * 6, 10, 8, dtype=dtype)
-            mask = torch.rand(2, 2 * 6, 10, 8, dtype=dtype) if modulated else None
-            weight = torch.randn(4, 3, 2, 3, dtype=dtype)
-            bias = torch.randn(4, dtype=dtype)
+            x = torch.randn(batch, channels, height, width, dtype=dtype)
+            out_size = (height + 3 - kh, width + 3 - kw)
+            offset = torch.randn(batch, 2 * offset_groups * taps, *out_size, dtype=dtype)
+            mask = torch.rand(batch, offset_groups * taps, *out_size, dtype=dtype)
+            mask = mask if modulated else None
+            weight = torch.randn(out_channels, channels // groups, kh, kw, dtype=dtype)
+            bias = torch.randn(out_channels, dtype=dtype)
             args = ([1, 1], [1, 1], [1, 1])
             out = ops.triton_deform_conv2d(x, offset, mask, weight, bias, *args, precision)
             ops.triton_deform_conv2d_backward(torch.ones_like(out), x, offset, mask, weight,
@@ -115,45 +134,58 @@ def _conv_launches(record: list[str]) -> None:
                                               deterministic)  # fmt: skip
 
 
-def _dcnv3_launches(record: list[str]) -> None:
+def _dcnv3_launches(record: list[str], shape: tuple) -> None:
     """Forward and backward launches of the DCNv3 operator for each dtype and setting."""
+    batch, height, width, groups, depth = shape
     for dtype, deterministic, remove in itertools.product(
         [torch.float16, torch.bfloat16, torch.float32], [False, True], [False, True]
     ):
         record[0] = f"dcnv3 {str(dtype)[6:]} deterministic={deterministic} remove={remove}"
         points = 9 - int(remove)
-        x = torch.randn(2, 5, 6, 2 * 32, dtype=dtype)
-        fused = torch.randn(2, 5, 6, 2, 3 * points, dtype=dtype)
+        x = torch.randn(batch, height, width, groups * depth, dtype=dtype)
+        fused = torch.randn(batch, height, width, groups, 3 * points, dtype=dtype)
         offset, mask = fused[..., : 2 * points], fused[..., 2 * points :]
-        args = ([3, 3], [1, 1], [1, 1], [1, 1], 2, 1.0, remove)
+        args = ([3, 3], [1, 1], [1, 1], [1, 1], groups, 1.0, remove)
         out = dcnv3_ops.triton_dcnv3(x, offset, mask, *args)
         dcnv3_ops.triton_dcnv3_backward(torch.ones_like(out), x, offset, mask, *args, True,
                                         deterministic)  # fmt: skip
 
 
-def record_launches() -> list[Launch]:
+def record_launches(shapes: str = "small") -> list[Launch]:
+    conv_shape, dcnv3_shape = _SHAPES[shapes]
     launches: list[Launch] = []
     label = [""]
     recorder = _Recorder(launches, label)
     saved = ops.wrap_triton, dcnv3_ops.wrap_triton
     ops.wrap_triton = dcnv3_ops.wrap_triton = recorder
     try:
-        _conv_launches(label)
-        _dcnv3_launches(label)
+        _conv_launches(label, conv_shape)
+        _dcnv3_launches(label, dcnv3_shape)
     finally:
         ops.wrap_triton, dcnv3_ops.wrap_triton = saved
     return launches
 
 
-def resources(cubin: bytes) -> str:
-    """Registers, local memory (spills) and shared memory of a cubin's kernel, in bytes."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """What the ``cuobjdump`` that Triton ships prints for ``cubin`` with ``flag``."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                         "cuobjdump")  # fmt: skip
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
-        report = subprocess.run([tool, "-res-usage", handle.name], capture_output=True,
-                                text=True).stdout  # fmt: skip
+        return subprocess.run([tool, flag, handle.name], capture_output=True,
+                              text=True).stdout  # fmt: skip
+
+
+def sass(cubin: bytes) -> list[str]:
+    """The cubin's instructions, one a line, without addresses, encodings or comments."""
+    lines = re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+([^;]*);", _cuobjdump(cubin, "-sass"), re.M)
+    return [" ".join(line.split()) for line in lines]
+
+
+def resources(cubin: bytes) -> str:
+    """Registers, local memory (spills) and shared memory of a cubin's kernel, in bytes."""
+    report = _cuobjdump(cubin, "-res-usage")
     found = dict(re.findall(r"\b(REG|LOCAL|SHARED):(\d+)", report))
     if not found:
         return "resource usage not available"
@@ -161,6 +193,8 @@ def resources(cubin: bytes) -> str:
 
 
 _LAUNCHES: list[Launch] = []
+#: Where ``_compile`` writes each launch's SASS (``--sass``), or None.
+_SASS_DIR: list[str | None] = [None]
 
 
 def _specialized(launch: Launch, target: GPUTarget) -> tuple[ASTSource, dict]:
@@ -199,7 +233,13 @@ def _compile(index: int, arch: int) -> str:
         compiled = triton.compile(source, target=target, options=options)
     except Exception as error:  # report every failure, not only the first
         return f"FAILED sm_{arch} {name}: {type(error).__name__}: {str(error)[:2000]}"
-    return f"ok sm_{arch} {name}: {resources(compiled.asm['cubin'])}"
+    cubin = compiled.asm["cubin"]
+    instructions = sass(cubin)
+    if _SASS_DIR[0] is not None:
+        path = os.path.join(_SASS_DIR[0], f"sm_{arch}-{index:03d}-{launch.kernel.fn.__name__}.sass")
+        with open(path, "w") as handle:
+            handle.write(f"// {name}\n" + "\n".join(instructions) + "\n")
+    return f"ok sm_{arch} {name}: {resources(cubin)}, {len(instructions)} instructions"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,12 +248,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute capabilities, e.g. 80 90 (default: 90)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compilations in parallel")  # fmt: skip
+    parser.add_argument("--shapes", choices=sorted(_SHAPES), default="small",
+                        help="tiny launches, or the benchmarks' first shapes")  # fmt: skip
+    parser.add_argument("--sass", metavar="DIR",
+                        help="write each launch's SASS to DIR, one instruction a line")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.sass:
+        os.makedirs(args.sass, exist_ok=True)
+        _SASS_DIR[0] = args.sass
     if not isinstance(ops.deform_conv2d_forward_kernel, triton.runtime.JITFunction):
         print("the kernels are interpreted (TRITON_INTERPRET=1): run with TRITON_INTERPRET=0")
         return 2
     seen = set()
-    for launch in record_launches():
+    for launch in record_launches(args.shapes):
         signature, constants, options = _signature(launch)
         key = (launch.kernel.fn.__name__, tuple(sorted(signature.items())),
                tuple(sorted(constants.items())), tuple(sorted(options.items())))  # fmt: skip

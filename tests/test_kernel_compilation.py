@@ -6,6 +6,7 @@ checks that the real compiler takes them, in every dtype and mode."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,7 @@ def test_every_kernel_compiles_for_ampere_and_hopper():
     for arch in ("sm_80", "sm_90"):
         for kernel in KERNELS:
             assert f"ok {arch} {kernel} " in report, f"{kernel} was not compiled for {arch}"
+    # Every launch's SASS was read back: its instruction count is in its line.
+    counts = re.findall(r"^ok .*, (\d+) instructions$", report, re.M)
+    assert len(counts) == report.count("\nok ") + report.startswith("ok "), report[-2000:]
+    assert min(int(count) for count in counts) > 100, report[-2000:]
