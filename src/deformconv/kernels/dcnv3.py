@@ -18,8 +18,7 @@ on the order of the adds.
 import triton
 import triton.language as tl
 
-from .deform_conv2d import scatter_corner
-from .sampling import load_corner
+from .sampling import load_corners, scatter_bilinear
 
 
 @triton.jit
@@ -199,28 +198,6 @@ def dcnv3_forward_kernel(
 
 
 @triton.jit
-def _scatter_bilinear(grad_ptr, image_base, h0, w0, fh, fw, channel, row_stride, channels,
-                      height, width, valid, cols, values, fixed_point_scale,
-                      DETERMINISTIC: tl.constexpr):  # fmt: skip
-    """Add ``values`` ``(BLOCK_Q, BLOCK_D)`` to the four bilinear corners, each times its
-    weight."""
-    gh = 1.0 - fh
-    gw = 1.0 - fw
-    scatter_corner(grad_ptr, image_base, h0, w0, channel, row_stride, channels, height, width,
-                   valid, cols, values * (gh * gw)[:, None], fixed_point_scale, DETERMINISTIC,
-                   "relaxed")  # fmt: skip
-    scatter_corner(grad_ptr, image_base, h0, w0 + 1, channel, row_stride, channels, height,
-                   width, valid, cols, values * (gh * fw)[:, None], fixed_point_scale,
-                   DETERMINISTIC, "relaxed")  # fmt: skip
-    scatter_corner(grad_ptr, image_base, h0 + 1, w0, channel, row_stride, channels, height,
-                   width, valid, cols, values * (fh * gw)[:, None], fixed_point_scale,
-                   DETERMINISTIC, "relaxed")  # fmt: skip
-    scatter_corner(grad_ptr, image_base, h0 + 1, w0 + 1, channel, row_stride, channels, height,
-                   width, valid, cols, values * (fh * fw)[:, None], fixed_point_scale,
-                   DETERMINISTIC, "relaxed")  # fmt: skip
-
-
-@triton.jit
 def dcnv3_backward_kernel(
     input_ptr,
     offset_ptr,
@@ -295,14 +272,9 @@ def dcnv3_backward_kernel(
                 rows = grad_out_ptr + (q * channels)[:, None] + channel[None, :]
                 go = tl.load(rows, mask=active[:, None] & cols[None, :], other=0.0)
                 go = go.to(tl.float32)
-            v00 = load_corner(input_ptr, image_base, h0, w0, channel, row_stride,
-                              channels, height, width, valid, cols)  # fmt: skip
-            v01 = load_corner(input_ptr, image_base, h0, w0 + 1, channel, row_stride,
-                              channels, height, width, valid, cols)  # fmt: skip
-            v10 = load_corner(input_ptr, image_base, h0 + 1, w0, channel, row_stride,
-                              channels, height, width, valid, cols)  # fmt: skip
-            v11 = load_corner(input_ptr, image_base, h0 + 1, w0 + 1, channel, row_stride,
-                              channels, height, width, valid, cols)  # fmt: skip
+            v00, v01, v10, v11 = load_corners(input_ptr, image_base, h0, w0, channel,
+                                              row_stride, channels, height, width, valid,
+                                              cols)  # fmt: skip
             value = (v00 * gw[:, None] + v01 * fw[:, None]) * gh[:, None]
             value += (v10 * gw[:, None] + v11 * fw[:, None]) * fh[:, None]
             grad_mask += tl.sum(go * value, axis=1)
@@ -311,10 +283,10 @@ def dcnv3_backward_kernel(
             grad_h += tl.sum(go * d_h, axis=1)
             grad_w += tl.sum(go * d_w, axis=1)
             if NEED_INPUT:
-                _scatter_bilinear(grad_input_ptr, image_base, h0, w0, fh, fw, channel,
-                                  row_stride, channels, height, width, valid, cols,
-                                  go * weight[:, None], fixed_point_scale,
-                                  DETERMINISTIC)  # fmt: skip
+                scatter_bilinear(grad_input_ptr, image_base, h0, w0, fh, fw, channel,
+                                 row_stride, channels, height, width, valid, cols,
+                                 go * weight[:, None], fixed_point_scale, DETERMINISTIC,
+                                 "relaxed")  # fmt: skip
         grad_mask = tl.where(valid, grad_mask, 0.0)
         scale = tl.where(valid, weight * offset_scale, 0.0)
         tl.store(grad_mask_ptr + sample, grad_mask, mask=active)

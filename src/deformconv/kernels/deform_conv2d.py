@@ -24,7 +24,7 @@ are addressed through their strides, so NCHW and channels-last both run without 
 import triton
 import triton.language as tl
 
-from .sampling import bilinear_tile, corner_mask, load_corner, sample_position
+from .sampling import bilinear_tile, load_corners, sample_position, scatter_bilinear
 
 
 @triton.jit
@@ -161,33 +161,6 @@ def deform_conv2d_forward_kernel(
 
 
 @triton.jit
-def scatter_corner(
-    grad_x_ptr,
-    image_base,
-    yy,
-    xx,
-    channel_offsets,
-    stride_h,
-    stride_w,
-    height,
-    width,
-    rows,
-    cols,
-    values,
-    fixed_point_scale,
-    DETERMINISTIC: tl.constexpr,
-    ATOMIC_SEM: tl.constexpr,
-):
-    inside = corner_mask(yy, xx, height, width, rows)
-    pointers = grad_x_ptr + (image_base + yy * stride_h + xx * stride_w)[:, None]
-    pointers += channel_offsets[None, :]
-    if DETERMINISTIC:
-        values = (values * fixed_point_scale).to(tl.int64)
-    # Relaxed: the adds commute and nothing reads the sums before the kernel ends.
-    tl.atomic_add(pointers, values, mask=inside[:, None] & cols[None, :], sem=ATOMIC_SEM)
-
-
-@triton.jit
 def deform_conv2d_backward_data_kernel(
     grad_out_ptr,
     x_ptr,
@@ -306,58 +279,10 @@ def deform_conv2d_backward_data_kernel(
             channel_offsets = _wide(c, INDEX64) * x_stride_c
             grad_channel_offsets = _wide(c, INDEX64) * g_stride_c
             if NEED_OFFSET or NEED_MASK:
-                v00 = load_corner(
-                    x_ptr,
-                    image_base,
-                    y0,
-                    x0,
-                    channel_offsets,
-                    x_stride_h,
-                    x_stride_w,
-                    height,
-                    width,
-                    rows,
-                    cols,
-                )
-                v01 = load_corner(
-                    x_ptr,
-                    image_base,
-                    y0,
-                    x0 + 1,
-                    channel_offsets,
-                    x_stride_h,
-                    x_stride_w,
-                    height,
-                    width,
-                    rows,
-                    cols,
-                )
-                v10 = load_corner(
-                    x_ptr,
-                    image_base,
-                    y0 + 1,
-                    x0,
-                    channel_offsets,
-                    x_stride_h,
-                    x_stride_w,
-                    height,
-                    width,
-                    rows,
-                    cols,
-                )
-                v11 = load_corner(
-                    x_ptr,
-                    image_base,
-                    y0 + 1,
-                    x0 + 1,
-                    channel_offsets,
-                    x_stride_h,
-                    x_stride_w,
-                    height,
-                    width,
-                    rows,
-                    cols,
-                )
+                v00, v01, v10, v11 = load_corners(
+                    x_ptr, image_base, y0, x0, channel_offsets, x_stride_h, x_stride_w, height,
+                    width, rows, cols,
+                )  # fmt: skip
                 if NEED_MASK:
                     top = v00 * gx[:, None] + v01 * fx[:, None]
                     bottom = v10 * gx[:, None] + v11 * fx[:, None]
@@ -369,75 +294,11 @@ def deform_conv2d_backward_data_kernel(
                     acc_y += tl.sum(grad_col * d_dy, axis=1)
                     acc_x += tl.sum(grad_col * d_dx, axis=1)
             if NEED_INPUT:
-                grad_col = grad_col * scale[:, None]
-                scatter_corner(
-                    grad_x_ptr,
-                    grad_image_base,
-                    y0,
-                    x0,
-                    grad_channel_offsets,
-                    g_stride_h,
-                    g_stride_w,
-                    height,
-                    width,
-                    rows,
-                    cols,
-                    grad_col * (gy * gx)[:, None],
-                    fixed_point_scale,
-                    DETERMINISTIC,
-                    ATOMIC_SEM,
-                )
-                scatter_corner(
-                    grad_x_ptr,
-                    grad_image_base,
-                    y0,
-                    x0 + 1,
-                    grad_channel_offsets,
-                    g_stride_h,
-                    g_stride_w,
-                    height,
-                    width,
-                    rows,
-                    cols,
-                    grad_col * (gy * fx)[:, None],
-                    fixed_point_scale,
-                    DETERMINISTIC,
-                    ATOMIC_SEM,
-                )
-                scatter_corner(
-                    grad_x_ptr,
-                    grad_image_base,
-                    y0 + 1,
-                    x0,
-                    grad_channel_offsets,
-                    g_stride_h,
-                    g_stride_w,
-                    height,
-                    width,
-                    rows,
-                    cols,
-                    grad_col * (fy * gx)[:, None],
-                    fixed_point_scale,
-                    DETERMINISTIC,
-                    ATOMIC_SEM,
-                )
-                scatter_corner(
-                    grad_x_ptr,
-                    grad_image_base,
-                    y0 + 1,
-                    x0 + 1,
-                    grad_channel_offsets,
-                    g_stride_h,
-                    g_stride_w,
-                    height,
-                    width,
-                    rows,
-                    cols,
-                    grad_col * (fy * fx)[:, None],
-                    fixed_point_scale,
-                    DETERMINISTIC,
-                    ATOMIC_SEM,
-                )
+                scatter_bilinear(
+                    grad_x_ptr, grad_image_base, y0, x0, fy, fx, grad_channel_offsets,
+                    g_stride_h, g_stride_w, height, width, rows, cols, grad_col * scale[:, None],
+                    fixed_point_scale, DETERMINISTIC, ATOMIC_SEM,
+                )  # fmt: skip
     if NEED_OFFSET:
         channel = (og * taps + tap) * 2
         pointers = grad_offset_ptr + offset_base + channel * plane

@@ -1,4 +1,5 @@
-"""Bilinear sampling helpers shared by the Triton deformable-convolution kernels.
+"""Bilinear sampling helpers shared by the Triton kernels, and their adjoint: the scatter of a
+gradient into the corners of its samples.
 
 A sampling position is ``base + offset`` for one (output pixel, kernel tap, offset group).
 Positions one pixel or more outside the image, and NaN or infinite ones, are moved to
@@ -58,11 +59,28 @@ def load_corner(
     x_ptr, image_base, yy, xx, channel_offsets, stride_h, stride_w, height, width, rows, cols
 ):
     """``(BLOCK_M, BLOCK_K)`` input values at rows ``yy`` and columns ``xx`` (0 outside)."""
-    inside = rows & (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+    inside = corner_mask(yy, xx, height, width, rows)
     pointers = x_ptr + (image_base + yy * stride_h + xx * stride_w)[:, None]
     pointers += channel_offsets[None, :]
     values = tl.load(pointers, mask=inside[:, None] & cols[None, :], other=0.0)
     return values.to(tl.float32)
+
+
+@triton.jit
+def load_corners(
+    x_ptr, image_base, y0, x0, channel_offsets, stride_h, stride_w, height, width, rows, cols
+):
+    """The four corners ``(y0, x0)``, ``(y0, x0 + 1)``, ``(y0 + 1, x0)``, ``(y0 + 1, x0 + 1)``
+    of a tile of samples, as float32 ``(BLOCK_M, BLOCK_K)`` tiles (0 outside the image)."""
+    v00 = load_corner(x_ptr, image_base, y0, x0, channel_offsets, stride_h, stride_w, height,
+                      width, rows, cols)  # fmt: skip
+    v01 = load_corner(x_ptr, image_base, y0, x0 + 1, channel_offsets, stride_h, stride_w,
+                      height, width, rows, cols)  # fmt: skip
+    v10 = load_corner(x_ptr, image_base, y0 + 1, x0, channel_offsets, stride_h, stride_w,
+                      height, width, rows, cols)  # fmt: skip
+    v11 = load_corner(x_ptr, image_base, y0 + 1, x0 + 1, channel_offsets, stride_h, stride_w,
+                      height, width, rows, cols)  # fmt: skip
+    return v00, v01, v10, v11
 
 
 @triton.jit
@@ -89,50 +107,80 @@ def bilinear_tile(
     cols,
 ):
     """``(BLOCK_M, BLOCK_K)`` bilinear samples at ``(y0 + fy, x0 + fx)``, times ``scale``."""
-    v00 = load_corner(
-        x_ptr, image_base, y0, x0, channel_offsets, stride_h, stride_w, height, width, rows, cols
-    )
-    v01 = load_corner(
-        x_ptr,
-        image_base,
-        y0,
-        x0 + 1,
-        channel_offsets,
-        stride_h,
-        stride_w,
-        height,
-        width,
-        rows,
-        cols,
-    )
-    v10 = load_corner(
-        x_ptr,
-        image_base,
-        y0 + 1,
-        x0,
-        channel_offsets,
-        stride_h,
-        stride_w,
-        height,
-        width,
-        rows,
-        cols,
-    )
-    v11 = load_corner(
-        x_ptr,
-        image_base,
-        y0 + 1,
-        x0 + 1,
-        channel_offsets,
-        stride_h,
-        stride_w,
-        height,
-        width,
-        rows,
-        cols,
-    )
+    v00, v01, v10, v11 = load_corners(x_ptr, image_base, y0, x0, channel_offsets, stride_h,
+                                      stride_w, height, width, rows, cols)  # fmt: skip
     gy = 1.0 - fy
     gx = 1.0 - fx
     top = v00 * gx[:, None] + v01 * fx[:, None]
     bottom = v10 * gx[:, None] + v11 * fx[:, None]
     return (top * gy[:, None] + bottom * fy[:, None]) * scale[:, None]
+
+
+@triton.jit
+def scatter_corner(
+    grad_ptr,
+    image_base,
+    yy,
+    xx,
+    channel_offsets,
+    stride_h,
+    stride_w,
+    height,
+    width,
+    rows,
+    cols,
+    values,
+    fixed_point_scale,
+    DETERMINISTIC: tl.constexpr,
+    ATOMIC_SEM: tl.constexpr,
+):
+    """Add ``values`` ``(BLOCK_M, BLOCK_K)`` at rows ``yy`` and columns ``xx`` (nothing
+    outside the image): float32 atomic adds, or, with ``DETERMINISTIC``, int64 adds of
+    ``values · fixed_point_scale``, whose sums do not depend on their order."""
+    inside = corner_mask(yy, xx, height, width, rows)
+    pointers = grad_ptr + (image_base + yy * stride_h + xx * stride_w)[:, None]
+    pointers += channel_offsets[None, :]
+    if DETERMINISTIC:
+        values = (values * fixed_point_scale).to(tl.int64)
+    # Relaxed order suffices: the adds commute and nothing reads the sums before the kernel
+    # ends.
+    tl.atomic_add(pointers, values, mask=inside[:, None] & cols[None, :], sem=ATOMIC_SEM)
+
+
+@triton.jit
+def scatter_bilinear(
+    grad_ptr,
+    image_base,
+    y0,
+    x0,
+    fy,
+    fx,
+    channel_offsets,
+    stride_h,
+    stride_w,
+    height,
+    width,
+    rows,
+    cols,
+    values,
+    fixed_point_scale,
+    DETERMINISTIC: tl.constexpr,
+    ATOMIC_SEM: tl.constexpr,
+):
+    """The adjoint of :func:`bilinear_tile` (without its scale): adds ``values``
+    ``(BLOCK_M, BLOCK_K)`` into the four corners of each sample, each times its bilinear
+    weight."""
+    gy = 1.0 - fy
+    gx = 1.0 - fx
+    scatter_corner(grad_ptr, image_base, y0, x0, channel_offsets, stride_h, stride_w, height,
+                   width, rows, cols, values * (gy * gx)[:, None], fixed_point_scale,
+                   DETERMINISTIC, ATOMIC_SEM)  # fmt: skip
+    scatter_corner(grad_ptr, image_base, y0, x0 + 1, channel_offsets, stride_h, stride_w,
+                   height, width, rows, cols, values * (gy * fx)[:, None], fixed_point_scale,
+                   DETERMINISTIC, ATOMIC_SEM)  # fmt: skip
+    scatter_corner(grad_ptr, image_base, y0 + 1, x0, channel_offsets, stride_h, stride_w,
+                   height, width, rows, cols, values * (fy * gx)[:, None], fixed_point_scale,
+                   DETERMINISTIC, ATOMIC_SEM)  # fmt: skip
+    scatter_corner(grad_ptr, image_base, y0 + 1, x0 + 1, channel_offsets, stride_h, stride_w,
+                   height, width, rows, cols, values * (fy * fx)[:, None], fixed_point_scale,
+                   DETERMINISTIC, ATOMIC_SEM)  # fmt: skip
