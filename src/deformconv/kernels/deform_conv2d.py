@@ -36,6 +36,16 @@ def _wide(index, INDEX64: tl.constexpr):
 
 
 @triton.jit
+def _modulation(mask_ptr, mask_base, channel_offset, rows, HAS_MASK: tl.constexpr):
+    """The modulation of a tile's samples as float32, or 1 without a mask."""
+    if HAS_MASK:
+        scale = tl.load(mask_ptr + mask_base + channel_offset, mask=rows).to(tl.float32)
+    else:
+        scale = tl.full(mask_base.shape, 1.0, tl.float32)
+    return scale
+
+
+@triton.jit
 def _pixel_tile(tile, tiles_per_image, plane, out_w, BLOCK_M: tl.constexpr, INDEX64: tl.constexpr):
     """Tile ``tile`` of the output pixels: an image and ``BLOCK_M`` consecutive pixels of it.
 
@@ -117,11 +127,7 @@ def deform_conv2d_forward_kernel(
                 rows,
                 INDEX64,
             )
-            if HAS_MASK:
-                scale = tl.load(mask_ptr + mask_base + (og * taps + tap) * plane, mask=rows)
-                scale = scale.to(tl.float32)
-            else:
-                scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+            scale = _modulation(mask_ptr, mask_base, (og * taps + tap) * plane, rows, HAS_MASK)
             seg_lo = tl.maximum(c_first, og * offset_group_in)
             seg_hi = tl.minimum(c_end, (og + 1) * offset_group_in)
             for c0 in range(seg_lo, seg_hi, BLOCK_K):
@@ -236,11 +242,7 @@ def deform_conv2d_backward_data_kernel(
     )
     gy = 1.0 - fy
     gx = 1.0 - fx
-    if HAS_MASK:
-        scale = tl.load(mask_ptr + mask_base + (og * taps + tap) * plane, mask=rows)
-        scale = scale.to(tl.float32)
-    else:
-        scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+    scale = _modulation(mask_ptr, mask_base, (og * taps + tap) * plane, rows, HAS_MASK)
     fixed_point_scale = 1.0
     if DETERMINISTIC:
         fixed_point_scale = tl.load(fixed_point_ptr)
@@ -396,11 +398,7 @@ def deform_conv2d_backward_weight_kernel(
                 rows,
                 INDEX64,
             )
-            if HAS_MASK:
-                scale = tl.load(mask_ptr + mask_base + (og * taps + tap) * plane, mask=rows)
-                scale = scale.to(tl.float32)
-            else:
-                scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+            scale = _modulation(mask_ptr, mask_base, (og * taps + tap) * plane, rows, HAS_MASK)
             a += bilinear_tile(
                 x_ptr,
                 image_base,
