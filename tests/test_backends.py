@@ -82,3 +82,42 @@ def test_select_per_operator_family():
         assert select(cpu, op="dcnv3") is triton_dcnv3
     with pytest.raises(ValueError, match=r"op must be one of \['dcnv3', 'deform_conv'\]"):
         select(cpu, op="dcnv5")
+
+
+@pytest.mark.parametrize("forward_setting, later_setting", [("triton", None), ("torch", "triton")])
+def test_backward_runs_on_the_backend_of_its_forward(monkeypatch, forward_setting, later_setting):
+    """Autograd runs a backward pass on the backend its forward ran under, though the setting
+    changed in between (the ``use_backend`` block ended, or ``set_backend`` was called), for
+    the convolution and for DCNv3."""
+    pytest.importorskip("triton")
+    from deformconv.backends import pytorch_dcnv3, triton_dcnv3
+    from test_dcnv3 import CASES, _args
+    from test_dcnv3 import make_inputs as dcnv3_inputs
+
+    ran = []
+
+    def recording(module):
+        original = module.backward
+
+        def backward(*args, **kwargs):
+            ran.append(module)
+            return original(*args, **kwargs)
+
+        return backward
+
+    for module in (backends.pytorch, backends.triton_backend, pytorch_dcnv3, triton_dcnv3):
+        monkeypatch.setattr(module, "backward", recording(module))
+    config = LOPSIDED["straddling-groups"]
+    conv_inputs = make_inputs(config, dtype=torch.float32)
+    case = CASES["lopsided"]
+    dcnv3_leaves = {k: v.float().requires_grad_() for k, v in dcnv3_inputs(case).items()}
+    with deformconv.use_backend(forward_setting):
+        conv_out = call(deformconv.deform_conv2d, conv_inputs, config)
+        dcnv3_out = deformconv.dcnv3(*dcnv3_leaves.values(), **_args(case))
+    deformconv.set_backend(later_setting)
+    (conv_out.sum() + dcnv3_out.sum()).backward()
+    expected = {"torch": [backends.pytorch, pytorch_dcnv3],
+                "triton": [backends.triton_backend, triton_dcnv3]}[forward_setting]  # fmt: skip
+    assert sorted(ran, key=id) == sorted(expected, key=id)
+    # Outside autograd's backward pass the setting in force applies again.
+    assert deformconv.get_backend() == (later_setting or "auto")

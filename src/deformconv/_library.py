@@ -4,8 +4,8 @@
 Each op and its backward are ``torch.library`` custom ops with fake (meta) implementations
 and registered autograd, so ``torch.compile``, ``torch.export`` and ``opcheck`` see them as
 ordinary operators.  Both run whichever backend :func:`deformconv.backends.select` names for
-the tensors' device and dimensionality.  Arguments are validated by the public functions,
-not here.
+the tensors' device and dimensionality; a backward pass called by autograd, under the backend
+setting its forward ran under.  Arguments are validated by the public functions, not here.
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.has_bias = bias is not None
     ctx.conv_args = (stride, padding, dilation)
     ctx.plan = handoff.take(offset, mask)  # what the forward kept for the backward, if any
+    ctx.backend = backends.get_backend()
 
 
 def _register(dims: int) -> tuple[Any, Any]:
@@ -122,7 +123,7 @@ def _register(dims: int) -> tuple[Any, Any]:
         input, offset, mask, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         modulated = mask is not None and needs[2]
-        with handoff.offered(ctx.plan):
+        with handoff.offered(ctx.plan), backends.pinned(ctx.backend):
             grads = backward_op(
                 grad_output, input, offset, mask, weight, *ctx.conv_args,
                 [needs[0], needs[1], modulated, needs[3]],
@@ -204,12 +205,14 @@ def _dcnv3_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     input, offset, mask, *settings = inputs
     ctx.save_for_backward(input, offset, mask)
     ctx.settings = settings
+    ctx.backend = backends.get_backend()
 
 
 def _dcnv3_backward(ctx: Any, grad_output: Tensor):
     input, offset, mask = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:3])
-    grads = dcnv3_backward_op(grad_output, input, offset, mask, *ctx.settings, needs)
+    with backends.pinned(ctx.backend):
+        grads = dcnv3_backward_op(grad_output, input, offset, mask, *ctx.settings, needs)
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)),
             *([None] * len(ctx.settings)))  # fmt: skip
 

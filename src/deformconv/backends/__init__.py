@@ -5,7 +5,8 @@ Every backend provides ``forward`` and ``backward`` with the signatures of
 module with those of :mod:`deformconv.backends.pytorch_dcnv3` (DCNv3 / DCNv4).  ``"auto"``
 picks the best backend available for the tensors' device; a user can force one with
 :func:`set_backend`, the context manager :func:`use_backend`, or the environment variable
-``DEFORMCONV_BACKEND``.
+``DEFORMCONV_BACKEND``.  A backward pass runs on the setting its forward ran under, wherever
+and whenever it runs (outside the ``use_backend`` block, or on autograd's own threads).
 
 >>> import deformconv
 >>> deformconv.available_backends()
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from types import ModuleType
 
 import torch
@@ -36,6 +38,9 @@ _OPS: dict[str, dict[str, ModuleType]] = {
     "dcnv3": {"torch": pytorch_dcnv3, "triton": triton_dcnv3},
 }
 _forced: str | None = None
+#: The setting of the forward pass that a backward pass is running for (:func:`pinned`);
+#: per thread and context, so that it changes nothing for code running beside it.
+_pinned: ContextVar[str | None] = ContextVar("deformconv_pinned_backend", default=None)
 
 
 def available_backends() -> list[str]:
@@ -58,7 +63,11 @@ def set_backend(name: str | None) -> None:
 
 
 def get_backend() -> str:
-    """The backend setting in force: ``set_backend``'s, else ``$DEFORMCONV_BACKEND``, else auto."""
+    """The backend setting in force: ``set_backend``'s, else ``$DEFORMCONV_BACKEND``, else auto
+    (inside a backward pass: the setting its forward ran under)."""
+    pinned_setting = _pinned.get()
+    if pinned_setting is not None:
+        return pinned_setting
     if _forced is not None:
         return _forced
     from_env = os.environ.get(ENV_VAR, "").strip()
@@ -77,6 +86,17 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _forced = previous
+
+
+@contextmanager
+def pinned(setting: str) -> Iterator[None]:
+    """Run the enclosed code (a backward pass) under ``setting``, the one its forward pass ran
+    under, in this thread and context only."""
+    token = _pinned.set(_checked(setting, "backend"))
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
 
 
 def name_of(module: ModuleType) -> str:
