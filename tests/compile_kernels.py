@@ -116,7 +116,7 @@ def _conv_launches(record: list[str], shape: tuple) -> None:
         [torch.float16, torch.bfloat16, torch.float32], [True, False], [False, True]
     )
     for dtype, modulated, deterministic in cases:
-        precisions = ["ieee", "tf32x3"] if dtype == torch.float32 else ["ieee"]
+        precisions = ["ieee", "tf32"] if dtype == torch.float32 else ["ieee"]
         for precision in precisions:
             record[0] = (f"deform_conv2d {str(dtype)[6:]} {precision} "
                          f"mask={modulated} deterministic={deterministic}")  # fmt: skip

@@ -10,12 +10,17 @@ import warnings
 
 import pytest
 import torch
+from torch import Tensor
 
 pytest.importorskip("triton")
+
+import triton
+import triton.language as tl
 
 import deformconv
 from cases import LOPSIDED, Config, call, make_inputs, output_and_grads
 from deformconv.backends import triton_backend
+from deformconv.kernels.deform_conv2d import round_to_tf32
 from triton_cases import DEVICE, TOLERANCES, errors, on_device, relative_error
 
 DTYPES = [torch.float32, torch.float16]
@@ -128,6 +133,8 @@ def test_deterministic_mode_is_bit_identical_and_exact():
         assert relative_error(first[name], fast[name].cpu().double()) < 1e-6, name
 
 
+# The interpreter converts the NaN sums to int64 with numpy, which warns; CUDA does not.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
 def test_deterministic_mode_propagates_nan_gradients():
     config = LOPSIDED["straddling-groups"]
     tensors = on_device(make_inputs(config, dtype=torch.float32), torch.float32)
@@ -190,11 +197,61 @@ def test_float32_precision_follows_pytorch_settings():
         torch.set_float32_matmul_precision("highest")
         assert triton_backend.float32_precision(x) == "ieee"
         torch.set_float32_matmul_precision("high")
-        expected = "tf32x3" if DEVICE.type == "cuda" else "ieee"
+        expected = "tf32" if DEVICE.type == "cuda" else "ieee"
         assert triton_backend.float32_precision(x) == expected
         assert triton_backend.float32_precision(x.half()) == "ieee"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def _nearest_tf32(x: Tensor) -> Tensor:
+    """float32 ``x`` to the nearest value with 10 mantissa bits, ties away from zero, chosen
+    by comparing the two neighbours in float64 (IEEE rounding: past the largest value, to
+    infinity)."""
+    low = (x.view(torch.int32) & ~0x1FFF).view(torch.float32)  # towards zero
+    high = (low.view(torch.int32) + 0x2000).view(torch.float32)  # away from zero
+    # Past the largest value ``high`` is infinity, which stands for 2**128 in the comparison.
+    high_value = torch.where(high.isinf(), high.sign().double() * 2.0**128, high.double())
+    nearer_high = (x.double() - high_value).abs() <= (x.double() - low.double()).abs()
+    result = torch.where(nearer_high, high, low)
+    return torch.where(torch.isfinite(x), result, x)
+
+
+@triton.jit
+def _round_to_tf32_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, round_to_tf32(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
+
+
+def test_round_to_tf32_rounds_to_nearest_ties_away():
+    bits = torch.tensor([0x3F801000, 0x3F800FFF, 0x3F803000, 0xBF801000, 0x7F7FFFFF, 0x00001000,
+                         0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7FFFFFFF],
+                        dtype=torch.int64).to(torch.int32)  # fmt: skip
+    spread = torch.randn(1000) * 10.0 ** torch.randint(-30, 30, (1000,))
+    x = torch.cat([bits.view(torch.float32), spread])
+    out = torch.empty_like(x)
+    _round_to_tf32_kernel[(1,)](x, out, x.numel(), BLOCK=1024)
+    expected = _nearest_tf32(x)
+    assert torch.equal(out[~x.isnan()], expected[~x.isnan()])
+    assert out.isnan().equal(x.isnan())
+    assert (out.view(torch.int32)[~x.isnan()] & 0x1FFF == 0).all()  # 10 mantissa bits left
+    assert out[0] == 1.0 + 2.0**-10 and out[1] == 1.0 and out[2] == 1.0 + 2.0**-9  # ties away
+
+
+def test_tf32_products_round_their_operands(monkeypatch):
+    """With TF32 allowed, all three matrix products (forward, column gradient, weight
+    gradient) round their float32 operands to TF32: the output and every gradient but the
+    bias's carry TF32's rounding error, within the bound for TF32."""
+    monkeypatch.setattr(triton_backend, "float32_precision", lambda input: "tf32")
+    config = Config(batch=2, channels=64, height=7, width=9, out_channels=32, kernel=(3, 3),
+                    stride=(1, 1), padding=(1, 1), dilation=(1, 1), weight_groups=1,
+                    offset_groups=2)  # fmt: skip
+    result = errors(triton_deform_conv2d, config, torch.float32)
+    for name, error in result.items():
+        if name == "bias":
+            assert error <= TOLERANCES[torch.float32], f"{name}: {error:.2e}"
+        else:
+            assert 3e-5 <= error <= 5e-4, f"{name}: {error:.2e}"
 
 
 def test_corner_of_positions_that_round_across_an_integer():

@@ -9,7 +9,7 @@ kernels only under ``TRITON_INTERPRET=1``, Triton's interpreter), or a missing T
 * float16 and bfloat16 are contracted on tensor cores with float32 accumulation.  float32 is
   contracted exactly unless PyTorch's settings allow TF32 for matrix products
   (``torch.backends.cuda.matmul.allow_tf32`` or ``torch.set_float32_matmul_precision``);
-  then on TF32 tensor cores, split in three products to keep float32-like accuracy.
+  then on TF32 tensor cores, the operands rounded to TF32 (relative error about 3e-4).
 * Under ``torch.use_deterministic_algorithms(True)`` the input gradient is summed in int64
   fixed point, so every gradient is bit-identical from run to run.
 """
@@ -79,14 +79,13 @@ def _kernels() -> ModuleType:
 
 
 def float32_precision(input: Tensor) -> str:
-    """How float32 operands are contracted: on TF32 tensor cores only where PyTorch allows
-    TF32, and then as three TF32 products (``"tf32x3"``), which keep the error near
-    float32's; exactly otherwise (``"ieee"``)."""
+    """How float32 operands are contracted: on TF32 tensor cores (``"tf32"``) only where
+    PyTorch allows TF32 for matrix products; exactly otherwise (``"ieee"``)."""
     if input.dtype != torch.float32 or input.device.type != "cuda":
         return "ieee"
     allowed = torch.backends.cuda.matmul.allow_tf32
     allowed = allowed or torch.get_float32_matmul_precision() != "highest"
-    return "tf32x3" if allowed else "ieee"
+    return "tf32" if allowed else "ieee"
 
 
 def forward(

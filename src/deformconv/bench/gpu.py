@@ -47,7 +47,8 @@ class Shape:
 
 
 STANDARD = [Shape(8, 256, 64), Shape(16, 128, 96), Shape(8, 512, 32), Shape(2, 64, 200)]
-#: "fp32" contracts float32 exactly; "tf32" lets PyTorch (and so deformconv) use TF32.
+#: "fp32" contracts float32 exactly; "tf32" lets PyTorch (and so deformconv, and
+#: torchvision's matrix products) use TF32.
 DTYPES = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
@@ -167,7 +168,7 @@ def measure(shapes, dtypes, budget: float, with_errors: bool) -> list[dict]:
             reference = float64_reference(tensors) if with_errors else None
             for impl, fn in impls.items():
                 row = {"shape": shape.label, "dtype": dtype_name, "impl": impl}
-                if fn is None or (impl == "torchvision" and dtype_name in ("bf16", "tf32")):
+                if fn is None or (impl == "torchvision" and dtype_name == "bf16"):
                     continue
                 forward, forward_backward = runners(fn, tensors)
                 try:
