@@ -364,7 +364,7 @@ def main(argv=None) -> int:
         prog="deformconv bench --gpu", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--quick", action="store_true", help="first shape, bf16 and fp16 only")
-    parser.add_argument("--dtypes", default="bf16,fp16,fp32")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32,tf32")
     parser.add_argument("--budget", type=float, default=330.0, help="seconds for everything")
     parser.add_argument("--tune", action="store_true", help="sweep tile sizes at the first shape")
     parser.add_argument(
