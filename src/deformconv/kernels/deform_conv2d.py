@@ -156,21 +156,9 @@ def deform_conv2d_forward_kernel(
                 cols = c < seg_hi
                 channel_offsets = _wide(c, INDEX64) * x_stride_c
                 a = bilinear_tile(
-                    x_ptr,
-                    image_base,
-                    y0,
-                    x0,
-                    fy,
-                    fx,
-                    scale,
-                    channel_offsets,
-                    x_stride_h,
-                    x_stride_w,
-                    height,
-                    width,
-                    rows,
-                    cols,
-                )
+                    x_ptr, image_base, y0, x0, fy, fx, scale, channel_offsets, x_stride_h,
+                    x_stride_w, height, width, rows, cols,
+                )  # fmt: skip
                 w_rows = tap * group_in + (c - c_first)
                 w = tl.load(
                     w_group + w_rows[:, None] * group_out + o[None, :],
@@ -421,21 +409,9 @@ def deform_conv2d_backward_weight_kernel(
             )
             scale = _modulation(mask_ptr, mask_base, (og * taps + tap) * plane, rows, HAS_MASK)
             a += bilinear_tile(
-                x_ptr,
-                image_base,
-                y0,
-                x0,
-                fy,
-                fx,
-                scale,
-                channel_offsets,
-                x_stride_h,
-                x_stride_w,
-                height,
-                width,
-                rows,
-                cols & (c_og == og),
-            )
+                x_ptr, image_base, y0, x0, fy, fx, scale, channel_offsets, x_stride_h, x_stride_w,
+                height, width, rows, cols & (c_og == og),
+            )  # fmt: skip
         g_out = tl.load(
             grad_out_ptr
             + (image * (out_channels * plane) + p)[:, None]

@@ -90,22 +90,8 @@ def corner_mask(yy, xx, height, width, rows):
 
 
 @triton.jit
-def bilinear_tile(
-    x_ptr,
-    image_base,
-    y0,
-    x0,
-    fy,
-    fx,
-    scale,
-    channel_offsets,
-    stride_h,
-    stride_w,
-    height,
-    width,
-    rows,
-    cols,
-):
+def bilinear_tile(x_ptr, image_base, y0, x0, fy, fx, scale, channel_offsets, stride_h, stride_w,
+                  height, width, rows, cols):  # fmt: skip
     """``(BLOCK_M, BLOCK_K)`` bilinear samples at ``(y0 + fy, x0 + fx)``, times ``scale``."""
     v00, v01, v10, v11 = load_corners(x_ptr, image_base, y0, x0, channel_offsets, stride_h,
                                       stride_w, height, width, rows, cols)  # fmt: skip
@@ -117,23 +103,9 @@ def bilinear_tile(
 
 
 @triton.jit
-def scatter_corner(
-    grad_ptr,
-    image_base,
-    yy,
-    xx,
-    channel_offsets,
-    stride_h,
-    stride_w,
-    height,
-    width,
-    rows,
-    cols,
-    values,
-    fixed_point_scale,
-    DETERMINISTIC: tl.constexpr,
-    ATOMIC_SEM: tl.constexpr,
-):
+def scatter_corner(grad_ptr, image_base, yy, xx, channel_offsets, stride_h, stride_w, height,
+                   width, rows, cols, values, fixed_point_scale, DETERMINISTIC: tl.constexpr,
+                   ATOMIC_SEM: tl.constexpr):  # fmt: skip
     """Add ``values`` ``(BLOCK_M, BLOCK_K)`` at rows ``yy`` and columns ``xx`` (nothing
     outside the image): float32 atomic adds, or, with ``DETERMINISTIC``, int64 adds of
     ``values · fixed_point_scale``, whose sums do not depend on their order."""
@@ -142,31 +114,15 @@ def scatter_corner(
     pointers += channel_offsets[None, :]
     if DETERMINISTIC:
         values = (values * fixed_point_scale).to(tl.int64)
-    # Relaxed order suffices: the adds commute and nothing reads the sums before the kernel
-    # ends.
+    # "relaxed" order (what the kernels pass) suffices: the adds commute and nothing reads the
+    # sums before the kernel ends.
     tl.atomic_add(pointers, values, mask=inside[:, None] & cols[None, :], sem=ATOMIC_SEM)
 
 
 @triton.jit
-def scatter_bilinear(
-    grad_ptr,
-    image_base,
-    y0,
-    x0,
-    fy,
-    fx,
-    channel_offsets,
-    stride_h,
-    stride_w,
-    height,
-    width,
-    rows,
-    cols,
-    values,
-    fixed_point_scale,
-    DETERMINISTIC: tl.constexpr,
-    ATOMIC_SEM: tl.constexpr,
-):
+def scatter_bilinear(grad_ptr, image_base, y0, x0, fy, fx, channel_offsets, stride_h, stride_w,
+                     height, width, rows, cols, values, fixed_point_scale,
+                     DETERMINISTIC: tl.constexpr, ATOMIC_SEM: tl.constexpr):  # fmt: skip
     """The adjoint of :func:`bilinear_tile` (without its scale): adds ``values``
     ``(BLOCK_M, BLOCK_K)`` into the four corners of each sample, each times its bilinear
     weight."""
