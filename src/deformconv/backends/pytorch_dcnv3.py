@@ -12,8 +12,8 @@ summed by one fused gather.  The backward recomputes the samples; gradients of t
 positions come from the plan's weight factors, times ``offset_scale``; the input gradient
 is one fused gather per corner over the samples sorted by table row.  Output pixels go in
 chunks that bound the temporary buffers by the same column budget as the convolution.  On
-the CPU, groups of at most 32 channels sample through the compiled functions of
-:mod:`~deformconv.backends.compiled`, as the convolution's narrow rows do.
+the CPU the gathers and gradients are the convolution's C loops
+(:mod:`~deformconv.backends.native`), or, where those do not build, its tensor operations.
 """
 
 from __future__ import annotations
@@ -62,13 +62,22 @@ def _table(input: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
 def _displacements(offset: Tensor, geo: Geometry, taps: Tensor, scale: float, dtype):
     """Offsets ``(N, Ho, Wo, G·P·2)`` as (Δh, Δw) from the plan's grid, ``(pixels, G, P, 2)``."""
     points = taps.shape[0]
-    pairs = offset.reshape(geo.pixels, geo.offset_groups, points, 2).to(dtype)
-    pairs = pairs.flip(-1)  # (w, h) → (h, w)
+    pairs = _swapped_pairs(offset.reshape(-1, 2), dtype)  # (w, h) → (h, w)
+    pairs = pairs.view(geo.pixels, geo.offset_groups, points, 2)
     centre = torch.tensor([d * (k - 1) // 2 for d, k in zip(geo.dilation, geo.kernel,
                                                              strict=True)])  # fmt: skip
     spread = taps * torch.tensor(geo.dilation, device=taps.device)
     shift = (centre.to(taps.device) - spread).to(dtype) * (1 - scale)
-    return (pairs * scale + shift[None, None, :, :]).contiguous()
+    return pairs.mul_(scale).add_(shift[None, None, :, :])
+
+
+def _swapped_pairs(pairs: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(n, 2)`` pairs with their two columns swapped, as a new contiguous ``dtype`` tensor
+    (two column copies: ``flip`` takes twice as long on the CPU)."""
+    swapped = torch.empty(pairs.shape, dtype=dtype, device=pairs.device)
+    swapped[:, 0] = pairs[:, 1]
+    swapped[:, 1] = pairs[:, 0]
+    return swapped
 
 
 def forward(input, offset, mask, kernel, stride, padding, dilation, group, offset_scale,
@@ -136,8 +145,7 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
         grad_input = layout.interior(table_grad).view(geo.batch, group, *geo.size, depth)
         grad_input = grad_input.movedim(1, -2).reshape(input.shape).to(input.dtype)
     if position_grad is not None:
-        grad_offset = position_grad.view(geo.pixels, group, points, 2).flip(-1)
-        grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype)
+        grad_offset = _swapped_pairs(position_grad, offset.dtype).view(offset.shape)
     if mask_grad is not None:
         grad_mask = mask_grad.reshape(mask.shape).to(mask.dtype)
     return grad_input, grad_offset, grad_mask
