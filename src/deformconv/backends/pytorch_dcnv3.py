@@ -114,13 +114,14 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
     points, depth = len(coords), geo.channels // group
     samples = geo.pixels * group * points
 
-    def zeros(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=dtype, device=input.device)
+    def empty(*shape: int) -> Tensor:
+        return torch.empty(shape, dtype=dtype, device=input.device)
 
     layout = table_of(geo)
-    table_grad = zeros(layout.rows, depth) if need_input else None
-    position_grad = zeros(samples, 2) if need_offset else None
-    mask_grad = zeros(samples) if need_mask else None
+    table_grad = empty(layout.rows, depth).zero_() if need_input else None
+    # Every entry of these two is written by its chunk.
+    position_grad = empty(samples, 2) if need_offset else None
+    mask_grad = empty(samples) if need_mask else None
     if geo.pixels > 0 and any(needs_grad):
         table = _table(input, geo, dtype)
         shifts = _displacements(offset, geo, taps, offset_scale, dtype)
