@@ -19,6 +19,9 @@ are addressed through their strides, so NCHW and channels-last both run without 
   and one split of the pixels; it recomputes the samples and contracts them with
   ``grad_out``.  The splits add their sums atomically, or, in deterministic mode, write
   separate partial sums that are added afterwards in a fixed order.
+
+float32 operands are contracted as ``PRECISION`` says: exactly (``"ieee"``), or on TF32 tensor
+cores (``"tf32"``) with both operands rounded to TF32 first (:func:`_dot`).
 """
 
 import triton
