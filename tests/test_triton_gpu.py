@@ -56,8 +56,8 @@ def test_tf32_only_when_allowed():
         torch.set_float32_matmul_precision(previous)
     assert max(exact.values()) <= 1e-5, exact
     assert max(tf32.values()) <= 5e-4, tf32
-    # TF32 products round differently: the results must differ somewhere.
-    assert tf32 != exact
+    # Every result of a product carries TF32's rounding (the bias gradient is a plain sum).
+    assert min(error for name, error in tf32.items() if name != "bias") >= 3e-5, tf32
 
 
 def test_deterministic_gradients_are_bit_identical():
