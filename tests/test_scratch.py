@@ -96,6 +96,35 @@ def test_no_result_is_overwritten_by_the_next_call(name):
     assert scratch.kept_bytes() > 0
 
 
+@pytest.mark.parametrize("op", ["dcnv3", "dcnv4"])
+def test_no_dcnv3_result_is_overwritten_by_the_next_call(op):
+    """The DCNv3 backend's buffers too (DCNv4: a mask read from the fused tensor, a copy)."""
+
+    def call(seed):
+        generator = torch.Generator().manual_seed(seed)
+
+        def randn(*shape):
+            return torch.randn(shape, generator=generator).requires_grad_()
+
+        input = randn(2, 4, 5, 6)
+        if op == "dcnv3":
+            leaves = (input, randn(2, 4, 5, 2 * 9 * 2), torch.rand(2, 4, 5, 2 * 9).requires_grad_())
+            out = deformconv.dcnv3(*leaves, kernel_size=3, padding=1, group=2)
+        else:
+            leaves = (input, randn(2, 4, 5, deformconv.dcnv4_offset_mask_channels(2, 3)))
+            out = deformconv.dcnv4(*leaves, kernel_size=3, padding=1, group=2)
+        out.backward(torch.randn(out.shape, generator=generator))
+        return [out.detach(), *(leaf.grad for leaf in leaves)]
+
+    with deformconv.use_backend("torch"):
+        first = call(0)
+        kept = [t.clone() for t in first]
+        call(1)
+    for index, (now, before) in enumerate(zip(first, kept, strict=True)):
+        assert torch.equal(now, before), index
+    assert scratch.kept_bytes() > 0
+
+
 def test_calls_in_two_threads_at_once_give_their_own_results():
     """Each thread takes its own buffers (and the grid cache is shared safely): concurrent
     calls on different inputs give what each gives alone."""

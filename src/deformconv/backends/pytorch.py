@@ -52,7 +52,7 @@ from .._utils import compute_dtype
 from . import handoff, native
 from .plan import table_of
 from .samples import Samples
-from .scratch import scratch
+from .scratch import fresh, scratch
 
 #: The default upper bound, in bytes, on the temporary column buffers of one call.
 DEFAULT_COLUMN_BUDGET = 256 * 2**20
@@ -111,12 +111,6 @@ def _weight_matrix(weight: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
         matrix.transpose(3, 4)
     )
     return out
-
-
-def _fresh(view: Tensor, dtype: torch.dtype) -> Tensor:
-    """A contiguous copy of ``view`` in ``dtype``, in memory of its own (never a buffer of
-    :mod:`~deformconv.backends.scratch`)."""
-    return torch.empty(view.shape, dtype=dtype, device=view.device).copy_(view)
 
 
 def _grouped(columns: Tensor, geo: Geometry) -> Tensor:
@@ -363,18 +357,18 @@ def backward(
         grad_input = layout.interior(table_grad).view(
             geo.batch, geo.offset_groups, *geo.size, group_channels
         )
-        grad_input = _fresh(grad_input.movedim(-1, 2), input.dtype).view(input.shape)
+        grad_input = fresh(grad_input.movedim(-1, 2), input.dtype).view(input.shape)
     if position_grad is not None:
         grad_offset = position_grad.view(*sample_shape, geo.dims).permute(*order, 4, 1)
-        grad_offset = _fresh(grad_offset, offset.dtype).view(offset.shape)
+        grad_offset = fresh(grad_offset, offset.dtype).view(offset.shape)
     if mask_grad is not None:
         grad_mask = mask_grad.view(sample_shape).permute(*order, 1)
-        grad_mask = _fresh(grad_mask, mask.dtype).view(mask.shape)
+        grad_mask = fresh(grad_mask, mask.dtype).view(mask.shape)
     if need_weight:
         if weight_grad is None:  # no output positions
             weight_grad = zeros(groups, out_per_group, geo.taps * geo.channels // groups)
         blocks, depth = _column_blocks(geo)  # (block, tap, channel) → (block, channel, tap)
         grad_weight = weight_grad.view(groups, out_per_group, blocks, geo.taps, depth)
         # One copy, straight into the result (a reshape first would copy once more).
-        grad_weight = _fresh(grad_weight.transpose(3, 4), weight.dtype).view(weight.shape)
+        grad_weight = fresh(grad_weight.transpose(3, 4), weight.dtype).view(weight.shape)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias

@@ -26,6 +26,7 @@ from .._utils import compute_dtype
 from .plan import table_of
 from .pytorch import chunk_pixels
 from .samples import Samples
+from .scratch import fresh, scratch
 
 
 def point_coords(kernel: tuple[int, int], remove_center: bool) -> tuple[tuple[int, int], ...]:
@@ -53,16 +54,21 @@ def _geometry(input: Tensor, offset: Tensor, kernel, stride, padding, dilation, 
 
 
 def _table(input: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
-    """``(N, H, W, G·D)`` → the padded table of :mod:`~deformconv.backends.plan`."""
+    """``(N, H, W, G·D)`` → the padded table of :mod:`~deformconv.backends.plan`, in a buffer
+    of :mod:`~deformconv.backends.scratch`."""
     depth = geo.channels // geo.offset_groups
     grouped = input.reshape(geo.batch, *geo.size, geo.offset_groups, depth).movedim(-2, 1)
-    return table_of(geo).fill(grouped, dtype)
+    layout = table_of(geo)
+    return layout.fill(grouped, dtype, scratch("table", (layout.rows, depth), dtype, input.device))
 
 
 def _displacements(offset: Tensor, geo: Geometry, taps: Tensor, scale: float, dtype):
-    """Offsets ``(N, Ho, Wo, G·P·2)`` as (Δh, Δw) from the plan's grid, ``(pixels, G, P, 2)``."""
+    """Offsets ``(N, Ho, Wo, G·P·2)`` as (Δh, Δw) from the plan's grid, ``(pixels, G, P, 2)``,
+    in a buffer of :mod:`~deformconv.backends.scratch`."""
     points = taps.shape[0]
-    pairs = _swapped_pairs(offset.reshape(-1, 2), dtype)  # (w, h) → (h, w)
+    pairs = offset.reshape(-1, 2)
+    buffer = scratch("offsets", pairs.shape, dtype, offset.device)
+    pairs = _swapped_pairs(pairs, buffer)  # (w, h) → (h, w)
     pairs = pairs.view(geo.pixels, geo.offset_groups, points, 2)
     centre = torch.tensor([d * (k - 1) // 2 for d, k in zip(geo.dilation, geo.kernel,
                                                              strict=True)])  # fmt: skip
@@ -71,13 +77,20 @@ def _displacements(offset: Tensor, geo: Geometry, taps: Tensor, scale: float, dt
     return pairs.mul_(scale).add_(shift[None, None, :, :])
 
 
-def _swapped_pairs(pairs: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(n, 2)`` pairs with their two columns swapped, as a new contiguous ``dtype`` tensor
-    (two column copies: ``flip`` takes twice as long on the CPU)."""
-    swapped = torch.empty(pairs.shape, dtype=dtype, device=pairs.device)
-    swapped[:, 0] = pairs[:, 1]
-    swapped[:, 1] = pairs[:, 0]
-    return swapped
+def _swapped_pairs(pairs: Tensor, out: Tensor) -> Tensor:
+    """``(n, 2)`` pairs with their two columns swapped, into ``out`` (two column copies:
+    ``flip`` takes twice as long on the CPU)."""
+    out[:, 0] = pairs[:, 1]
+    out[:, 1] = pairs[:, 0]
+    return out
+
+
+def _masks(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """The mask ``(N, Ho, Wo, G, P)`` flat, in ``dtype``: itself where it already is, else
+    a copy in a buffer of :mod:`~deformconv.backends.scratch` (DCNv4's fused tensor)."""
+    if mask.dtype == dtype and mask.is_contiguous():
+        return mask.view(-1)
+    return scratch("masks", mask.shape, dtype, mask.device).copy_(mask).view(-1)
 
 
 def forward(input, offset, mask, kernel, stride, padding, dilation, group, offset_scale,
@@ -91,7 +104,7 @@ def forward(input, offset, mask, kernel, stride, padding, dilation, group, offse
     if geo.pixels > 0:
         table = _table(input, geo, dtype)
         shifts = _displacements(offset, geo, taps, offset_scale, dtype)
-        masks = mask.reshape(-1).to(dtype)  # (pixels·G·P,)
+        masks = _masks(mask, dtype)  # (pixels·G·P,)
         step = chunk_pixels(geo.pixels, points * geo.channels, 2, table)
         for start in range(0, geo.pixels, step):
             stop = min(geo.pixels, start + step)
@@ -114,18 +127,18 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
     points, depth = len(coords), geo.channels // group
     samples = geo.pixels * group * points
 
-    def empty(*shape: int) -> Tensor:
-        return torch.empty(shape, dtype=dtype, device=input.device)
+    def buffer(slot: str, *shape: int) -> Tensor:
+        return scratch(slot, shape, dtype, input.device)
 
     layout = table_of(geo)
-    table_grad = empty(layout.rows, depth).zero_() if need_input else None
+    table_grad = buffer("table_grad", layout.rows, depth).zero_() if need_input else None
     # Every entry of these two is written by its chunk.
-    position_grad = empty(samples, 2) if need_offset else None
-    mask_grad = empty(samples) if need_mask else None
+    position_grad = buffer("position_grad", samples, 2) if need_offset else None
+    mask_grad = buffer("mask_grad", samples) if need_mask else None
     if geo.pixels > 0 and any(needs_grad):
         table = _table(input, geo, dtype)
         shifts = _displacements(offset, geo, taps, offset_scale, dtype)
-        masks = mask.reshape(-1).to(dtype)  # (pixels·G·P,)
+        masks = _masks(mask, dtype)  # (pixels·G·P,)
         grad_out = grad_output.reshape(geo.pixels * group, depth).to(dtype)
         step = chunk_pixels(geo.pixels, points * geo.channels, 3, table)
         for start in range(0, geo.pixels, step):
@@ -141,12 +154,13 @@ def backward(grad_output, input, offset, mask, kernel, stride, padding, dilation
             if positions is not None:
                 positions.mul_(offset_scale)
 
-    grad_input = grad_offset = grad_mask = None
+    grad_input = grad_offset = grad_mask = None  # fresh memory, never the buffers
     if table_grad is not None:
         grad_input = layout.interior(table_grad).view(geo.batch, group, *geo.size, depth)
-        grad_input = grad_input.movedim(1, -2).reshape(input.shape).to(input.dtype)
+        grad_input = fresh(grad_input.movedim(1, -2), input.dtype).view(input.shape)
     if position_grad is not None:
-        grad_offset = _swapped_pairs(position_grad, offset.dtype).view(offset.shape)
+        grad_offset = torch.empty(position_grad.shape, dtype=offset.dtype, device=offset.device)
+        grad_offset = _swapped_pairs(position_grad, grad_offset).view(offset.shape)
     if mask_grad is not None:
-        grad_mask = mask_grad.reshape(mask.shape).to(mask.dtype)
+        grad_mask = fresh(mask_grad.view(mask.shape), mask.dtype)
     return grad_input, grad_offset, grad_mask

@@ -40,6 +40,12 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     return buffer[:nbytes].view(dtype).view(shape)
 
 
+def fresh(view: Tensor, dtype: torch.dtype) -> Tensor:
+    """A contiguous copy of ``view`` in ``dtype``, in memory of its own (never a buffer of
+    this module): what a backend returns from its temporaries."""
+    return torch.empty(view.shape, dtype=dtype, device=view.device).copy_(view)
+
+
 def release() -> None:
     """Free the buffers the torch backend keeps for the calling thread (up to
     ``SCRATCH_BYTES``, 64 MiB, per thread that has called it); later calls allocate anew."""
