@@ -275,14 +275,44 @@ TUNING = {
 }
 
 
-def tune(shape: Shape, dtype_name: str, budget: float) -> list[dict]:
-    """Time each tile configuration of each kernel, the others at their defaults."""
-    from deformconv.kernels import ops
+#: Tile configurations tried for float32 operands (exact or TF32): half the bytes per tile.
+TUNING_FP32 = {
+    "forward": [
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+    ],
+    "backward_data": [
+        {"BLOCK_M": 64, "BLOCK_O": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 128, "BLOCK_O": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+    ],
+    "backward_weight": [
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 2},
+    ],
+}
 
+
+def tune(shape: Shape, dtype_name: str, budget: float) -> list[dict]:
+    """Time each tile configuration of each kernel, the others at their defaults (``tf32``:
+    with TF32 allowed)."""
     tensors = cast(make_inputs(shape), DTYPES[dtype_name])
     forward, forward_backward = runners(deformconv_fn, tensors)
+    table = TUNING if dtype_name in ("bf16", "fp16") else TUNING_FP32
+    torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
+    try:
+        return _tune(forward, forward_backward, table, dtype_name, budget)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def _tune(forward, forward_backward, table: dict, dtype_name: str, budget: float) -> list[dict]:
+    from deformconv.kernels import ops
+
     rows = []
-    for kernel, configs in TUNING.items():
+    for kernel, configs in table.items():
         for config in configs:
             if time.perf_counter() - START > budget:
                 log("tuning budget spent")
@@ -290,17 +320,18 @@ def tune(shape: Shape, dtype_name: str, budget: float) -> list[dict]:
             ops.CONFIG_OVERRIDES[kernel] = config
             try:
                 forward_backward()
-                row = {"kernel": kernel, **config, "fwd_ms": bench(forward),
+                row = {"kernel": kernel, "dtype": dtype_name, **config, "fwd_ms": bench(forward),
                        "fwd_bwd_ms": bench(forward_backward)}  # fmt: skip
             except Exception as error:
-                row = {"kernel": kernel, **config, "error": f"{type(error).__name__}: {error}"}
+                row = {"kernel": kernel, "dtype": dtype_name, **config,
+                       "error": f"{type(error).__name__}: {error}"}  # fmt: skip
             finally:
                 ops.CONFIG_OVERRIDES[kernel] = {}
             rows.append(row)
             log(f"tune {row}")
     ops.GATHER_CHANNELS_LAST = False
     try:
-        rows.append({"kernel": "gather from NCHW", "fwd_ms": bench(forward),
+        rows.append({"kernel": "gather from NCHW", "dtype": dtype_name, "fwd_ms": bench(forward),
                      "fwd_bwd_ms": bench(forward_backward)})  # fmt: skip
         log(f"tune {rows[-1]}")
     finally:
@@ -367,6 +398,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="bf16,fp16,fp32,tf32")
     parser.add_argument("--budget", type=float, default=330.0, help="seconds for everything")
     parser.add_argument("--tune", action="store_true", help="sweep tile sizes at the first shape")
+    parser.add_argument("--tune-dtype", default="bf16", choices=sorted(DTYPES),
+                        help="the dtype --tune sweeps (default bf16)")  # fmt: skip
     parser.add_argument(
         "--breakdown", action="store_true", help="time each kernel alone at the first shape"
     )
@@ -383,7 +416,7 @@ def main(argv=None) -> int:
     dtypes = ["bf16", "fp16"] if args.quick else args.dtypes.split(",")
     log(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     tuning = breakdown(shapes[0], "bf16") if args.breakdown else []
-    tuning += tune(shapes[0], "bf16", args.budget * 0.4) if args.tune else []
+    tuning += tune(shapes[0], args.tune_dtype, args.budget * 0.4) if args.tune else []
     rows = measure(shapes, dtypes, args.budget * 0.9, not args.no_errors)
     det = [deterministic_cost(shapes[0], d) for d in ("bf16", "fp32") if d in dtypes]
     table = markdown(rows, det, tuning)
