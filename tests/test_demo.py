@@ -116,6 +116,14 @@ def test_cli_info_help_and_version(capsys):
     loops = native.available(torch.empty(1, 1))  # where a C compiler builds them
     sampling = "C loops, compiled on first use" if loops else "tensor operations ("
     assert f"torch backend on the CPU: {sampling}" in text
+    assert "float32 products in the Triton kernels: exact" in text  # PyTorch's default
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert cli.main(["info"]) == 0
+        assert "Triton kernels: on TF32 tensor cores" in capsys.readouterr().out
+    finally:
+        torch.set_float32_matmul_precision(previous)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code == 0

@@ -105,6 +105,11 @@ def info() -> str:
         lines.append(f"  {label} tensors run on: {runs}")
     if reason:
         lines[-1] += f" (triton unavailable: {reason})"
+    if triton_backend.tf32_allowed():
+        products = "on TF32 tensor cores (PyTorch's settings allow TF32)"
+    else:
+        products = "exact, without tensor cores (PyTorch's settings allow no TF32)"
+    lines.append(f"float32 products in the Triton kernels: {products}")
     lines.append(f"torch backend on the CPU: {_cpu_sampling()}")
     return "\n".join(lines)
 

@@ -78,14 +78,18 @@ def _kernels() -> ModuleType:
     return ops
 
 
+def tf32_allowed() -> bool:
+    """Whether PyTorch's settings allow TF32 for float32 matrix products."""
+    return (torch.backends.cuda.matmul.allow_tf32
+            or torch.get_float32_matmul_precision() != "highest")  # fmt: skip
+
+
 def float32_precision(input: Tensor) -> str:
     """How float32 operands are contracted: on TF32 tensor cores (``"tf32"``) only where
     PyTorch allows TF32 for matrix products; exactly otherwise (``"ieee"``)."""
     if input.dtype != torch.float32 or input.device.type != "cuda":
         return "ieee"
-    allowed = torch.backends.cuda.matmul.allow_tf32
-    allowed = allowed or torch.get_float32_matmul_precision() != "highest"
-    return "tf32" if allowed else "ieee"
+    return "tf32" if tf32_allowed() else "ieee"
 
 
 def forward(
