@@ -13,7 +13,7 @@ from cases import LOPSIDED, assert_falls_back_once, make_inputs, output_and_grad
 from deformconv.backends import compiled, native
 
 needs_native = pytest.mark.skipif(
-    not native.available(torch.empty(1, 1)), reason="the C corner loops do not build here"
+    not native.runs_here(), reason="the C corner loops do not build here"
 )
 DELTAS = [0, 1, 7, 8]  # the corners of a plane 7 rows wide
 
@@ -156,7 +156,7 @@ def test_the_switch():
     (what the tests run with) keeps them and turns Inductor off."""
     try:
         deformconv.set_cpu_compile(False)
-        assert not compiled.native_enabled() and not native.available(torch.empty(1, 1))
+        assert not compiled.native_enabled() and not native.runs_here()
         deformconv.set_cpu_compile(True)
         assert compiled.native_enabled() and compiled.compile_enabled()
     finally:
@@ -182,7 +182,7 @@ def test_a_failed_build_warns_once_and_uses_tensor_operations(monkeypatch, tmp_p
     assert_falls_back_once(lambda: output_and_grads(deformconv.deform_conv2d, tensors, config),
                            expected, match="no C compiler found here")  # fmt: skip
     assert "no C compiler found here" in native.failure()
-    assert not native.available(torch.empty(1, 1))
+    assert not native.runs_here()
 
 
 @needs_native
@@ -317,7 +317,7 @@ def test_info_says_how_the_cpu_samples(monkeypatch):
     assert text.startswith("tensor operations (DEFORMCONV_COMPILE=0 or set_cpu_compile(False))")
     assert "the plan uncompiled" in text  # conftest: DEFORMCONV_COMPILE=native
     monkeypatch.setattr(compiled, "_native", True)
-    monkeypatch.setattr(native, "available", lambda table: False)
+    monkeypatch.setattr(native, "runs_here", lambda: False)
     monkeypatch.setattr(native, "_failure", "RuntimeError: no C compiler found")
     assert "building the C loops failed: RuntimeError: no C compiler" in cli._cpu_sampling()
 
@@ -358,7 +358,7 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_directory(monkeypatch, tm
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setattr(native, "_failure", None)
-    assert native.available(torch.empty(1, 1)) and native.failure() is None
+    assert native.runs_here() and native.failure() is None
     assert len(list((tmp_path / "tmp").glob("deformconv-*/corners-*.so"))) == 1
 
 

@@ -117,11 +117,9 @@ def info() -> str:
 def _cpu_sampling() -> str:
     """How the torch backend samples on the CPU (:mod:`deformconv.backends.native`, else
     :mod:`deformconv.backends.compiled`)."""
-    import torch
-
     from .backends import compiled, native
 
-    if native.available(torch.empty(1, 1)):
+    if native.runs_here():
         return "C loops, compiled on first use (the plan, the gathers and the gradients)"
     if not compiled.native_enabled():
         loops = f"tensor operations ({compiled.ENV_VAR}=0 or set_cpu_compile(False))"

@@ -58,12 +58,16 @@ def failure() -> str | None:
 
 
 def available(table: Tensor) -> bool:
-    """Whether the C loops run for ``table``: on the CPU, in float32 or float64, where the
-    compiled CPU sampling is on and the library builds."""
-    if not (compiled.native_enabled() and table.device.type == "cpu"
-            and table.dtype in (torch.float32, torch.float64)):  # fmt: skip
-        return False
-    return _load() is not None
+    """Whether the C loops run for ``table``: on the CPU, in float32 or float64, where
+    :func:`runs_here`."""
+    return (table.device.type == "cpu" and table.dtype in (torch.float32, torch.float64)
+            and runs_here())  # fmt: skip
+
+
+def runs_here() -> bool:
+    """Whether the C loops run in this process: the compiled CPU sampling is on and the
+    library builds (built on the first call)."""
+    return compiled.native_enabled() and _load() is not None
 
 
 def _cache_dir() -> Path:

@@ -216,7 +216,7 @@ def machine() -> str:
         pass
     from ..backends import compiled, native
 
-    if native.available(torch.empty(1, 1)):
+    if native.runs_here():
         sampling = "in C loops compiled at run time"
     elif compiled.compile_enabled():
         sampling = f"as tensor operations, compiled from {compiled.MIN_SAMPLES} samples a call"
