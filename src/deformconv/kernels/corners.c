@@ -315,6 +315,18 @@ static inline void NAME(axpy, SUFFIX)(T *restrict out, const T *restrict g, T w,
     for (int64_t c = 0; c < n; ++c) out[c] += w * g[c];
 }
 
+/* out = the weighted sum of a bag's rows: by quads of corners where it has them (2-D, 3-D),
+ * else corner by corner. */
+INLINE void NAME(bag_sum, SUFFIX)(T *out, const T *row, const int64_t *deltas, const T *w,
+                                  int64_t corners, int64_t n) {
+    if (corners % 4 == 0) {
+        NAME(sum_quads, SUFFIX)(out, row, deltas, w, corners, n);
+        return;
+    }
+    for (int64_t c = 0; c < n; ++c) out[c] = 0;
+    for (int64_t k = 0; k < corners; ++k) NAME(axpy, SUFFIX)(out, row + deltas[k] * n, w[k], n);
+}
+
 /* ok += w[k] g for a quad of a sample's rows, in one pass over g. */
 static inline void NAME(axpy4, SUFFIX)(T *restrict o0, T *restrict o1, T *restrict o2,
                                        T *restrict o3, const T *restrict g, const T *w,
@@ -367,11 +379,11 @@ static void NAME(sums_part, SUFFIX)(const void *arg, int64_t part, int64_t parts
     T space[MAX_CORNERS];
     for (int64_t o = outs * part / parts; o < outs * (part + 1) / parts; ++o) {
         T *out = (T *)job->out + o * depth;
-        if (job->bag == 1 && corners % 4 == 0) {
+        if (job->bag == 1) {
             const T *w;
             const int64_t lowest = NAME(bag_plan, SUFFIX)(job, o, &w, space);
             if (inside(job, lowest)) {
-                NAME(sum_quads, SUFFIX)(out, table + lowest * depth, deltas, w, corners, depth);
+                NAME(bag_sum, SUFFIX)(out, table + lowest * depth, deltas, w, corners, depth);
             } else {
                 for (int64_t c = 0; c < depth; ++c) out[c] = 0;
             }
@@ -427,17 +439,9 @@ static void NAME(grads_part, SUFFIX)(const void *arg, int64_t part, int64_t part
         const T *g = grad + (b / job->share) * depth;
         const T *w = weights + b * corners;
         /* A bag's columns, dot products and gradients are its first row's owner's. */
-        if (columns && row >= low) {
-            const T *first_row = table + row * depth;
-            T *column = columns + b * depth;
-            if (corners % 4 == 0) {
-                NAME(sum_quads, SUFFIX)(column, first_row, deltas, w, corners, depth);
-            } else {
-                for (int64_t c = 0; c < depth; ++c) column[c] = 0;
-                for (int64_t k = 0; k < corners; ++k)
-                    NAME(axpy, SUFFIX)(column, first_row + deltas[k] * depth, w[k], depth);
-            }
-        }
+        if (columns && row >= low)
+            NAME(bag_sum, SUFFIX)(columns + b * depth, table + row * depth, deltas, w, corners,
+                                  depth);
         if ((dots || positions) && row >= low) {
             T sample_dots[MAX_CORNERS];
             const T *first_row = table + row * depth;
