@@ -67,8 +67,16 @@ def _input_table(input: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
     """``(N, C, *size)`` → the padded table of :mod:`~deformconv.backends.plan`."""
     depth = geo.channels // geo.offset_groups
     grouped = input.reshape(geo.batch, geo.offset_groups, depth, *geo.size).movedim(2, -1)
+    return padded_table(grouped, geo, dtype)
+
+
+def padded_table(grouped: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
+    """The input as ``(N, G, *size, D)`` (any strides) → its padded table
+    (:mod:`~deformconv.backends.plan`) in ``dtype``, in a buffer of
+    :mod:`~deformconv.backends.scratch`."""
     layout = table_of(geo)
-    return layout.fill(grouped, dtype, scratch("table", (layout.rows, depth), dtype, input.device))
+    buffer = scratch("table", (layout.rows, grouped.shape[-1]), dtype, grouped.device)
+    return layout.fill(grouped, dtype, buffer)
 
 
 def _groups_first(geo: Geometry) -> bool:

@@ -24,7 +24,7 @@ from torch import Tensor
 from .._geometry import Geometry
 from .._utils import compute_dtype
 from .plan import table_of
-from .pytorch import chunk_pixels
+from .pytorch import chunk_pixels, padded_table
 from .samples import Samples
 from .scratch import fresh, scratch
 
@@ -54,12 +54,10 @@ def _geometry(input: Tensor, offset: Tensor, kernel, stride, padding, dilation, 
 
 
 def _table(input: Tensor, geo: Geometry, dtype: torch.dtype) -> Tensor:
-    """``(N, H, W, G·D)`` → the padded table of :mod:`~deformconv.backends.plan`, in a buffer
-    of :mod:`~deformconv.backends.scratch`."""
+    """``(N, H, W, G·D)`` → the padded table of :mod:`~deformconv.backends.plan`."""
     depth = geo.channels // geo.offset_groups
     grouped = input.reshape(geo.batch, *geo.size, geo.offset_groups, depth).movedim(-2, 1)
-    layout = table_of(geo)
-    return layout.fill(grouped, dtype, scratch("table", (layout.rows, depth), dtype, input.device))
+    return padded_table(grouped, geo, dtype)
 
 
 def _displacements(offset: Tensor, geo: Geometry, taps: Tensor, scale: float, dtype):
