@@ -5,17 +5,20 @@ small CPU tensors with ``wrap_triton`` replaced by a recorder, so each launch th
 is captured with its real arguments and constants; each is then compiled by Triton's own
 compiler for the target (``sm_90`` by default: Hopper) down to a cubin (Triton ships
 ``ptxas``), specialized on its arguments as the JIT would specialize it.  A kernel that the
-interpreter runs but the compiler rejects fails here.  Prints registers, local memory
-(spills) and shared memory per launch, read from the cubin by the ``cuobjdump`` that Triton
-ships.
+interpreter runs but the compiler rejects fails here.  Prints registers and local memory
+(spills) per launch, read from the cubin by the ``cuobjdump`` that Triton ships, and shared
+memory (the cubin's static part plus what Triton allocates at launch).
 
     TRITON_INTERPRET=0 python tests/compile_kernels.py [--arch 80 90] [--jobs N]
-        [--shapes small|benchmark] [--sass DIR]
+        [--shapes small|benchmark] [--sass DIR] [--override KERNEL:KEY=VALUE,...]
 
 ``--shapes benchmark`` records the launches at the benchmarks' first shapes instead of tiny
 ones (the JIT specializes on sizes, so the code can differ); ``--sass DIR`` also writes each
 launch's SASS, one instruction a line, so that two versions of a kernel can be compared
-without a GPU (``diff -r``: identical files mean identical machine code).
+without a GPU (``diff -r``: identical files mean identical machine code).  Each report line
+also gives the blocks a multiprocessor holds at once and what limits them (registers, shared
+memory or warps); ``--override`` changes a convolution kernel's launch settings (tiles,
+``num_warps``, ``maxnreg``: a cap on registers per thread) to see what they would compile to.
 
 Run by ``tests/test_kernel_compilation.py`` in a fresh process (the tests' own process runs
 the kernels in the interpreter, whose ``triton.jit`` functions cannot be compiled).
@@ -42,7 +45,7 @@ from deformconv.kernels import dcnv3_ops, ops
 
 _TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
           torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32"}  # fmt: skip
-_OPTIONS = ("num_warps", "num_stages")
+_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
 @dataclass
@@ -183,13 +186,44 @@ def sass(cubin: bytes) -> list[str]:
     return [" ".join(line.split()) for line in lines]
 
 
-def resources(cubin: bytes) -> str:
-    """Registers, local memory (spills) and shared memory of a cubin's kernel, in bytes."""
+#: Per multiprocessor on sm_80 and sm_90: registers, shared memory for blocks (bytes), warps,
+#: blocks; and the registers' allocation unit per warp.
+_LIMITS = {80: (65536, 164 * 1024, 64, 32), 90: (65536, 228 * 1024, 64, 32)}
+_REGISTER_UNIT = 256
+
+
+def blocks_per_processor(arch: int, registers: int, shared: int, warps: int) -> tuple[int, str]:
+    """How many blocks of a kernel one multiprocessor holds at once, and what limits it
+    (the occupancy calculator's rule: registers per warp rounded up to 256, plus 1 KiB of
+    shared memory the system reserves per block).
+
+    >>> blocks_per_processor(90, 255, 24576, 4)
+    (2, 'registers')
+    >>> blocks_per_processor(90, 128, 24576, 4)
+    (4, 'registers')
+    >>> blocks_per_processor(90, 96, 122880, 4)
+    (1, 'shared memory')
+    """
+    register_file, shared_memory, max_warps, max_blocks = _LIMITS[arch]
+    per_warp = -(-registers * 32 // _REGISTER_UNIT) * _REGISTER_UNIT
+    limits = {
+        "registers": register_file // (per_warp * warps),
+        "shared memory": shared_memory // (shared + 1024),
+        "warps": max_warps // warps,
+        "blocks": max_blocks,
+    }
+    reason = min(limits, key=limits.__getitem__)
+    return limits[reason], reason
+
+
+def resources(cubin: bytes) -> tuple[int, int, int] | None:
+    """Registers, local memory (spills, bytes) and static shared memory (bytes) of a cubin's
+    kernel, or ``None`` where ``cuobjdump`` does not say."""
     report = _cuobjdump(cubin, "-res-usage")
     found = dict(re.findall(r"\b(REG|LOCAL|SHARED):(\d+)", report))
     if not found:
-        return "resource usage not available"
-    return f"{found['REG']} registers, {found['LOCAL']} B local, {found['SHARED']} B shared"
+        return None
+    return int(found["REG"]), int(found["LOCAL"]), int(found["SHARED"])
 
 
 _LAUNCHES: list[Launch] = []
@@ -239,7 +273,30 @@ def _compile(index: int, arch: int) -> str:
         path = os.path.join(_SASS_DIR[0], f"sm_{arch}-{index:03d}-{launch.kernel.fn.__name__}.sass")
         with open(path, "w") as handle:
             handle.write(f"// {name}\n" + "\n".join(instructions) + "\n")
-    return f"ok sm_{arch} {name}: {resources(cubin)}, {len(instructions)} instructions"
+    used = resources(cubin)
+    count = f"{len(instructions)} instructions"
+    if used is None:
+        return f"ok sm_{arch} {name}: resource usage not available, {count}"
+    registers, local, static = used
+    shared = static + compiled.metadata.shared  # Triton's own is dynamic, given at launch
+    warps = compiled.metadata.num_warps
+    blocks, limit = blocks_per_processor(arch, registers, shared, warps)
+    return (f"ok sm_{arch} {name}: {registers} registers, {local} B local, {shared} B shared, "
+            f"{warps} warps, {blocks} blocks per multiprocessor ({limit}), {count}")  # fmt: skip
+
+
+def _override(text: str) -> tuple[str, dict[str, int]]:
+    """``"backward_data:maxnreg=128,num_warps=8"`` → ``("backward_data", {...})``."""
+    kernel, _, settings = text.partition(":")
+    if kernel not in ops.CONFIG_OVERRIDES or not settings:
+        raise argparse.ArgumentTypeError(
+            f"expected KERNEL:KEY=VALUE,... with KERNEL one of {sorted(ops.CONFIG_OVERRIDES)}, "
+            f"got {text!r}"
+        )
+    pairs = [item.partition("=") for item in settings.split(",")]
+    if not all(key and value.lstrip("-").isdigit() for key, _, value in pairs):
+        raise argparse.ArgumentTypeError(f"expected KEY=INTEGER pairs, got {settings!r}")
+    return kernel, {key: int(value) for key, _, value in pairs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +309,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny launches, or the benchmarks' first shapes")  # fmt: skip
     parser.add_argument("--sass", metavar="DIR",
                         help="write each launch's SASS to DIR, one instruction a line")  # fmt: skip
+    parser.add_argument("--override", metavar="KERNEL:KEY=VALUE,...", action="append",
+                        default=[], type=_override,
+                        help="launch settings of a convolution kernel (forward, backward_data, "
+                             "backward_weight), e.g. backward_data:maxnreg=128")  # fmt: skip
     args = parser.parse_args(argv)
+    for kernel, settings in args.override:
+        ops.CONFIG_OVERRIDES[kernel].update(settings)
     if args.sass:
         os.makedirs(args.sass, exist_ok=True)
         _SASS_DIR[0] = args.sass

@@ -43,3 +43,7 @@ def test_every_kernel_compiles_for_ampere_and_hopper():
     counts = re.findall(r"^ok .*, (\d+) instructions$", report, re.M)
     assert len(counts) == report.count("\nok ") + report.startswith("ok "), report[-2000:]
     assert min(int(count) for count in counts) > 100, report[-2000:]
+    # And how many blocks a multiprocessor holds, from registers and shared memory.
+    held = re.findall(r"^ok .*, (\d+) blocks per multiprocessor \((\w[\w ]*)\), ", report, re.M)
+    assert len(held) == len(counts), report[-2000:]
+    assert all(int(blocks) >= 1 for blocks, _ in held), report[-2000:]

@@ -20,6 +20,7 @@ import csv
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -211,6 +212,26 @@ def deterministic_cost(shape: Shape, dtype_name: str) -> dict:
     return row
 
 
+@contextmanager
+def overridden(settings: dict):
+    """Run with ``settings`` (kernel → launch settings) replacing the kernels' defaults."""
+    from deformconv.kernels import ops
+
+    saved = {kernel: dict(ops.CONFIG_OVERRIDES[kernel]) for kernel in settings}
+    for kernel, config in settings.items():
+        ops.CONFIG_OVERRIDES[kernel] = config
+    try:
+        yield
+    finally:
+        ops.CONFIG_OVERRIDES.update(saved)
+
+
+#: Register caps tried in the breakdown: fewer registers per thread let a multiprocessor hold
+#: more blocks (``tests/compile_kernels.py`` prints how many, and that these caps spill nothing
+#: at the benchmark's first shape).
+REGISTER_CAPS = {"backward_data": (128, 168), "backward_weight": (128,)}
+
+
 def breakdown(shape: Shape, dtype_name: str) -> list[dict]:
     """Each kernel alone: forward, the three gradient groups, and their variants."""
     from deformconv.kernels import ops
@@ -231,18 +252,29 @@ def breakdown(shape: Shape, dtype_name: str) -> list[dict]:
             grad, x, offset, mask, weight, *conv, needs, "ieee", deterministic
         )
 
-    cases = {
-        "forward": forward,
-        "grad input": backward([True, False, False, False]),
-        "grad offset+mask": backward([False, True, True, False]),
-        "grad weight": backward([False, False, False, True]),
-        "grad input, deterministic": backward([True, False, False, False], True),
-        "grad weight, deterministic": backward([False, False, False, True], True),
-    }
+    data = backward([True, True, True, False])  # one pass, as a training step runs it
+    weights = backward([False, False, False, True])
+    cases = [
+        ("forward", forward, {}),
+        ("grad input+offset+mask", data, {}),
+        ("grad input", backward([True, False, False, False]), {}),
+        ("grad offset+mask", backward([False, True, True, False]), {}),
+        ("grad weight", weights, {}),
+        ("grad input, deterministic", backward([True, False, False, False], True), {}),
+        ("grad weight, deterministic", backward([False, False, False, True], True), {}),
+    ]
+    for kernel, caps in REGISTER_CAPS.items():
+        run, name = (data, "grad input+offset+mask") if kernel == "backward_data" else (
+            weights, "grad weight")  # fmt: skip
+        cases += [(f"{name}, ≤ {cap} registers", run, {kernel: {"maxnreg": cap}}) for cap in caps]
     rows = []
-    for name, run in cases.items():
-        run()
-        rows.append({"kernel": name, "fwd_bwd_ms": bench(run)})
+    for name, run, settings in cases:
+        try:
+            with overridden(settings):
+                run()
+                rows.append({"kernel": name, "fwd_bwd_ms": bench(run)})
+        except Exception as error:  # report and go on: one failure must not hide others
+            rows.append({"kernel": name, "error": f"{type(error).__name__}: {error}"[:200]})
         log(f"breakdown {rows[-1]}")
     ops.ATOMIC_SEMANTICS = "acq_rel"
     try:
@@ -253,6 +285,11 @@ def breakdown(shape: Shape, dtype_name: str) -> list[dict]:
     finally:
         ops.ATOMIC_SEMANTICS = "relaxed"
     return rows
+
+
+def _capped(config: dict, registers: int = 128) -> dict:
+    """``config`` with at most ``registers`` registers per thread (see :data:`REGISTER_CAPS`)."""
+    return {**config, "maxnreg": registers}
 
 
 TUNING = {
@@ -266,11 +303,13 @@ TUNING = {
         {"BLOCK_M": 64, "BLOCK_O": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
         {"BLOCK_M": 128, "BLOCK_O": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
         {"BLOCK_M": 64, "BLOCK_O": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+        _capped({"BLOCK_M": 64, "BLOCK_O": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}),
     ],
     "backward_weight": [
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 2},
         {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
+        _capped({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}),
     ],
 }
 
@@ -286,11 +325,13 @@ TUNING_FP32 = {
     "backward_data": [
         {"BLOCK_M": 64, "BLOCK_O": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
         {"BLOCK_M": 128, "BLOCK_O": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+        _capped({"BLOCK_M": 64, "BLOCK_O": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}),
     ],
     "backward_weight": [
         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
         {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 2},
+        _capped({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}),
     ],
 }
 

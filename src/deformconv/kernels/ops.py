@@ -80,7 +80,8 @@ def backward_weight_config(shape: Geometry, dtype: torch.dtype) -> dict:
     }
 
 
-#: Per-kernel settings that replace the heuristics above (for tuning runs).
+#: Per-kernel settings that replace the heuristics above (for tuning runs): tile sizes and
+#: Triton's launch options (``num_warps``, ``num_stages``, ``maxnreg``).
 CONFIG_OVERRIDES: dict[str, dict] = {"forward": {}, "backward_data": {}, "backward_weight": {}}
 
 
