@@ -231,11 +231,12 @@ _LAUNCHES: list[Launch] = []
 _SASS_DIR: list[str | None] = [None]
 
 
-def _specialized(launch: Launch, target: GPUTarget) -> tuple[ASTSource, dict]:
+def _specialized(launch: Launch, target: GPUTarget) -> tuple[ASTSource, dict, str]:
     """The source and options Triton's JIT would compile for this launch on ``target``: with
     its argument specialization (16-byte aligned pointers, integers divisible by 16), which
     decides vector loads and so registers.  Uses the JIT's own binder, a Triton internal:
-    where that is missing, the plain signature (compiles the same code, less specialized)."""
+    where that fails, the plain signature (the same code, less specialized: fewer vector loads,
+    other registers), and the report line says UNSPECIALIZED."""
     try:
         from triton import knobs
         from triton.compiler import make_backend
@@ -244,17 +245,20 @@ def _specialized(launch: Launch, target: GPUTarget) -> tuple[ASTSource, dict]:
         kernel = launch.kernel
         backend = make_backend(target)
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        # The JIT's own settings, those this Triton has (3.9 has more than 3.6).
+        settings = ("instrumentation_mode", "fpsan_homomorphic_casts")
         kwargs = {**launch.kwargs, "debug": False,
-                  "instrumentation_mode": knobs.compilation.instrumentation_mode,
-                  "fpsan_homomorphic_casts": knobs.compilation.fpsan_homomorphic_casts}  # fmt: skip
+                  **{name: getattr(knobs.compilation, name) for name in settings
+                     if hasattr(knobs.compilation, name)}}  # fmt: skip
         bound, specialization, options = binder(*launch.args, **kwargs)
         options, signature, constants, attrs = kernel._pack_args(
             backend, kwargs, bound, specialization, options
         )
-        return ASTSource(kernel, signature, constants, attrs), options.__dict__
-    except (AttributeError, ImportError, TypeError, KeyError):
+        return ASTSource(kernel, signature, constants, attrs), options.__dict__, ""
+    except (AttributeError, ImportError, TypeError, KeyError) as error:
         signature, constants, options = _signature(launch)
-        return ASTSource(launch.kernel, signature, constants), options
+        note = f" (UNSPECIALIZED: {type(error).__name__}: {error})"
+        return ASTSource(launch.kernel, signature, constants), options, note
 
 
 def _compile(index: int, arch: int) -> str:
@@ -263,7 +267,7 @@ def _compile(index: int, arch: int) -> str:
     name = f"{launch.kernel.fn.__name__} [{launch.label}]"
     target = GPUTarget("cuda", arch, 32)
     try:
-        source, options = _specialized(launch, target)
+        source, options, note = _specialized(launch, target)
         compiled = triton.compile(source, target=target, options=options)
     except Exception as error:  # report every failure, not only the first
         return f"FAILED sm_{arch} {name}: {type(error).__name__}: {str(error)[:2000]}"
@@ -274,7 +278,7 @@ def _compile(index: int, arch: int) -> str:
         with open(path, "w") as handle:
             handle.write(f"// {name}\n" + "\n".join(instructions) + "\n")
     used = resources(cubin)
-    count = f"{len(instructions)} instructions"
+    count = f"{len(instructions)} instructions{note}"
     if used is None:
         return f"ok sm_{arch} {name}: resource usage not available, {count}"
     registers, local, static = used
