@@ -13,7 +13,8 @@ from deformconv.bench import gpu
 from deformconv.kernels import ops
 
 
-def test_breakdown_runs_every_case_with_its_launch_settings(monkeypatch):
+@pytest.mark.parametrize("dtype_name", ["fp16", "tf32"])
+def test_breakdown_runs_every_case_with_its_launch_settings(monkeypatch, dtype_name):
     def small_inputs(shape, seed=0):
         g = torch.Generator().manual_seed(seed)
         n, c, s = shape.batch, shape.channels, shape.size
@@ -44,12 +45,12 @@ def test_breakdown_runs_every_case_with_its_launch_settings(monkeypatch):
     monkeypatch.setattr(gpu, "make_inputs", small_inputs)
     monkeypatch.setattr(gpu, "bench", one_run)
     monkeypatch.setattr(ops, "_config", recording_config)
-    rows = gpu.breakdown(gpu.Shape(1, 8, 5), "fp16")
+    rows = gpu.breakdown(gpu.Shape(1, 8, 5), dtype_name)
 
     names = [row["kernel"] for row in rows]
     assert "grad input+offset+mask" in names
     assert [row for row in rows if "error" in row] == []
-    assert all(row["fwd_bwd_ms"] == 1.0 for row in rows)
+    assert all(row["fwd_bwd_ms"] == 1.0 and row["dtype"] == dtype_name for row in rows)
     by_name = dict(zip(names, launched, strict=True))
     for kernel, caps in gpu.REGISTER_CAPS.items():
         for cap in caps:

@@ -233,7 +233,8 @@ REGISTER_CAPS = {"backward_data": (128, 168), "backward_weight": (128,)}
 
 
 def breakdown(shape: Shape, dtype_name: str) -> list[dict]:
-    """Each kernel alone: forward, the three gradient groups, and their variants."""
+    """Each kernel alone in ``dtype_name`` (``tf32``: TF32 products): forward, the three
+    gradient groups, and their variants."""
     from deformconv.kernels import ops
 
     tensors = cast(make_inputs(shape), DTYPES[dtype_name])
@@ -241,15 +242,16 @@ def breakdown(shape: Shape, dtype_name: str) -> list[dict]:
         tensors[n].detach() for n in ("input", "offset", "mask", "weight", "bias")
     )
     grad, conv = tensors["grad"], ([1, 1], [1, 1], [1, 1])
+    precision = "tf32" if dtype_name == "tf32" else "ieee"
 
     def forward():
         return torch.ops.deformconv.triton_deform_conv2d(
-            x, offset, mask, weight, bias, *conv, "ieee"
+            x, offset, mask, weight, bias, *conv, precision
         )
 
     def backward(needs, deterministic=False):
         return lambda: torch.ops.deformconv.triton_deform_conv2d_backward(
-            grad, x, offset, mask, weight, *conv, needs, "ieee", deterministic
+            grad, x, offset, mask, weight, *conv, needs, precision, deterministic
         )
 
     data = backward([True, True, True, False])  # one pass, as a training step runs it
@@ -272,15 +274,17 @@ def breakdown(shape: Shape, dtype_name: str) -> list[dict]:
         try:
             with overridden(settings):
                 run()
-                rows.append({"kernel": name, "fwd_bwd_ms": bench(run)})
+                rows.append({"kernel": name, "dtype": dtype_name, "fwd_bwd_ms": bench(run)})
         except Exception as error:  # report and go on: one failure must not hide others
-            rows.append({"kernel": name, "error": f"{type(error).__name__}: {error}"[:200]})
+            rows.append({"kernel": name, "dtype": dtype_name,
+                         "error": f"{type(error).__name__}: {error}"[:200]})  # fmt: skip
         log(f"breakdown {rows[-1]}")
     ops.ATOMIC_SEMANTICS = "acq_rel"
     try:
         run = backward([True, False, False, False])
         run()
-        rows.append({"kernel": "grad input, acq_rel atomics", "fwd_bwd_ms": bench(run)})
+        rows.append({"kernel": "grad input, acq_rel atomics", "dtype": dtype_name,
+                     "fwd_bwd_ms": bench(run)})  # fmt: skip
         log(f"breakdown {rows[-1]}")
     finally:
         ops.ATOMIC_SEMANTICS = "relaxed"
@@ -440,7 +444,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=330.0, help="seconds for everything")
     parser.add_argument("--tune", action="store_true", help="sweep tile sizes at the first shape")
     parser.add_argument("--tune-dtype", default="bf16", choices=sorted(DTYPES),
-                        help="the dtype --tune sweeps (default bf16)")  # fmt: skip
+                        help="the dtype --tune and --breakdown use (default bf16)")  # fmt: skip
     parser.add_argument(
         "--breakdown", action="store_true", help="time each kernel alone at the first shape"
     )
@@ -456,7 +460,7 @@ def main(argv=None) -> int:
     shapes = STANDARD[:1] if args.quick else STANDARD
     dtypes = ["bf16", "fp16"] if args.quick else args.dtypes.split(",")
     log(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    tuning = breakdown(shapes[0], "bf16") if args.breakdown else []
+    tuning = breakdown(shapes[0], args.tune_dtype) if args.breakdown else []
     tuning += tune(shapes[0], args.tune_dtype, args.budget * 0.4) if args.tune else []
     rows = measure(shapes, dtypes, args.budget * 0.9, not args.no_errors)
     det = [deterministic_cost(shapes[0], d) for d in ("bf16", "fp32") if d in dtypes]
