@@ -1,6 +1,6 @@
-"""The GPU benchmark's kernel breakdown, run on small CPU tensors in Triton's interpreter with
-the timer replaced: every case runs, and each launch setting it tries reaches the kernels and
-is undone afterwards."""
+"""The GPU benchmark's kernel breakdown and tile sweep, run on small CPU tensors in Triton's
+interpreter with the timer replaced: every case runs, and each launch setting it tries reaches
+the kernels and is undone afterwards."""
 
 from __future__ import annotations
 
@@ -9,24 +9,27 @@ import torch
 
 pytest.importorskip("triton")
 
+import deformconv
 from deformconv.bench import gpu
 from deformconv.kernels import ops
 
 
+def small_inputs(shape, seed=0):
+    """The benchmark's inputs, on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, s = shape.batch, shape.channels, shape.size
+    return {
+        "input": torch.randn(n, c, s, s, generator=g, dtype=torch.float64),
+        "offset": torch.randn(n, 18, s, s, generator=g, dtype=torch.float64),
+        "mask": torch.rand(n, 9, s, s, generator=g, dtype=torch.float64),
+        "weight": torch.randn(c, c, 3, 3, generator=g, dtype=torch.float64),
+        "bias": torch.randn(c, generator=g, dtype=torch.float64),
+        "grad": torch.randn(n, c, s, s, generator=g, dtype=torch.float64),
+    }
+
+
 @pytest.mark.parametrize("dtype_name", ["fp16", "tf32"])
 def test_breakdown_runs_every_case_with_its_launch_settings(monkeypatch, dtype_name):
-    def small_inputs(shape, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        n, c, s = shape.batch, shape.channels, shape.size
-        return {
-            "input": torch.randn(n, c, s, s, generator=g, dtype=torch.float64),
-            "offset": torch.randn(n, 18, s, s, generator=g, dtype=torch.float64),
-            "mask": torch.rand(n, 9, s, s, generator=g, dtype=torch.float64),
-            "weight": torch.randn(c, c, 3, 3, generator=g, dtype=torch.float64),
-            "bias": torch.randn(c, generator=g, dtype=torch.float64),
-            "grad": torch.randn(n, c, s, s, generator=g, dtype=torch.float64),
-        }
-
     launched = []  # per timed case, the settings of each launch of its timed run
     current = []
     real_config = ops._config
@@ -62,3 +65,33 @@ def test_breakdown_runs_every_case_with_its_launch_settings(monkeypatch, dtype_n
     assert all("maxnreg" not in config for _, config in by_name["grad input+offset+mask"])
     assert all(not settings for settings in ops.CONFIG_OVERRIDES.values())
     assert ops.ATOMIC_SEMANTICS == "relaxed"
+
+
+def test_tuning_times_each_configuration_and_restores_the_defaults(monkeypatch):
+    seen = []
+
+    def one_run(run):
+        seen.append({kernel: dict(config) for kernel, config in ops.CONFIG_OVERRIDES.items()})
+        run()
+        return 1.0
+
+    launch = {"BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
+    table = {
+        "backward_data": [gpu._capped({"BLOCK_M": 16, "BLOCK_O": 16, **launch})],
+        "backward_weight": [{"BLOCK_M": 16, "BLOCK_N": 16, **launch, "maxnreg": 96}],
+    }
+    monkeypatch.setattr(gpu, "make_inputs", small_inputs)
+    monkeypatch.setattr(gpu, "bench", one_run)
+    monkeypatch.setattr(gpu, "TUNING", table)
+    with deformconv.use_backend("triton"):
+        rows = gpu.tune(gpu.Shape(1, 8, 5), "fp16", budget=1e9)
+
+    assert [row["kernel"] for row in rows] == ["backward_data", "backward_weight",
+                                               "gather from NCHW"]  # fmt: skip
+    assert [row for row in rows if "error" in row] == []
+    assert rows[0]["maxnreg"] == 128 and rows[1]["maxnreg"] == 96
+    # Each configuration was in force while it was timed (forward, then forward+backward).
+    assert seen[0]["backward_data"] == table["backward_data"][0] == seen[1]["backward_data"]
+    assert seen[2]["backward_weight"] == table["backward_weight"][0]
+    assert all(not config for config in ops.CONFIG_OVERRIDES.values())
+    assert ops.GATHER_CHANNELS_LAST

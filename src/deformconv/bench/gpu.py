@@ -265,9 +265,10 @@ def breakdown(shape: Shape, dtype_name: str) -> list[dict]:
         ("grad input, deterministic", backward([True, False, False, False], True), {}),
         ("grad weight, deterministic", backward([False, False, False, True], True), {}),
     ]
+    capped = {"backward_data": ("grad input+offset+mask", data),
+              "backward_weight": ("grad weight", weights)}  # fmt: skip
     for kernel, caps in REGISTER_CAPS.items():
-        run, name = (data, "grad input+offset+mask") if kernel == "backward_data" else (
-            weights, "grad weight")  # fmt: skip
+        name, run = capped[kernel]
         cases += [(f"{name}, ≤ {cap} registers", run, {kernel: {"maxnreg": cap}}) for cap in caps]
     rows = []
     for name, run, settings in cases:
@@ -362,16 +363,14 @@ def _tune(forward, forward_backward, table: dict, dtype_name: str, budget: float
             if time.perf_counter() - START > budget:
                 log("tuning budget spent")
                 return rows
-            ops.CONFIG_OVERRIDES[kernel] = config
             try:
-                forward_backward()
-                row = {"kernel": kernel, "dtype": dtype_name, **config, "fwd_ms": bench(forward),
-                       "fwd_bwd_ms": bench(forward_backward)}  # fmt: skip
+                with overridden({kernel: config}):
+                    forward_backward()
+                    times = {"fwd_ms": bench(forward), "fwd_bwd_ms": bench(forward_backward)}
+                row = {"kernel": kernel, "dtype": dtype_name, **config, **times}
             except Exception as error:
                 row = {"kernel": kernel, "dtype": dtype_name, **config,
                        "error": f"{type(error).__name__}: {error}"}  # fmt: skip
-            finally:
-                ops.CONFIG_OVERRIDES[kernel] = {}
             rows.append(row)
             log(f"tune {row}")
     ops.GATHER_CHANNELS_LAST = False
