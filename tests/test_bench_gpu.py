@@ -4,8 +4,9 @@ the kernels and is undone afterwards."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
-import torch
 
 pytest.importorskip("triton")
 
@@ -13,19 +14,8 @@ import deformconv
 from deformconv.bench import gpu
 from deformconv.kernels import ops
 
-
-def small_inputs(shape, seed=0):
-    """The benchmark's inputs, on the CPU."""
-    g = torch.Generator().manual_seed(seed)
-    n, c, s = shape.batch, shape.channels, shape.size
-    return {
-        "input": torch.randn(n, c, s, s, generator=g, dtype=torch.float64),
-        "offset": torch.randn(n, 18, s, s, generator=g, dtype=torch.float64),
-        "mask": torch.rand(n, 9, s, s, generator=g, dtype=torch.float64),
-        "weight": torch.randn(c, c, 3, 3, generator=g, dtype=torch.float64),
-        "bias": torch.randn(c, generator=g, dtype=torch.float64),
-        "grad": torch.randn(n, c, s, s, generator=g, dtype=torch.float64),
-    }
+#: The benchmark's inputs, on the CPU.
+small_inputs = functools.partial(gpu.make_inputs, device="cpu")
 
 
 @pytest.mark.parametrize("dtype_name", ["fp16", "tf32"])

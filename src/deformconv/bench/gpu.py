@@ -58,18 +58,19 @@ DTYPES = {
 }
 
 
-def make_inputs(shape: Shape, seed: int = 0) -> dict[str, torch.Tensor]:
-    """float64 inputs on the GPU: DCNv2 with mask, 3×3, padding 1, offsets of a few pixels."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def make_inputs(shape: Shape, seed: int = 0, device: str = "cuda") -> dict[str, torch.Tensor]:
+    """float64 inputs on ``device`` (the GPU): DCNv2 with mask, 3×3, padding 1, offsets of a few
+    pixels."""
+    g = torch.Generator(device=device).manual_seed(seed)
     n, c, s = shape.batch, shape.channels, shape.size
 
     def randn(*size, scale=1.0):
-        return torch.randn(*size, generator=g, device="cuda", dtype=torch.float64) * scale
+        return torch.randn(*size, generator=g, device=device, dtype=torch.float64) * scale
 
     return {
         "input": randn(n, c, s, s),
         "offset": randn(n, 18, s, s, scale=2.0),
-        "mask": torch.rand(n, 9, s, s, generator=g, device="cuda", dtype=torch.float64),
+        "mask": torch.rand(n, 9, s, s, generator=g, device=device, dtype=torch.float64),
         "weight": randn(c, c, 3, 3, scale=1 / math.sqrt(9 * c)),
         "bias": randn(c),
         "grad": randn(n, c, s, s),
