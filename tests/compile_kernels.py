@@ -5,9 +5,10 @@ small CPU tensors with ``wrap_triton`` replaced by a recorder, so each launch th
 is captured with its real arguments and constants; each is then compiled by Triton's own
 compiler for the target (``sm_90`` by default: Hopper) down to a cubin (Triton ships
 ``ptxas``), specialized on its arguments as the JIT would specialize it.  A kernel that the
-interpreter runs but the compiler rejects fails here.  Prints registers and local memory
-(spills) per launch, read from the cubin by the ``cuobjdump`` that Triton ships, and shared
-memory (the cubin's static part plus what Triton allocates at launch).
+interpreter runs but the compiler rejects fails here.  Prints registers, the stack frame and
+the spill instructions (where registers run out, ``ptxas`` spills them to the stack) per
+launch, read from the cubin by the ``cuobjdump`` that Triton ships, and shared memory (the
+cubin's static part plus what Triton allocates at launch).
 
     TRITON_INTERPRET=0 python tests/compile_kernels.py [--arch 80 90] [--jobs N]
         [--shapes small|benchmark] [--sass DIR] [--override KERNEL:KEY=VALUE,...]
@@ -217,13 +218,27 @@ def blocks_per_processor(arch: int, registers: int, shared: int, warps: int) -> 
 
 
 def resources(cubin: bytes) -> tuple[int, int, int] | None:
-    """Registers, local memory (spills, bytes) and static shared memory (bytes) of a cubin's
-    kernel, or ``None`` where ``cuobjdump`` does not say."""
+    """Registers, per-thread stack and local memory (bytes: where ``ptxas`` puts spilled
+    registers) and static shared memory (bytes) of a cubin's kernel, or ``None`` where
+    ``cuobjdump`` does not say."""
     report = _cuobjdump(cubin, "-res-usage")
-    found = dict(re.findall(r"\b(REG|LOCAL|SHARED):(\d+)", report))
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", report))
     if not found:
         return None
-    return int(found["REG"]), int(found["LOCAL"]), int(found["SHARED"])
+    return int(found["REG"]), int(found["STACK"]) + int(found["LOCAL"]), int(found["SHARED"])
+
+
+def spills(instructions: list[str]) -> tuple[int, int]:
+    """How many of the instructions store registers to and load them from the stack.
+
+    >>> spills(["STL [R1+0x30], RZ", "LDL R4, [R1+0x30]", "@P0 LDL.64 R6, [R1+0x8]",
+    ...         "STS [R3], R2"])
+    (1, 2)
+    """
+    operations = [line.split()[1] if line.startswith("@") else line.split()[0]
+                  for line in instructions]  # fmt: skip
+    return (sum(op.split(".")[0] == "STL" for op in operations),
+            sum(op.split(".")[0] == "LDL" for op in operations))  # fmt: skip
 
 
 _LAUNCHES: list[Launch] = []
@@ -281,12 +296,14 @@ def _compile(index: int, arch: int) -> str:
     count = f"{len(instructions)} instructions{note}"
     if used is None:
         return f"ok sm_{arch} {name}: resource usage not available, {count}"
-    registers, local, static = used
+    registers, stack, static = used
+    stores, loads = spills(instructions)
     shared = static + compiled.metadata.shared  # Triton's own is dynamic, given at launch
     warps = compiled.metadata.num_warps
     blocks, limit = blocks_per_processor(arch, registers, shared, warps)
-    return (f"ok sm_{arch} {name}: {registers} registers, {local} B local, {shared} B shared, "
-            f"{warps} warps, {blocks} blocks per multiprocessor ({limit}), {count}")  # fmt: skip
+    return (f"ok sm_{arch} {name}: {registers} registers, {stack} B stack, {stores} spill "
+            f"stores, {loads} spill loads, {shared} B shared, {warps} warps, {blocks} blocks "
+            f"per multiprocessor ({limit}), {count}")  # fmt: skip
 
 
 def _override(text: str) -> tuple[str, dict[str, int]]:

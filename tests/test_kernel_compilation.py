@@ -46,4 +46,8 @@ def test_every_kernel_compiles_for_ampere_and_hopper():
     # And how many blocks a multiprocessor holds, from registers and shared memory.
     held = re.findall(r"^ok .*, (\d+) blocks per multiprocessor \((\w[\w ]*)\), ", report, re.M)
     assert len(held) == len(counts), report[-2000:]
+    # And the stack frame and spill instructions (ptxas spills to the stack, not "local").
+    frames = re.findall(r"^ok .*: \d+ registers, (\d+) B stack, (\d+) spill stores, "
+                        r"(\d+) spill loads, ", report, re.M)  # fmt: skip
+    assert len(frames) == len(counts), report[-2000:]
     assert all(int(blocks) >= 1 for blocks, _ in held), report[-2000:]
