@@ -85,3 +85,10 @@ def test_tuning_times_each_configuration_and_restores_the_defaults(monkeypatch):
     assert seen[2]["backward_weight"] == table["backward_weight"][0]
     assert all(not config for config in ops.CONFIG_OVERRIDES.values())
     assert ops.GATHER_CHANNELS_LAST
+
+
+def test_tune_dtype_takes_a_list_and_names_what_it_refuses(capsys):
+    with pytest.raises(SystemExit):
+        gpu.main(["--breakdown", "--tune-dtype", "bf16,fp8"])
+    error = capsys.readouterr().err
+    assert "--tune-dtype" in error and "got fp8" in error and "tf32" in error

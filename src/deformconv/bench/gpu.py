@@ -440,6 +440,21 @@ def markdown(rows: list[dict], det: list[dict], tuning: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dtype_list(text: str) -> list[str]:
+    """``"bf16,tf32"`` → ``["bf16", "tf32"]``, each a key of :data:`DTYPES`.
+
+    >>> dtype_list("bf16,tf32")
+    ['bf16', 'tf32']
+    """
+    names = text.split(",")
+    unknown = [name for name in names if name not in DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected dtypes among {', '.join(sorted(DTYPES))}, got {', '.join(unknown)}"
+        )
+    return names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="deformconv bench --gpu", description=__doc__.split("\n\n")[0]
@@ -448,8 +463,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="bf16,fp16,fp32,tf32")
     parser.add_argument("--budget", type=float, default=330.0, help="seconds for everything")
     parser.add_argument("--tune", action="store_true", help="sweep tile sizes at the first shape")
-    parser.add_argument("--tune-dtype", default="bf16", choices=sorted(DTYPES),
-                        help="the dtype --tune and --breakdown use (default bf16)")  # fmt: skip
+    parser.add_argument("--tune-dtype", default="bf16", type=dtype_list,
+                        help="the dtypes --tune and --breakdown use, comma-separated "
+                             "(default bf16)")  # fmt: skip
     parser.add_argument(
         "--breakdown", action="store_true", help="time each kernel alone at the first shape"
     )
@@ -465,8 +481,12 @@ def main(argv=None) -> int:
     shapes = STANDARD[:1] if args.quick else STANDARD
     dtypes = ["bf16", "fp16"] if args.quick else args.dtypes.split(",")
     log(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    tuning = breakdown(shapes[0], args.tune_dtype) if args.breakdown else []
-    tuning += tune(shapes[0], args.tune_dtype, args.budget * 0.4) if args.tune else []
+    tuning = []
+    for index, dtype_name in enumerate(args.tune_dtype):
+        tuning += breakdown(shapes[0], dtype_name) if args.breakdown else []
+        # The sweeps share 40 % of the budget; each stops at its share's end.
+        share = args.budget * 0.4 * (index + 1) / len(args.tune_dtype)
+        tuning += tune(shapes[0], dtype_name, share) if args.tune else []
     rows = measure(shapes, dtypes, args.budget * 0.9, not args.no_errors)
     det = [deterministic_cost(shapes[0], d) for d in ("bf16", "fp32") if d in dtypes]
     table = markdown(rows, det, tuning)
