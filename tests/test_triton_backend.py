@@ -254,6 +254,29 @@ def test_tf32_products_round_their_operands(monkeypatch):
             assert 3e-5 <= error <= 5e-4, f"{name}: {error:.2e}"
 
 
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_wide_float32_tiles_with_partial_blocks(monkeypatch, precision):
+    """160 output channels: float32's weight gradient takes them in 128-wide tiles (the second
+    one part empty), its forward under TF32 in one 256-wide tile (96 columns empty)."""
+    from deformconv._geometry import geometry
+    from deformconv.kernels import ops
+
+    monkeypatch.setattr(triton_backend, "float32_precision", lambda input: precision)
+    config = Config(batch=1, channels=8, height=5, width=6, out_channels=160, kernel=(3, 2),
+                    stride=(1, 1), padding=(1, 0), dilation=(1, 1), weight_groups=1,
+                    offset_groups=2)  # fmt: skip
+    tensors = make_inputs(config, requires_grad=False)
+    shape = geometry(tensors["input"], tensors["offset"], tensors["weight"], config.stride,
+                     config.padding, config.dilation)  # fmt: skip
+    assert ops.backward_weight_config(shape, torch.float32)["BLOCK_N"] == 128
+    wide = 256 if precision == "tf32" else 128
+    assert ops.forward_config(shape, torch.float32, precision)["BLOCK_N"] == wide
+    result = errors(triton_deform_conv2d, config, torch.float32, tensors=tensors)
+    bound = 5e-4 if precision == "tf32" else TOLERANCES[torch.float32]
+    for name, error in result.items():
+        assert error <= bound, f"{name}: {error:.2e}"
+
+
 def test_corner_of_positions_that_round_across_an_integer():
     # x = 100 + Δ with Δ = -1e-6 rounds to 100.0 in float32; the corners must be those of 99.
     config = Config(
