@@ -8,7 +8,9 @@ compiler for the target (``sm_90`` by default: Hopper) down to a cubin (Triton s
 interpreter runs but the compiler rejects fails here.  Prints registers, the stack frame and
 the spill instructions (where registers run out, ``ptxas`` spills them to the stack) per
 launch, read from the cubin by the ``cuobjdump`` that Triton ships, and shared memory (the
-cubin's static part plus what Triton allocates at launch).
+cubin's static part plus what Triton allocates at launch).  The launchers are told the
+shared memory a block may use on each target (:data:`PER_BLOCK_SHARED`), and a launch that
+needs more, which would fail on such a GPU, fails here.
 
     TRITON_INTERPRET=0 python tests/compile_kernels.py [--arch 80 90] [--jobs N]
         [--shapes small|benchmark] [--sass DIR] [--override KERNEL:KEY=VALUE,...]
@@ -65,9 +67,19 @@ class _Recorder:
 
     def __call__(self, kernel):
         def launch(*args, **kwargs):
+            args = tuple(_stand_in(arg) for arg in args)
             self.launches.append(Launch(self.label[0], kernel, args, kwargs))
 
         return _Grid(launch)
+
+
+def _stand_in(value):
+    """A one-element tensor with ``value``'s dtype and address alignment (all the JIT
+    specializes a pointer on), so that recorded launches do not keep large tensors alive."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    shift = (value.data_ptr() % 16) // value.element_size()
+    return torch.empty(16, dtype=value.dtype)[shift : shift + 1]
 
 
 class _Grid:
@@ -155,18 +167,27 @@ def _dcnv3_launches(record: list[str], shape: tuple) -> None:
                                         deterministic)  # fmt: skip
 
 
-def record_launches(shapes: str = "small") -> list[Launch]:
+#: Shared memory one block may use (opt-in, bytes) per compute capability: what the
+#: launchers are told the device has, and what a launch must fit.
+PER_BLOCK_SHARED = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024,
+                    90: 227 * 1024}  # fmt: skip
+
+
+def record_launches(shapes: str = "small", arch: int = 90) -> list[Launch]:
+    """The launches the launchers make at ``shapes`` on a device of compute capability
+    ``arch`` (its shared memory per block)."""
     conv_shape, dcnv3_shape = _SHAPES[shapes]
     launches: list[Launch] = []
     label = [""]
     recorder = _Recorder(launches, label)
-    saved = ops.wrap_triton, dcnv3_ops.wrap_triton
+    saved = ops.wrap_triton, dcnv3_ops.wrap_triton, ops.shared_memory_per_block
     ops.wrap_triton = dcnv3_ops.wrap_triton = recorder
+    ops.shared_memory_per_block = lambda device: PER_BLOCK_SHARED[arch]
     try:
         _conv_launches(label, conv_shape)
         _dcnv3_launches(label, dcnv3_shape)
     finally:
-        ops.wrap_triton, dcnv3_ops.wrap_triton = saved
+        ops.wrap_triton, dcnv3_ops.wrap_triton, ops.shared_memory_per_block = saved
     return launches
 
 
@@ -187,9 +208,12 @@ def sass(cubin: bytes) -> list[str]:
     return [" ".join(line.split()) for line in lines]
 
 
-#: Per multiprocessor on sm_80 and sm_90: registers, shared memory for blocks (bytes), warps,
-#: blocks; and the registers' allocation unit per warp.
-_LIMITS = {80: (65536, 164 * 1024, 64, 32), 90: (65536, 228 * 1024, 64, 32)}
+#: Per multiprocessor on sm_75 (T4), sm_80 (A100), sm_86 / sm_89 (RTX 30 / 40, A10, L4) and
+#: sm_90 (H100): registers, shared memory for blocks (bytes), warps, blocks; and the
+#: registers' allocation unit per warp.
+_LIMITS = {75: (65536, 64 * 1024, 32, 16), 80: (65536, 164 * 1024, 64, 32),
+           86: (65536, 100 * 1024, 48, 16), 89: (65536, 100 * 1024, 48, 24),
+           90: (65536, 228 * 1024, 64, 32)}  # fmt: skip
 _REGISTER_UNIT = 256
 
 
@@ -299,6 +323,9 @@ def _compile(index: int, arch: int) -> str:
     registers, stack, static = used
     stores, loads = spills(instructions)
     shared = static + compiled.metadata.shared  # Triton's own is dynamic, given at launch
+    if shared > PER_BLOCK_SHARED[arch]:  # the launch would fail: out of resources
+        return (f"FAILED sm_{arch} {name}: needs {shared} B of shared memory a block, "
+                f"sm_{arch} gives at most {PER_BLOCK_SHARED[arch]}")  # fmt: skip
     warps = compiled.metadata.num_warps
     blocks, limit = blocks_per_processor(arch, registers, shared, warps)
     return (f"ok sm_{arch} {name}: {registers} registers, {stack} B stack, {stores} spill "
@@ -323,7 +350,7 @@ def _override(text: str) -> tuple[str, dict[str, int]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90],
-                        help="compute capabilities, e.g. 80 90 (default: 90)")  # fmt: skip
+                        help="compute capabilities among 75 80 86 89 90 (default: 90)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compilations in parallel")  # fmt: skip
     parser.add_argument("--shapes", choices=sorted(_SHAPES), default="small",
@@ -343,15 +370,17 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(ops.deform_conv2d_forward_kernel, triton.runtime.JITFunction):
         print("the kernels are interpreted (TRITON_INTERPRET=1): run with TRITON_INTERPRET=0")
         return 2
-    seen = set()
-    for launch in record_launches(args.shapes):
-        signature, constants, options = _signature(launch)
-        key = (launch.kernel.fn.__name__, tuple(sorted(signature.items())),
-               tuple(sorted(constants.items())), tuple(sorted(options.items())))  # fmt: skip
-        if key not in seen:
-            seen.add(key)
-            _LAUNCHES.append(launch)
-    work = [(index, arch) for arch in args.arch for index in range(len(_LAUNCHES))]
+    work = []  # (launch index, arch): the distinct launches of each arch
+    for arch in args.arch:
+        seen = set()
+        for launch in record_launches(args.shapes, arch):
+            signature, constants, options = _signature(launch)
+            key = (launch.kernel.fn.__name__, tuple(sorted(signature.items())),
+                   tuple(sorted(constants.items())), tuple(sorted(options.items())))  # fmt: skip
+            if key not in seen:
+                seen.add(key)
+                work.append((len(_LAUNCHES), arch))
+                _LAUNCHES.append(launch)
     # Forked workers inherit the recorded launches; each compiles its share.
     with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
         lines = pool.starmap(_compile, work)
@@ -359,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     failures = sum(line.startswith("FAILED") for line in lines)
     arches = ", ".join(f"sm_{arch}" for arch in args.arch)
-    print(f"{len(work)} compilations ({len(_LAUNCHES)} launches for {arches}), {failures} failed")
+    print(f"{len(work)} compilations (launches for {arches}), {failures} failed")
     return 1 if failures else 0
 
 

@@ -21,7 +21,7 @@ KERNELS = ["deform_conv2d_forward_kernel", "deform_conv2d_backward_data_kernel",
            "dcnv3_backward_kernel"]  # fmt: skip
 
 
-def test_every_kernel_compiles_for_ampere_and_hopper():
+def _compile(*arguments: str) -> subprocess.CompletedProcess:
     version = tuple(int(part) for part in triton.__version__.split(".")[:2])
     if version < (3, 9):
         pytest.skip(f"written against Triton 3.9's compiler API, found {triton.__version__}")
@@ -29,10 +29,26 @@ def test_every_kernel_compiles_for_ampere_and_hopper():
     if not (nvidia / "bin" / "ptxas").exists():
         pytest.skip("this Triton build has no NVIDIA backend with ptxas")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    result = subprocess.run(
-        [sys.executable, str(TESTS / "compile_kernels.py"), "--arch", "80", "90"],
+    return subprocess.run(
+        [sys.executable, str(TESTS / "compile_kernels.py"), *arguments],
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
+
+
+def test_benchmark_shapes_fit_the_shared_memory_of_rtx_gpus():
+    """At 256 channels the tiles are at their largest; on sm_89 (RTX 40, L4; sm_86 has the
+    same 99 KiB a block) every launch must fit, or it would fail there with "out of
+    resources"."""
+    result = _compile("--arch", "89", "--shapes", "benchmark")
+    report = result.stdout
+    assert result.returncode == 0, report[-5000:] + result.stderr[-5000:]
+    assert report.rstrip().endswith("0 failed"), report[-2000:]
+    shared = [int(n) for n in re.findall(r"^ok sm_89 .*, (\d+) B shared, ", report, re.M)]
+    assert len(shared) >= 50 and max(shared) <= 99 * 1024, report[-2000:]
+
+
+def test_every_kernel_compiles_for_ampere_and_hopper():
+    result = _compile("--arch", "80", "90")
     report = result.stdout
     assert result.returncode == 0, report[-5000:] + result.stderr[-5000:]
     assert report.rstrip().endswith("0 failed"), report[-2000:]

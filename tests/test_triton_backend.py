@@ -277,6 +277,20 @@ def test_wide_float32_tiles_with_partial_blocks(monkeypatch, precision):
         assert error <= bound, f"{name}: {error:.2e}"
 
 
+def test_forward_tile_fits_the_devices_shared_memory():
+    """The 128-pixel half-precision forward tile needs about 104 KiB of shared memory: only
+    where a block may have 128 KiB or more (A100, H100), not on sm_86/sm_89's 99 KiB."""
+    from deformconv._geometry import geometry
+    from deformconv.kernels import ops
+
+    x, offset = torch.empty(8, 256, 64, 64), torch.empty(8, 18, 64, 64)
+    shape = geometry(x, offset, torch.empty(256, 256, 3, 3), (1, 1), (1, 1), (1, 1))
+    tile = {shared: ops.forward_config(shape, torch.bfloat16, "ieee", shared)["BLOCK_M"]
+            for shared in (None, 99 * 1024, 163 * 1024, 227 * 1024)}  # fmt: skip
+    assert tile == {None: 128, 99 * 1024: 64, 163 * 1024: 128, 227 * 1024: 128}
+    assert ops.shared_memory_per_block(torch.device("cpu")) is None
+
+
 def test_corner_of_positions_that_round_across_an_integer():
     # x = 100 + Δ with Δ = -1e-6 rounds to 100.0 in float32; the corners must be those of 99.
     config = Config(

@@ -164,3 +164,15 @@ def test_layer_matches_torch_backend_on_cuda():
     with deformconv.use_backend("torch"):
         expected = call(deformconv.deform_conv2d, tensors, config)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_memory_per_block_is_the_devices():
+    from deformconv.kernels import ops
+
+    device = torch.device("cuda")
+    shared = ops.shared_memory_per_block(device)
+    properties = torch.cuda.get_device_properties(device)
+    expected = getattr(properties, "shared_memory_per_block_optin", None)
+    assert shared >= 48 * 1024
+    if expected is not None:
+        assert shared == expected

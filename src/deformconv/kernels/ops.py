@@ -6,6 +6,7 @@
 function; ``precision`` is ``"ieee"`` or ``"tf32"`` (how float32 operands are contracted).
 """
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -42,14 +43,39 @@ def _block(size: int, low: int, high: int) -> int:
     return max(low, min(high, triton.next_power_of_2(max(1, size))))
 
 
-def forward_config(shape: Geometry, dtype: torch.dtype, precision: str = "ieee") -> dict:
-    """Tile sizes and launch settings of the forward kernel."""
+@functools.cache
+def _shared_memory_per_block(index: int) -> int:
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def shared_memory_per_block(device: torch.device) -> int | None:
+    """The most shared memory (bytes) one block may use on ``device``, or ``None`` (no GPU:
+    the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _shared_memory_per_block(device.index if device.index is not None else 0)
+
+
+#: Shared memory the half-precision forward's 128-pixel tile needs at 256 output channels
+#: (about 104 KiB on sm_86/sm_89, 120 KiB on sm_90), with some room.
+_TALL_FORWARD_SHARED = 128 * 1024
+
+
+def forward_config(
+    shape: Geometry, dtype: torch.dtype, precision: str = "ieee", shared: int | None = None
+) -> dict:
+    """Tile sizes and launch settings of the forward kernel; ``shared`` is the shared memory a
+    block may use on the device (``None``: no limit)."""
     half = dtype in (torch.float16, torch.bfloat16)
     # Wide output tiles on tensor cores: every gathered sample serves all their channels.
     # Exact float32 products keep two blocks per multiprocessor with half as wide a tile.
     block_n = _block(shape.group_out, 16, 256 if half or precision == "tf32" else 128)
     block_k = _block(min(shape.group_in, shape.offset_group_in), 16, 32)
-    block_m = 128 if half and block_n >= 64 and shape.pixels >= 8192 else 64
+    # 128-pixel tiles where the device's shared memory holds them (not on sm_86/sm_89's 99 KiB).
+    tall = shared is None or shared >= _TALL_FORWARD_SHARED
+    block_m = 128 if half and block_n >= 64 and shape.pixels >= 8192 and tall else 64
     warps = 8 if block_m * block_n >= 128 * 64 else 4
     return {
         "BLOCK_M": block_m,
@@ -158,7 +184,8 @@ def triton_deform_conv2d(
         return out
     offset = offset.contiguous()
     mask = None if mask is None else mask.contiguous()
-    config = _config("forward", forward_config(shape, input.dtype, precision))
+    shared = shared_memory_per_block(input.device)
+    config = _config("forward", forward_config(shape, input.dtype, precision, shared))
     tiles = _tiles_per_image(shape, config["BLOCK_M"])
     grid = (
         shape.batch * tiles,
