@@ -107,6 +107,22 @@ def test_triton_kernels_match_reference(name):
         _check_against_reference(make_inputs(CASES[name]), CASES[name], torch.float32, 1e-4)
 
 
+def test_triton_launches_are_made_on_the_inputs_device(monkeypatch):
+    pytest.importorskip("triton")
+    from deformconv.kernels import dcnv3_ops
+
+    devices = []
+    real = dcnv3_ops.launching_on
+    monkeypatch.setattr(dcnv3_ops, "launching_on",
+                        lambda device: devices.append(device) or real(device))  # fmt: skip
+    case = CASES["lopsided"]
+    tensors = {k: v.float().requires_grad_() for k, v in make_inputs(case).items()}
+    with deformconv.use_backend("triton"):
+        out = deformconv.dcnv3(tensors["input"], tensors["offset"], tensors["mask"], **_args(case))
+        out.sum().backward()
+    assert devices == [tensors["input"].device] * 2  # the forward, then the backward
+
+
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
 def test_triton_kernels_in_half_precision(dtype, tolerance):
     pytest.importorskip("triton")

@@ -291,6 +291,39 @@ def test_forward_tile_fits_the_devices_shared_memory():
     assert ops.shared_memory_per_block(torch.device("cpu")) is None
 
 
+def test_launches_are_made_on_the_inputs_device(monkeypatch):
+    """Triton launches on the current CUDA device; every launch runs inside
+    ``launching_on(input.device)``, which makes the input's device current."""
+    from deformconv.kernels import ops
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or _Nothing())
+    with ops.launching_on(torch.device("cuda", 1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    entered.clear()
+    with ops.launching_on(torch.device("cpu")):  # the interpreter: nothing to switch
+        pass
+    assert entered == []
+
+    devices = []
+    real = ops.launching_on
+    monkeypatch.setattr(ops, "launching_on", lambda device: devices.append(device) or real(device))
+    config = LOPSIDED["straddling-groups"]
+    tensors = on_device(make_inputs(config, dtype=torch.float32), torch.float32)
+    out = call(triton_deform_conv2d, tensors, config)
+    out.sum().backward()
+    assert devices == [DEVICE, DEVICE]  # the forward, then the backward's launches
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def test_corner_of_positions_that_round_across_an_integer():
     # x = 100 + Δ with Δ = -1e-6 rounds to 100.0 in float32; the corners must be those of 99.
     config = Config(

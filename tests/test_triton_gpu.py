@@ -176,3 +176,19 @@ def test_shared_memory_per_block_is_the_devices():
     assert shared >= 48 * 1024
     if expected is not None:
         assert shared == expected
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_a_device_that_is_not_current():
+    config = LOPSIDED["straddling-groups"]
+    tensors = make_inputs(config, dtype=torch.float32)
+    expected, expected_grads = output_and_grads(deformconv.deform_conv2d, on_device(tensors,
+                                                torch.float32), config)  # fmt: skip
+    second = {n: None if t is None else t.detach().to("cuda:1").requires_grad_(t.requires_grad)
+              for n, t in tensors.items()}  # fmt: skip
+    assert torch.cuda.current_device() == 0
+    out, grads = output_and_grads(deformconv.deform_conv2d, second, config)
+    assert out.device == torch.device("cuda", 1)
+    torch.testing.assert_close(out.cpu(), expected.cpu())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad.cpu(), expected_grads[name].cpu(), msg=name)

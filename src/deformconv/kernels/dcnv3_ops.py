@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .dcnv3 import dcnv3_backward_kernel, dcnv3_forward_kernel
-from .ops import fixed_point_scale, needs_int64
+from .ops import fixed_point_scale, launching_on, needs_int64
 
 
 def _block_d(depth: int) -> int:
@@ -63,14 +63,16 @@ def _launch(kernel, config: dict, forward: bool, input: Tensor, offset: Tensor,
                 triton.cdiv(depth, config["BLOCK_D"]))  # fmt: skip
     else:  # tiles of pixels × groups
         grid = (triton.cdiv(pixels, config["BLOCK_Q"]), group)
-    wrap_triton(kernel)[grid](
-        input, offset, mask, *pointers, pixels, height, width, out_h, out_w,
-        offset_pixel, offset_group, mask_pixel, mask_group, offset_scale, DEPTH=depth,
-        POINTS=points, KERNEL_H=kernel_h, KERNEL_W=kernel_w,
-        STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-        DIL_H=dilation[0], DIL_W=dilation[1], GROUPS=group, REMOVE_CENTER=bool(remove_center),
-        INDEX64=needs_int64(input, offset, mask, *pointers), **options, **config,
-    )  # fmt: skip
+    with launching_on(input.device):
+        wrap_triton(kernel)[grid](
+            input, offset, mask, *pointers, pixels, height, width, out_h, out_w,
+            offset_pixel, offset_group, mask_pixel, mask_group, offset_scale, DEPTH=depth,
+            POINTS=points, KERNEL_H=kernel_h, KERNEL_W=kernel_w,
+            STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+            DIL_H=dilation[0], DIL_W=dilation[1], GROUPS=group,
+            REMOVE_CENTER=bool(remove_center),
+            INDEX64=needs_int64(input, offset, mask, *pointers), **options, **config,
+        )  # fmt: skip
 
 
 @triton_op(

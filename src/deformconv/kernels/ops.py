@@ -6,6 +6,7 @@
 function; ``precision`` is ``"ieee"`` or ``"tf32"`` (how float32 operands are contracted).
 """
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -148,6 +149,14 @@ def _tiles_per_image(shape: Geometry, block_m: int) -> int:
     return triton.cdiv(shape.out_h * shape.out_w, block_m)
 
 
+def launching_on(device: torch.device):
+    """Where Triton launches: on the current CUDA device, which this makes ``device`` (a
+    tensor on ``cuda:1`` while ``cuda:0`` is current would not be reachable otherwise)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 #: Memory order of the input gradient's atomic adds ("relaxed" suffices: they commute).
 ATOMIC_SEMANTICS = "relaxed"
 
@@ -192,26 +201,27 @@ def triton_deform_conv2d(
         shape.weight_groups * triton.cdiv(shape.group_out, config["BLOCK_N"]),
     )
     input = _gather_layout(input)
-    wrap_triton(deform_conv2d_forward_kernel)[grid](
-        input,
-        offset,
-        offset if mask is None else mask,
-        _weight_matrix(weight, shape),
-        offset if bias is None else bias,
-        out,
-        tiles,
-        *_sizes(shape),
-        *input.stride(),
-        *shape.conv_args(),
-        *_groups(shape),
-        KH=shape.kernel_h,
-        KW=shape.kernel_w,
-        HAS_MASK=mask is not None,
-        HAS_BIAS=bias is not None,
-        INDEX64=needs_int64(input, offset, mask, out),
-        PRECISION=precision,
-        **config,
-    )
+    with launching_on(input.device):
+        wrap_triton(deform_conv2d_forward_kernel)[grid](
+            input,
+            offset,
+            offset if mask is None else mask,
+            _weight_matrix(weight, shape),
+            offset if bias is None else bias,
+            out,
+            tiles,
+            *_sizes(shape),
+            *input.stride(),
+            *shape.conv_args(),
+            *_groups(shape),
+            KH=shape.kernel_h,
+            KW=shape.kernel_w,
+            HAS_MASK=mask is not None,
+            HAS_BIAS=bias is not None,
+            INDEX64=needs_int64(input, offset, mask, out),
+            PRECISION=precision,
+            **config,
+        )
     return out
 
 
@@ -282,16 +292,17 @@ def triton_deform_conv2d_backward(
             scale, bound = _fixed_point_scale(grad_output, mask, weight, shape)
         else:
             accumulator = torch.zeros_like(source, dtype=torch.float32)
-    if need_input or need_offset or need_mask:
-        _launch_backward_data(
-            launch, grad_output, source, offset, mask, weight, accumulator, grad_offset,
-            grad_mask, scale,
-        )  # fmt: skip
-    grad_weight = (
-        _launch_backward_weight(launch, grad_output, source, offset, mask, weight, deterministic)
-        if need_weight
-        else input.new_empty(0)
-    )
+    grad_weight = input.new_empty(0)
+    with launching_on(input.device):
+        if need_input or need_offset or need_mask:
+            _launch_backward_data(
+                launch, grad_output, source, offset, mask, weight, accumulator, grad_offset,
+                grad_mask, scale,
+            )  # fmt: skip
+        if need_weight:
+            grad_weight = _launch_backward_weight(
+                launch, grad_output, source, offset, mask, weight, deterministic
+            )
     del source  # the channels-last copy is not needed for the input gradient's conversion
     grad_input = input.new_empty(0)
     if accumulator is not None:
