@@ -56,7 +56,8 @@ def shared_memory_per_block(device: torch.device) -> int | None:
     the interpreter)."""
     if device.type != "cuda":
         return None
-    return _shared_memory_per_block(device.index if device.index is not None else 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _shared_memory_per_block(index)
 
 
 #: Shared memory the half-precision forward's 128-pixel tile needs at 256 output channels
