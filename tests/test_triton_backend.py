@@ -279,7 +279,8 @@ def test_wide_float32_tiles_with_partial_blocks(monkeypatch, precision):
 
 def test_forward_tile_fits_the_devices_shared_memory():
     """The 128-pixel half-precision forward tile needs about 104 KiB of shared memory: only
-    where a block may have 128 KiB or more (A100, H100), not on sm_86/sm_89's 99 KiB."""
+    where a block may have 128 KiB or more (A100, H100), not on sm_86/sm_89's 99 KiB; the
+    256-wide TF32 tile needs up to 104 KiB too."""
     from deformconv._geometry import geometry
     from deformconv.kernels import ops
 
@@ -288,6 +289,10 @@ def test_forward_tile_fits_the_devices_shared_memory():
     tile = {shared: ops.forward_config(shape, torch.bfloat16, "ieee", shared)["BLOCK_M"]
             for shared in (None, 99 * 1024, 163 * 1024, 227 * 1024)}  # fmt: skip
     assert tile == {None: 128, 99 * 1024: 64, 163 * 1024: 128, 227 * 1024: 128}
+    # Under TF32 the 256-wide tile likewise.
+    width = {shared: ops.forward_config(shape, torch.float32, "tf32", shared)["BLOCK_N"]
+             for shared in (None, 99 * 1024, 227 * 1024)}  # fmt: skip
+    assert width == {None: 256, 99 * 1024: 128, 227 * 1024: 256}
     assert ops.shared_memory_per_block(torch.device("cpu")) is None
 
 

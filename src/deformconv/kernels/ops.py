@@ -60,9 +60,11 @@ def shared_memory_per_block(device: torch.device) -> int | None:
     return _shared_memory_per_block(index)
 
 
-#: Shared memory the half-precision forward's 128-pixel tile needs at 256 output channels
-#: (about 104 KiB on sm_86/sm_89, 120 KiB on sm_90), with some room.
-_TALL_FORWARD_SHARED = 128 * 1024
+#: Shared memory a block needs for the forward's largest tiles: 128 pixels × 256 channels
+#: in half precision (about 104 KiB on sm_86/sm_89, 120 KiB on sm_90), 64 × 256 under TF32
+#: (72 KiB compiled by Triton 3.6, 104 KiB by Triton 3.2 without the JIT's specialization),
+#: with some room.
+_ROOMY_SHARED = 128 * 1024
 
 
 def forward_config(
@@ -71,13 +73,15 @@ def forward_config(
     """Tile sizes and launch settings of the forward kernel; ``shared`` is the shared memory a
     block may use on the device (``None``: no limit)."""
     half = dtype in (torch.float16, torch.bfloat16)
+    # The largest tiles only where the device's shared memory holds them (A100, H100; not the
+    # 99 KiB of sm_86/sm_89).
+    roomy = shared is None or shared >= _ROOMY_SHARED
     # Wide output tiles on tensor cores: every gathered sample serves all their channels.
     # Exact float32 products keep two blocks per multiprocessor with half as wide a tile.
-    block_n = _block(shape.group_out, 16, 256 if half or precision == "tf32" else 128)
+    wide = half or (precision == "tf32" and roomy)
+    block_n = _block(shape.group_out, 16, 256 if wide else 128)
     block_k = _block(min(shape.group_in, shape.offset_group_in), 16, 32)
-    # 128-pixel tiles where the device's shared memory holds them (not on sm_86/sm_89's 99 KiB).
-    tall = shared is None or shared >= _TALL_FORWARD_SHARED
-    block_m = 128 if half and block_n >= 64 and shape.pixels >= 8192 and tall else 64
+    block_m = 128 if half and block_n >= 64 and shape.pixels >= 8192 and roomy else 64
     warps = 8 if block_m * block_n >= 128 * 64 else 4
     return {
         "BLOCK_M": block_m,
