@@ -116,11 +116,12 @@ def _signature(launch: Launch) -> tuple[dict, dict, dict]:
 
 
 #: (batch, channels, out channels, height, width, groups, offset groups, kernel) of the
-#: convolution launches and (batch, height, width, groups, channels per group) of the DCNv3
-#: ones: tiny, or the benchmarks' first.
+#: convolution launches, (batch, height, width, groups, channels per group) of the DCNv3
+#: ones and (batch, channels, size) of the 3-D convolution's (3×3×3): tiny, or the
+#: benchmarks' first.
 _SHAPES = {
-    "small": ((2, 6, 4, 9, 8, 2, 2, (2, 3)), (2, 5, 6, 2, 32)),
-    "benchmark": ((8, 256, 256, 64, 64, 1, 1, (3, 3)), (64, 56, 56, 4, 32)),
+    "small": ((2, 6, 4, 9, 8, 2, 2, (2, 3)), (2, 5, 6, 2, 32), (2, 6, (3, 5, 4))),
+    "benchmark": ((8, 256, 256, 64, 64, 1, 1, (3, 3)), (64, 56, 56, 4, 32), (2, 32, (16, 28, 28))),
 }
 
 
@@ -150,6 +151,23 @@ def _conv_launches(record: list[str], shape: tuple) -> None:
                                               deterministic)  # fmt: skip
 
 
+def _conv3d_launches(record: list[str], shape: tuple) -> None:
+    """Forward and backward launches of ``deform_conv3d`` (with mask) for each dtype."""
+    batch, channels, size = shape
+    cases = [(torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "ieee"),
+             (torch.float32, "tf32")]  # fmt: skip
+    for (dtype, precision), deterministic in itertools.product(cases, [False, True]):
+        record[0] = f"deform_conv3d {str(dtype)[6:]} {precision} deterministic={deterministic}"
+        x = torch.randn(batch, channels, *size, dtype=dtype)
+        offset = torch.randn(batch, 3 * 27, *size, dtype=dtype)
+        mask = torch.rand(batch, 27, *size, dtype=dtype)
+        weight = torch.randn(channels, channels, 3, 3, 3, dtype=dtype)
+        args = ([1, 1, 1], [1, 1, 1], [1, 1, 1])
+        out = ops.triton_deform_conv2d(x, offset, mask, weight, None, *args, precision)
+        ops.triton_deform_conv2d_backward(torch.ones_like(out), x, offset, mask, weight, *args,
+                                          [True] * 4, precision, deterministic)  # fmt: skip
+
+
 def _dcnv3_launches(record: list[str], shape: tuple) -> None:
     """Forward and backward launches of the DCNv3 operator for each dtype and setting."""
     batch, height, width, groups, depth = shape
@@ -176,7 +194,7 @@ PER_BLOCK_SHARED = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024,
 def record_launches(shapes: str = "small", arch: int = 90) -> list[Launch]:
     """The launches the launchers make at ``shapes`` on a device of compute capability
     ``arch`` (its shared memory per block)."""
-    conv_shape, dcnv3_shape = _SHAPES[shapes]
+    conv_shape, dcnv3_shape, conv3d_shape = _SHAPES[shapes]
     launches: list[Launch] = []
     label = [""]
     recorder = _Recorder(launches, label)
@@ -186,6 +204,7 @@ def record_launches(shapes: str = "small", arch: int = 90) -> list[Launch]:
     try:
         _conv_launches(label, conv_shape)
         _dcnv3_launches(label, dcnv3_shape)
+        _conv3d_launches(label, conv3d_shape)
     finally:
         ops.wrap_triton, dcnv3_ops.wrap_triton, ops.shared_memory_per_block = saved
     return launches

@@ -78,6 +78,10 @@ def test_select_per_operator_family():
 
     cpu = torch.device("cpu")
     assert select(cpu, 3) is pytorch and select(cpu, op="dcnv3") is pytorch_dcnv3
+    triton_available = backends.triton_backend.unavailable_reason() is None
+    cuda = torch.device("cuda")  # no tensor needed: "auto" decides from the device type
+    expected = backends.triton_backend if triton_available else pytorch
+    assert select(cuda, 2) is expected and select(cuda, 3) is expected
     with deformconv.use_backend("triton"):
         assert select(cpu, op="dcnv3") is triton_dcnv3
     with pytest.raises(ValueError, match=r"op must be one of \['dcnv3', 'deform_conv'\]"):

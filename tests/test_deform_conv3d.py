@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -283,14 +284,6 @@ def test_opcheck_and_compile():
     assert x.grad is not None and layer.conv_offset.weight.grad is not None
 
 
-def test_triton_backend_runs_3d_on_torch_with_a_warning():
-    tensors = make_inputs(dtype=torch.float32)
-    expected = _run(deformconv.deform_conv3d, tensors, **_conv_args())
-    with deformconv.use_backend("triton"), pytest.warns(RuntimeWarning, match="2-D only"):
-        ours = _run(deformconv.deform_conv3d, tensors, **_conv_args())
-    torch.testing.assert_close(ours, expected)
-
-
 @pytest.mark.parametrize("dynamo", [False, True])
 def test_onnx_export_stops_with_an_error_naming_deform_conv3d(tmp_path, dynamo):
     pytest.importorskip("onnx")
@@ -348,3 +341,63 @@ def test_random_configurations(size, kernel, stride, padding, dilation, weight_g
     for name, a, b in zip(leaves, mine, theirs, strict=True):
         torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, rtol=1e-9,
                                    atol=1e-9, msg=name)  # fmt: skip
+
+
+def _outputs_and_grads(tensors, backend, dtype, config=CONFIG):
+    """The output and every gradient of ``deform_conv3d`` on ``backend`` in ``dtype``."""
+    leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in tensors.items()
+              if v is not None}  # fmt: skip
+    cast = {**dict.fromkeys(tensors), **leaves}
+    with deformconv.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to torch would warn
+        out = _run(deformconv.deform_conv3d, cast, **_conv_args(config))
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                               dtype=torch.float64).to(dtype)  # fmt: skip
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_out)
+    return {"output": out, **dict(zip(leaves, grads, strict=True))}
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tolerance", "modulated"),
+    [(torch.float32, 1e-5, True), (torch.float32, 1e-5, False), (torch.float16, 2e-3, True)],
+)
+def test_triton_kernels_match_float64(modulated, dtype, tolerance, monkeypatch):
+    """The Triton kernels in 3-D (interpreted without a GPU) against the float64 torch
+    backend, output and every gradient, on the lopsided configuration with offset groups
+    that straddle the weight groups; small tiles, so that every kernel runs several pixel,
+    channel and output blocks."""
+    pytest.importorskip("triton")
+    from deformconv.kernels import ops
+
+    for kernel, config in {"forward": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16},
+                           "backward_data": {"BLOCK_M": 16, "BLOCK_O": 16, "BLOCK_K": 16},
+                           "backward_weight": {"BLOCK_M": 16, "BLOCK_N": 16,
+                                               "BLOCK_K": 16}}.items():  # fmt: skip
+        monkeypatch.setitem(ops.CONFIG_OVERRIDES, kernel, config)
+    config = {**CONFIG, "batch": 1, "channels": 24, "out_channels": 20}  # 2 weight, 3 offset groups
+    tensors = make_inputs(config)
+    if not modulated:
+        tensors["mask"] = None
+    rounded = {k: None if v is None else v.to(dtype).double() for k, v in tensors.items()}
+    expected = _outputs_and_grads(rounded, "torch", torch.float64, config)
+    actual = _outputs_and_grads(rounded, "triton", dtype, config)
+    for name, value in expected.items():
+        assert actual[name].dtype == dtype
+        error = (actual[name].double() - value).norm() / value.norm()
+        assert error <= tolerance, f"{name}: relative error {error:.2e}"
+
+
+def test_triton_deterministic_mode_is_bit_identical():
+    pytest.importorskip("triton")
+    tensors = make_inputs({**CONFIG, "batch": 1})
+    try:
+        torch.use_deterministic_algorithms(True)
+        first = _outputs_and_grads(tensors, "triton", torch.float32)
+        second = _outputs_and_grads(tensors, "triton", torch.float32)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    expected = _outputs_and_grads(tensors, "torch", torch.float64)
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), name
+        error = (value.double() - expected[name]).norm() / expected[name].norm()
+        assert error <= 1e-5, f"{name}: relative error {error:.2e}"

@@ -19,7 +19,7 @@ CUDA = torch.device("cuda")
 
 
 def test_auto_selects_triton_for_cuda_tensors():
-    assert select(CUDA) is triton_backend
+    assert select(CUDA) is triton_backend and select(CUDA, 3) is triton_backend
 
 
 @pytest.mark.parametrize("name", list(LOPSIDED))
@@ -192,3 +192,21 @@ def test_tensors_on_a_device_that_is_not_current():
     torch.testing.assert_close(out.cpu(), expected.cpu())
     for name, grad in grads.items():
         torch.testing.assert_close(grad.cpu(), expected_grads[name].cpu(), msg=name)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float16, 2e-3),
+                                                  (torch.bfloat16, 1e-2)])  # fmt: skip
+def test_deform_conv3d_runs_the_triton_kernels(dtype, tolerance):
+    """3-D on CUDA: the Triton kernels (no fallback warning) against the float64 torch
+    backend, output and every gradient, on the lopsided 3-D configuration."""
+    from test_deform_conv3d import CONFIG, _outputs_and_grads, make_inputs
+
+    config = {**CONFIG, "channels": 24, "out_channels": 20}
+    tensors = {k: v.cuda() for k, v in make_inputs(config).items()}
+    rounded = {k: v.to(dtype).double() for k, v in tensors.items()}
+    expected = _outputs_and_grads(rounded, "torch", torch.float64, config)
+    actual = _outputs_and_grads(rounded, "triton", dtype, config)
+    for name, value in expected.items():
+        assert actual[name].dtype == dtype and actual[name].is_cuda
+        error = ((actual[name].double() - value).norm() / value.norm()).item()
+        assert error <= tolerance, f"{name}: relative error {error:.2e}"

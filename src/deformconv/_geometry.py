@@ -2,8 +2,8 @@
 
 Spatial quantities are tuples with one entry per axis (depth, height, width for 3-D;
 height, width for 2-D), so the torch backend serves every dimensionality with one code
-path.  The ``height``/``width``/``kernel_h``... accessors name the last two axes, for code
-that handles 2-D only (the Triton kernels).
+path.  The ``height``/``width``/``kernel_h``... accessors name the last two axes, which the
+Triton kernels take apart from depth.
 """
 
 from __future__ import annotations

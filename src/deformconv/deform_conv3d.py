@@ -3,8 +3,8 @@ layers.
 
 The same op as the 2-D one with a third axis: each tap of each output position samples the
 input by trilinear interpolation at its regular position shifted by a learned (Δd, Δh, Δw),
-optionally multiplied by the mask.  It runs on the torch backend on every device (the Triton
-kernels cover 2-D only).
+optionally multiplied by the mask.  Backends as in 2-D: the Triton kernels for CUDA tensors
+(trilinear sampling, eight corners), the torch backend elsewhere.
 """
 
 from __future__ import annotations

@@ -111,12 +111,12 @@ def name_of(module: ModuleType) -> str:
 def select(device: torch.device, dims: int = 2, op: str = "deform_conv") -> ModuleType:
     """The backend module that runs ``op`` (``"deform_conv"`` with ``dims`` spatial axes, or
     ``"dcnv3"``) on tensors of ``device`` under the current setting.  "auto" picks the Triton
-    kernels for 2-D CUDA tensors, the torch backend otherwise."""
+    kernels for CUDA tensors (2-D and 3-D), the torch backend otherwise."""
     if op not in _OPS:
         raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
     table = _OPS[op]
     name = get_backend()
     if name == AUTO:
         cuda = device.type == "cuda" and triton_backend.unavailable_reason() is None
-        name = "triton" if cuda and dims == 2 else "torch"
+        name = "triton" if cuda and dims in (2, 3) else "torch"
     return table[name]

@@ -1,4 +1,4 @@
-"""Triton backend of ``deform_conv2d``: fused kernels for CUDA tensors.
+"""Triton backend of ``deform_conv2d`` and ``deform_conv3d``: fused kernels for CUDA tensors.
 
 The kernels (:mod:`deformconv.kernels`) are compiled at run time by Triton; nothing is built
 at install time.  What they do not cover runs on the torch backend instead, with a warning
@@ -54,8 +54,8 @@ def uncovered(input: Tensor) -> str | None:
         return "CPU tensors run the Triton kernels only under TRITON_INTERPRET=1"
     if input.device.type not in ("cuda", "cpu"):
         return f"the Triton kernels do not run on {input.device.type} tensors"
-    if input.dim() != 4:
-        return "the Triton kernels cover 2-D only; 1-D runs as 2-D, 3-D on the torch backend"
+    if input.dim() not in (4, 5):
+        return "the Triton kernels cover 2-D and 3-D (1-D runs as 2-D)"
     if input.dtype == torch.float64:
         return "the Triton kernels do not compute in float64"
     return None

@@ -1,8 +1,9 @@
 """3-D benchmark: ``deform_conv3d`` against ``nn.Conv3d`` on video-like clips.
 
 Times forward and forward+backward side by side in one process, interleaved, median of
-repeats, on the CPU and, when there is one, on the GPU (float32, and bfloat16 there).  Prints
-a Markdown table and optionally writes CSV.
+repeats, on the CPU and, when there is one, on the GPU (float32, and bfloat16 there; there
+also ``deform_conv3d`` on the torch backend, beside the default Triton kernels).  Prints a
+Markdown table and optionally writes CSV.
 
     python benchmarks/bench_3d.py [--quick] [--csv out.csv] [--device cpu|cuda]
     deformconv bench --3d [-- same arguments]
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -72,19 +74,27 @@ def _runner(name: str, clip: Clip, t: dict, backward: bool):
 
     call = conv if name == "nn.Conv3d" else deform
 
+    def backend():
+        return deformconv.use_backend("torch") if name == TORCH_BACKEND else nullcontext()
+
     def run():
-        if backward:
-            call().sum().backward()
-        else:
-            with torch.no_grad():
-                call()
+        with backend():
+            if backward:
+                call().sum().backward()
+            else:
+                with torch.no_grad():
+                    call()
 
     return run
 
 
+#: On the GPU, deform_conv3d on the torch backend too (the default there is the Triton one).
+TORCH_BACKEND = "torch backend"
+
+
 def time_clips(clips, device: torch.device, dtypes, repeats: int) -> list[dict]:
     rows = []
-    names = ["deform_conv3d", "nn.Conv3d"]
+    names = ["deform_conv3d", "nn.Conv3d"] + ([TORCH_BACKEND] if device.type == "cuda" else [])
     for clip in clips:
         for dtype in dtypes:
             tensors = make_inputs(clip, device, dtype)
@@ -110,11 +120,14 @@ def time_clips(clips, device: torch.device, dtypes, repeats: int) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| shape | device | dtype | mode | deform_conv3d ms | nn.Conv3d ms | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | device | dtype | mode | deform_conv3d ms | nn.Conv3d ms | ratio "
+        "| torch backend ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        times = f"{r['deform_conv3d']:.2f} | {r['nn.Conv3d']:.2f} | {r['ratio']:.1f}x"
+        torch_backend = f"{r[TORCH_BACKEND]:.2f}" if TORCH_BACKEND in r else "–"
+        times = (f"{r['deform_conv3d']:.2f} | {r['nn.Conv3d']:.2f} | {r['ratio']:.1f}x "
+                 f"| {torch_backend}")  # fmt: skip
         lines.append(f"| {r['shape']} | {r['device']} | {r['dtype']} | {r['mode']} | {times} |")
     return "\n".join(lines)
 
@@ -142,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            fields = list(dict.fromkeys(key for row in rows for key in row))
+            writer = csv.DictWriter(handle, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(rows)
     return 0

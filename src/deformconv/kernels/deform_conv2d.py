@@ -1,9 +1,15 @@
-"""Triton kernels of ``deform_conv2d``: implicit GEMM, no column buffer in memory.
+"""Triton kernels of ``deform_conv2d`` and ``deform_conv3d``: implicit GEMM, no column buffer
+in memory.
 
-Notation: ``M = N·Ho·Wo`` output pixels, ``K = kh·kw`` taps, ``gi = C / groups`` input and
-``go = O / groups`` output channels per weight group, ``ogi = C / offset_groups`` channels per
-offset group.  The weight is rearranged to ``(groups, K, gi, go)``.  Input and input gradient
-are addressed through their strides, so NCHW and channels-last both run without a copy.
+The constant ``DIMS`` is 2 or 3.  In 3-D a pixel has a depth too and a sample is trilinear:
+the bilinear samples of its two planes, weighted by the fractional depth; everything written
+for the depth axis is compiled out of the 2-D launches.
+
+Notation: ``M = N·Ho·Wo`` (``N·Do·Ho·Wo``) output pixels, ``K = kh·kw`` (``kd·kh·kw``) taps,
+``gi = C / groups`` input and ``go = O / groups`` output channels per weight group,
+``ogi = C / offset_groups`` channels per offset group.  The weight is rearranged to
+``(groups, K, gi, go)``.  Input and input gradient are addressed through their strides, so
+NCHW and channels-last both run without a copy.
 
 * Forward: a program owns a tile of output pixels × output channels of one weight group.
   For every tap and every offset group that meets the weight group, it computes the sampling
@@ -70,15 +76,70 @@ def _modulation(mask_ptr, mask_base, channel_offset, rows, HAS_MASK: tl.constexp
 
 
 @triton.jit
-def _pixel_tile(tile, tiles_per_image, plane, out_w, BLOCK_M: tl.constexpr, INDEX64: tl.constexpr):
-    """Tile ``tile`` of the output pixels: an image and ``BLOCK_M`` consecutive pixels of it.
+def _pixel_tile(tile, tiles_per_image, plane, out_h, out_w, BLOCK_M: tl.constexpr,
+                INDEX64: tl.constexpr, DIMS: tl.constexpr):  # fmt: skip
+    """Tile ``tile`` of the output pixels: an image and ``BLOCK_M`` consecutive pixels of it,
+    with their coordinates (depth, row, column; the depth 0 in 2-D).
 
     Tiles never straddle images, so the pixels of a tile are contiguous in every NCHW tensor
     and their loads and stores coalesce.
     """
     image = _wide(tile // tiles_per_image, INDEX64)
     p = (tile % tiles_per_image) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return image, p < plane, p, p // out_w, p % out_w
+    if DIMS == 3:
+        out_t = (p // out_w) // out_h
+        out_y = (p // out_w) % out_h
+    else:
+        out_t = 0
+        out_y = p // out_w
+    return image, p < plane, p, out_t, out_y, p % out_w
+
+
+@triton.jit
+def _tap_base(out_t, out_y, out_x, tap, stride_d, stride_h, stride_w, pad_d, pad_h, pad_w,
+              dil_d, dil_h, dil_w, KH, KW, DIMS: tl.constexpr):  # fmt: skip
+    """The regular (undeformed) sampling position of kernel tap ``tap`` for a tile's pixels."""
+    if DIMS == 3:
+        base_t = out_t * stride_d - pad_d + (tap // (KH * KW)) * dil_d
+        base_y = out_y * stride_h - pad_h + ((tap // KW) % KH) * dil_h
+    else:
+        base_t = 0
+        base_y = out_y * stride_h - pad_h + (tap // KW) * dil_h
+    base_x = out_x * stride_w - pad_w + (tap % KW) * dil_w
+    return base_t, base_y, base_x
+
+
+@triton.jit
+def _trilinear_tile(x_ptr, image_base, t0, y0, x0, ft, fy, fx, scale, channel_offsets,
+                    stride_d, stride_h, stride_w, depth, height, width, rows, cols):  # fmt: skip
+    """``(BLOCK_M, BLOCK_K)`` trilinear samples times ``scale``: the bilinear samples of the
+    planes ``t0`` and ``t0 + 1``, weighted ``1 − ft`` and ``ft``."""
+    low = rows & (t0 >= 0) & (t0 < depth)
+    high = rows & (t0 + 1 >= 0) & (t0 + 1 < depth)
+    a = bilinear_tile(x_ptr, image_base + t0 * stride_d, y0, x0, fy, fx, scale * (1.0 - ft),
+                      channel_offsets, stride_h, stride_w, height, width, low, cols)  # fmt: skip
+    a += bilinear_tile(x_ptr, image_base + (t0 + 1) * stride_d, y0, x0, fy, fx, scale * ft,
+                       channel_offsets, stride_h, stride_w, height, width, high,
+                       cols)  # fmt: skip
+    return a
+
+
+@triton.jit
+def _plane_sums(grad_col, x_ptr, image_base, y0, x0, fy, fx, channel_offsets, stride_h,
+                stride_w, height, width, rows, cols):  # fmt: skip
+    """Over a tile's channels, the sums of ``grad_col`` times one plane's bilinear sample and
+    times its derivatives along y and x (``(BLOCK_M,)`` each, without modulation)."""
+    v00, v01, v10, v11 = load_corners(x_ptr, image_base, y0, x0, channel_offsets, stride_h,
+                                      stride_w, height, width, rows, cols)  # fmt: skip
+    gy = (1.0 - fy)[:, None]
+    gx = (1.0 - fx)[:, None]
+    top = v00 * gx + v01 * fx[:, None]
+    bottom = v10 * gx + v11 * fx[:, None]
+    d_dy = (v10 - v00) * gx + (v11 - v01) * fx[:, None]
+    d_dx = (v01 - v00) * gy + (v11 - v10) * fy[:, None]
+    sample = top * gy + bottom * fy[:, None]
+    return (tl.sum(grad_col * sample, axis=1), tl.sum(grad_col * d_dy, axis=1),
+            tl.sum(grad_col * d_dx, axis=1))  # fmt: skip
 
 
 @triton.jit
@@ -111,23 +172,33 @@ def deform_conv2d_forward_kernel(
     offset_groups,
     KH,
     KW,
+    depth,
+    out_h,
+    x_stride_d,
+    stride_d,
+    pad_d,
+    dil_d,
+    KD,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INDEX64: tl.constexpr,
     PRECISION: tl.constexpr,
+    DIMS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     taps = KH * KW
+    if DIMS == 3:
+        taps = KD * KH * KW
     out_tiles = tl.cdiv(group_out, BLOCK_N)
     group = tl.program_id(1) // out_tiles
     o = (tl.program_id(1) % out_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_ok = o < group_out
-    image, rows, p, out_y, out_x = _pixel_tile(
-        tl.program_id(0), tiles_per_image, plane, out_w, BLOCK_M, INDEX64
+    image, rows, p, out_t, out_y, out_x = _pixel_tile(
+        tl.program_id(0), tiles_per_image, plane, out_h, out_w, BLOCK_M, INDEX64, DIMS
     )
-    offset_base = image * (offset_groups * 2 * taps * plane) + p
+    offset_base = image * (offset_groups * DIMS * taps * plane) + p
     mask_base = image * (offset_groups * taps * plane) + p
     image_base = image * x_stride_n
     k = tl.arange(0, BLOCK_K)
@@ -136,20 +207,24 @@ def deform_conv2d_forward_kernel(
     w_group = w_ptr + group * (taps * group_in * group_out)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in range(taps):
-        base_y = out_y * stride_h - pad_h + (tap // KW) * dil_h
-        base_x = out_x * stride_w - pad_w + (tap % KW) * dil_w
+        base_t, base_y, base_x = _tap_base(out_t, out_y, out_x, tap, stride_d, stride_h,
+                                           stride_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
+                                           KH, KW, DIMS)  # fmt: skip
         for og in range(c_first // offset_group_in, (c_end - 1) // offset_group_in + 1):
-            y0, x0, fy, fx = sample_position(
+            t0, y0, x0, ft, fy, fx = sample_position(
                 offset_ptr,
                 offset_base,
-                (og * taps + tap) * 2,
+                (og * taps + tap) * DIMS,
                 plane,
+                base_t,
                 base_y,
                 base_x,
+                depth,
                 height,
                 width,
                 rows,
                 INDEX64,
+                DIMS,
             )
             scale = _modulation(mask_ptr, mask_base, (og * taps + tap) * plane, rows, HAS_MASK)
             seg_lo = tl.maximum(c_first, og * offset_group_in)
@@ -158,10 +233,16 @@ def deform_conv2d_forward_kernel(
                 c = c0 + k
                 cols = c < seg_hi
                 channel_offsets = _wide(c, INDEX64) * x_stride_c
-                a = bilinear_tile(
-                    x_ptr, image_base, y0, x0, fy, fx, scale, channel_offsets, x_stride_h,
-                    x_stride_w, height, width, rows, cols,
-                )  # fmt: skip
+                if DIMS == 3:
+                    a = _trilinear_tile(
+                        x_ptr, image_base, t0, y0, x0, ft, fy, fx, scale, channel_offsets,
+                        x_stride_d, x_stride_h, x_stride_w, depth, height, width, rows, cols,
+                    )  # fmt: skip
+                else:
+                    a = bilinear_tile(
+                        x_ptr, image_base, y0, x0, fy, fx, scale, channel_offsets, x_stride_h,
+                        x_stride_w, height, width, rows, cols,
+                    )  # fmt: skip
                 w_rows = tap * group_in + (c - c_first)
                 w = tl.load(
                     w_group + w_rows[:, None] * group_out + o[None, :],
@@ -215,6 +296,14 @@ def deform_conv2d_backward_data_kernel(
     offset_groups,
     KH,
     KW,
+    depth,
+    out_h,
+    x_stride_d,
+    g_stride_d,
+    stride_d,
+    pad_d,
+    dil_d,
+    KD,
     HAS_MASK: tl.constexpr,
     NEED_INPUT: tl.constexpr,
     NEED_OFFSET: tl.constexpr,
@@ -223,41 +312,47 @@ def deform_conv2d_backward_data_kernel(
     ATOMIC_SEM: tl.constexpr,
     INDEX64: tl.constexpr,
     PRECISION: tl.constexpr,
+    DIMS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     taps = KH * KW
+    if DIMS == 3:
+        taps = KD * KH * KW
     tap = tl.program_id(1)
     og = tl.program_id(2)
-    image, rows, p, out_y, out_x = _pixel_tile(
-        tl.program_id(0), tiles_per_image, plane, out_w, BLOCK_M, INDEX64
+    image, rows, p, out_t, out_y, out_x = _pixel_tile(
+        tl.program_id(0), tiles_per_image, plane, out_h, out_w, BLOCK_M, INDEX64, DIMS
     )
-    offset_base = image * (offset_groups * 2 * taps * plane) + p
+    offset_base = image * (offset_groups * DIMS * taps * plane) + p
     mask_base = image * (offset_groups * taps * plane) + p
     grad_out_base = image * (out_channels * plane) + p
     image_base = image * x_stride_n
     grad_image_base = image * g_stride_n
-    base_y = out_y * stride_h - pad_h + (tap // KW) * dil_h
-    base_x = out_x * stride_w - pad_w + (tap % KW) * dil_w
-    y0, x0, fy, fx = sample_position(
+    base_t, base_y, base_x = _tap_base(out_t, out_y, out_x, tap, stride_d, stride_h, stride_w,
+                                       pad_d, pad_h, pad_w, dil_d, dil_h, dil_w, KH, KW,
+                                       DIMS)  # fmt: skip
+    t0, y0, x0, ft, fy, fx = sample_position(
         offset_ptr,
         offset_base,
-        (og * taps + tap) * 2,
+        (og * taps + tap) * DIMS,
         plane,
+        base_t,
         base_y,
         base_x,
+        depth,
         height,
         width,
         rows,
         INDEX64,
+        DIMS,
     )
-    gy = 1.0 - fy
-    gx = 1.0 - fx
     scale = _modulation(mask_ptr, mask_base, (og * taps + tap) * plane, rows, HAS_MASK)
     fixed_point_scale = 1.0
     if DETERMINISTIC:
         fixed_point_scale = tl.load(fixed_point_ptr)
+    acc_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_m = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -292,31 +387,59 @@ def deform_conv2d_backward_data_kernel(
                 grad_col = _dot(g_out, w_t, grad_col, PRECISION)
             channel_offsets = _wide(c, INDEX64) * x_stride_c
             grad_channel_offsets = _wide(c, INDEX64) * g_stride_c
+            if DIMS == 3:  # trilinear: the planes t0 and t0 + 1, weighted 1 − ft and ft
+                low = rows & (t0 >= 0) & (t0 < depth)
+                high = rows & (t0 + 1 >= 0) & (t0 + 1 < depth)
             if NEED_OFFSET or NEED_MASK:
-                v00, v01, v10, v11 = load_corners(
-                    x_ptr, image_base, y0, x0, channel_offsets, x_stride_h, x_stride_w, height,
-                    width, rows, cols,
-                )  # fmt: skip
-                if NEED_MASK:
-                    top = v00 * gx[:, None] + v01 * fx[:, None]
-                    bottom = v10 * gx[:, None] + v11 * fx[:, None]
-                    sample = top * gy[:, None] + bottom * fy[:, None]
-                    acc_m += tl.sum(grad_col * sample, axis=1)
-                if NEED_OFFSET:
-                    d_dy = (v10 - v00) * gx[:, None] + (v11 - v01) * fx[:, None]
-                    d_dx = (v01 - v00) * gy[:, None] + (v11 - v10) * fy[:, None]
-                    acc_y += tl.sum(grad_col * d_dy, axis=1)
-                    acc_x += tl.sum(grad_col * d_dx, axis=1)
+                if DIMS == 3:  # per-row weights factor out of the sums over channels
+                    s0, y0_sum, x0_sum = _plane_sums(
+                        grad_col, x_ptr, image_base + t0 * x_stride_d, y0, x0, fy, fx,
+                        channel_offsets, x_stride_h, x_stride_w, height, width, low, cols,
+                    )  # fmt: skip
+                    s1, y1_sum, x1_sum = _plane_sums(
+                        grad_col, x_ptr, image_base + (t0 + 1) * x_stride_d, y0, x0, fy, fx,
+                        channel_offsets, x_stride_h, x_stride_w, height, width, high, cols,
+                    )  # fmt: skip
+                    gt = 1.0 - ft
+                    acc_m += s0 * gt + s1 * ft
+                    acc_t += s1 - s0
+                    acc_y += y0_sum * gt + y1_sum * ft
+                    acc_x += x0_sum * gt + x1_sum * ft
+                else:
+                    sample_sum, y_sum, x_sum = _plane_sums(
+                        grad_col, x_ptr, image_base, y0, x0, fy, fx, channel_offsets,
+                        x_stride_h, x_stride_w, height, width, rows, cols,
+                    )  # fmt: skip
+                    acc_m += sample_sum
+                    acc_y += y_sum
+                    acc_x += x_sum
             if NEED_INPUT:
-                scatter_bilinear(
-                    grad_x_ptr, grad_image_base, y0, x0, fy, fx, grad_channel_offsets,
-                    g_stride_h, g_stride_w, height, width, rows, cols, grad_col * scale[:, None],
-                    fixed_point_scale, DETERMINISTIC, ATOMIC_SEM,
-                )  # fmt: skip
+                values = grad_col * scale[:, None]
+                if DIMS == 3:
+                    scatter_bilinear(
+                        grad_x_ptr, grad_image_base + t0 * g_stride_d, y0, x0, fy, fx,
+                        grad_channel_offsets, g_stride_h, g_stride_w, height, width, low, cols,
+                        values * (1.0 - ft)[:, None], fixed_point_scale, DETERMINISTIC,
+                        ATOMIC_SEM,
+                    )  # fmt: skip
+                    scatter_bilinear(
+                        grad_x_ptr, grad_image_base + (t0 + 1) * g_stride_d, y0, x0, fy, fx,
+                        grad_channel_offsets, g_stride_h, g_stride_w, height, width, high, cols,
+                        values * ft[:, None], fixed_point_scale, DETERMINISTIC, ATOMIC_SEM,
+                    )  # fmt: skip
+                else:
+                    scatter_bilinear(
+                        grad_x_ptr, grad_image_base, y0, x0, fy, fx, grad_channel_offsets,
+                        g_stride_h, g_stride_w, height, width, rows, cols, values,
+                        fixed_point_scale, DETERMINISTIC, ATOMIC_SEM,
+                    )  # fmt: skip
     if NEED_OFFSET:
-        channel = (og * taps + tap) * 2
+        channel = (og * taps + tap) * DIMS
         pointers = grad_offset_ptr + offset_base + channel * plane
         out_ty = grad_offset_ptr.dtype.element_ty
+        if DIMS == 3:
+            tl.store(pointers, (acc_t * scale).to(out_ty), mask=rows)
+            pointers += plane
         tl.store(pointers, (acc_y * scale).to(out_ty), mask=rows)
         tl.store(pointers + plane, (acc_x * scale).to(out_ty), mask=rows)
     if NEED_MASK:
@@ -355,15 +478,25 @@ def deform_conv2d_backward_weight_kernel(
     offset_groups,
     KH,
     KW,
+    depth,
+    out_h,
+    x_stride_d,
+    stride_d,
+    pad_d,
+    dil_d,
+    KD,
     HAS_MASK: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     INDEX64: tl.constexpr,
     PRECISION: tl.constexpr,
+    DIMS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     taps = KH * KW
+    if DIMS == 3:
+        taps = KD * KH * KW
     out_tiles = tl.cdiv(group_out, BLOCK_N)
     in_tiles = tl.cdiv(group_in, BLOCK_K)
     tile = tl.program_id(0)
@@ -388,33 +521,44 @@ def deform_conv2d_backward_weight_kernel(
     last = tl.minimum(pixel_tiles, first + tiles_per_split)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for t in range(first, last):
-        image, rows, p, out_y, out_x = _pixel_tile(
-            t, tiles_per_image, plane, out_w, BLOCK_M, INDEX64
+        image, rows, p, out_t, out_y, out_x = _pixel_tile(
+            t, tiles_per_image, plane, out_h, out_w, BLOCK_M, INDEX64, DIMS
         )
-        offset_base = image * (offset_groups * 2 * taps * plane) + p
+        offset_base = image * (offset_groups * DIMS * taps * plane) + p
         mask_base = image * (offset_groups * taps * plane) + p
         image_base = image * x_stride_n
-        base_y = out_y * stride_h - pad_h + (tap // KW) * dil_h
-        base_x = out_x * stride_w - pad_w + (tap % KW) * dil_w
+        base_t, base_y, base_x = _tap_base(out_t, out_y, out_x, tap, stride_d, stride_h,
+                                           stride_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
+                                           KH, KW, DIMS)  # fmt: skip
         a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for og in range(og_lo, og_hi + 1):
-            y0, x0, fy, fx = sample_position(
+            t0, y0, x0, ft, fy, fx = sample_position(
                 offset_ptr,
                 offset_base,
-                (og * taps + tap) * 2,
+                (og * taps + tap) * DIMS,
                 plane,
+                base_t,
                 base_y,
                 base_x,
+                depth,
                 height,
                 width,
                 rows,
                 INDEX64,
+                DIMS,
             )
             scale = _modulation(mask_ptr, mask_base, (og * taps + tap) * plane, rows, HAS_MASK)
-            a += bilinear_tile(
-                x_ptr, image_base, y0, x0, fy, fx, scale, channel_offsets, x_stride_h, x_stride_w,
-                height, width, rows, cols & (c_og == og),
-            )  # fmt: skip
+            if DIMS == 3:
+                a += _trilinear_tile(
+                    x_ptr, image_base, t0, y0, x0, ft, fy, fx, scale, channel_offsets,
+                    x_stride_d, x_stride_h, x_stride_w, depth, height, width, rows,
+                    cols & (c_og == og),
+                )  # fmt: skip
+            else:
+                a += bilinear_tile(
+                    x_ptr, image_base, y0, x0, fy, fx, scale, channel_offsets, x_stride_h,
+                    x_stride_w, height, width, rows, cols & (c_og == og),
+                )  # fmt: skip
         g_out = tl.load(
             grad_out_ptr
             + (image * (out_channels * plane) + p)[:, None]

@@ -1,4 +1,5 @@
-"""Launchers of the Triton ``deform_conv2d`` kernels, registered as ``torch.library`` ops.
+"""Launchers of the Triton ``deform_conv2d`` kernels (2-D and 3-D), registered as
+``torch.library`` ops.
 
 ``deformconv::triton_deform_conv2d`` and ``deformconv::triton_deform_conv2d_backward`` are
 ``triton_op``\\ s: their bodies are plain PyTorch plus ``wrap_triton`` launches, so
@@ -8,6 +9,7 @@ function; ``precision`` is ``"ieee"`` or ``"tf32"`` (how float32 operands are co
 
 import contextlib
 import functools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -140,9 +142,41 @@ def _splits(pixel_tiles: int, tiles: int, device: torch.device) -> int:
 
 
 def _sizes(shape: Geometry) -> tuple[int, ...]:
-    """The sizes every kernel takes: height, width, out_w, out_h·out_w, out_channels."""
-    return (shape.height, shape.width, shape.out_w, shape.out_h * shape.out_w,
+    """The sizes every kernel takes: height, width, out_w, the output positions of one image,
+    out_channels."""
+    return (shape.height, shape.width, shape.out_w, math.prod(shape.out_size),
             shape.out_channels)  # fmt: skip
+
+
+def _plane_args(shape: Geometry) -> tuple[int, ...]:
+    """Stride, padding and dilation along height and width: (sh, sw, ph, pw, dh, dw)."""
+    return (*shape.stride[-2:], *shape.padding[-2:], *shape.dilation[-2:])
+
+
+def _strides(tensor: Tensor) -> tuple[int, ...]:
+    """A ``(N, C, [D,] H, W)`` tensor's strides along N, C, H and W."""
+    return (*tensor.stride()[:2], *tensor.stride()[-2:])
+
+
+def _depth_stride(tensor: Tensor) -> int:
+    """A tensor's stride along D (3-D), or 0 (2-D)."""
+    return tensor.stride(2) if tensor.dim() == 5 else 0
+
+
+def _with_depth_stride(args: tuple[int, ...], *tensors: Tensor) -> tuple[int, ...]:
+    """:func:`_depth_args` with the tensors' depth strides after the output height, in the
+    order the kernels take them."""
+    depth, out_h, *rest = args
+    return (depth, out_h, *(_depth_stride(t) for t in tensors), *rest)
+
+
+def _depth_args(shape: Geometry) -> tuple[int, ...]:
+    """Depth (or 1), output height, and stride, padding, dilation and kernel size along depth
+    (or 1, 0, 1, 1 in 2-D): what the kernels take for a third axis."""
+    if shape.dims == 3:
+        return (shape.size[0], shape.out_h, shape.stride[0], shape.padding[0],
+                shape.dilation[0], shape.kernel[0])  # fmt: skip
+    return (1, shape.out_h, 1, 0, 1, 1)
 
 
 def _groups(shape: Geometry) -> tuple[int, ...]:
@@ -151,7 +185,7 @@ def _groups(shape: Geometry) -> tuple[int, ...]:
 
 
 def _tiles_per_image(shape: Geometry, block_m: int) -> int:
-    return triton.cdiv(shape.out_h * shape.out_w, block_m)
+    return triton.cdiv(math.prod(shape.out_size), block_m)
 
 
 def launching_on(device: torch.device):
@@ -171,7 +205,8 @@ GATHER_CHANNELS_LAST = True
 
 def _gather_layout(input: Tensor) -> Tensor:
     if GATHER_CHANNELS_LAST:
-        return input.contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+        return input.contiguous(memory_format=layout)
     return input
 
 
@@ -179,7 +214,7 @@ def _gather_layout(input: Tensor) -> Tensor:
     "deformconv::triton_deform_conv2d",
     mutates_args=(),
     schema="(Tensor input, Tensor offset, Tensor? mask, Tensor weight, Tensor? bias, "
-    "int[2] stride, int[2] padding, int[2] dilation, str precision) -> Tensor",
+    "int[] stride, int[] padding, int[] dilation, str precision) -> Tensor",
 )
 def triton_deform_conv2d(
     input: Tensor,
@@ -193,7 +228,7 @@ def triton_deform_conv2d(
     precision: str,
 ) -> Tensor:
     shape = geometry(input, offset, weight, tuple(stride), tuple(padding), tuple(dilation))
-    out = input.new_empty(shape.batch, shape.out_channels, shape.out_h, shape.out_w)
+    out = input.new_empty(shape.batch, shape.out_channels, *shape.out_size)
     if out.numel() == 0:
         return out
     offset = offset.contiguous()
@@ -216,15 +251,17 @@ def triton_deform_conv2d(
             out,
             tiles,
             *_sizes(shape),
-            *input.stride(),
-            *shape.conv_args(),
+            *_strides(input),
+            *_plane_args(shape),
             *_groups(shape),
-            KH=shape.kernel_h,
-            KW=shape.kernel_w,
+            shape.kernel_h,
+            shape.kernel_w,
+            *_with_depth_stride(_depth_args(shape), input),
             HAS_MASK=mask is not None,
             HAS_BIAS=bias is not None,
             INDEX64=needs_int64(input, offset, mask, out),
             PRECISION=precision,
+            DIMS=shape.dims,
             **config,
         )
     return out
@@ -241,7 +278,7 @@ def _fixed_point_scale(
     bound = grad_output.detach().abs().amax().float() * per_channel
     if mask is not None:
         bound = bound * mask.detach().abs().amax().float()
-    bound = bound * float(shape.out_h * shape.out_w * shape.taps)
+    bound = bound * float(math.prod(shape.out_size) * shape.taps)
     return fixed_point_scale(bound), bound
 
 
@@ -257,7 +294,7 @@ def fixed_point_scale(bound: Tensor) -> Tensor:
     "deformconv::triton_deform_conv2d_backward",
     mutates_args=(),
     schema="(Tensor grad_output, Tensor input, Tensor offset, Tensor? mask, Tensor weight, "
-    "int[2] stride, int[2] padding, int[2] dilation, bool[4] needs_grad, str precision, "
+    "int[] stride, int[] padding, int[] dilation, bool[4] needs_grad, str precision, "
     "bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def triton_deform_conv2d_backward(
@@ -280,7 +317,8 @@ def triton_deform_conv2d_backward(
     grad_output = grad_output.contiguous()
     offset = offset.contiguous()
     mask = None if mask is None else mask.contiguous()
-    grad_bias = grad_output.sum((0, 2, 3), dtype=torch.float32).to(grad_output.dtype)
+    axes = [0, *range(2, grad_output.dim())]
+    grad_bias = grad_output.sum(axes, dtype=torch.float32).to(grad_output.dtype)
     source = _gather_layout(input)
     launch = _Launch(
         shape=shape,
@@ -364,12 +402,13 @@ def _launch_backward_data(
         offset if scale is None else scale,
         tiles,
         *_sizes(launch.shape),
-        *source.stride(),
-        *(accumulator.stride() if need_input else source.stride()),
-        *launch.shape.conv_args(),
+        *_strides(source),
+        *_strides(accumulator if need_input else source),
+        *_plane_args(shape),
         *_groups(launch.shape),
-        KH=shape.kernel_h,
-        KW=shape.kernel_w,
+        shape.kernel_h,
+        shape.kernel_w,
+        *_with_depth_stride(_depth_args(shape), source, accumulator if need_input else source),
         HAS_MASK=mask is not None,
         NEED_INPUT=need_input,
         NEED_OFFSET=grad_offset.numel() > 0,
@@ -378,6 +417,7 @@ def _launch_backward_data(
         ATOMIC_SEM=ATOMIC_SEMANTICS,
         INDEX64=launch.index64 or (need_input and needs_int64(accumulator)),
         PRECISION=launch.precision,
+        DIMS=shape.dims,
         **config,
     )
 
@@ -424,15 +464,17 @@ def _launch_backward_weight(
             per_split,
             per_image,
             *_sizes(launch.shape),
-            *source.stride(),
-            *launch.shape.conv_args(),
+            *_strides(source),
+            *_plane_args(shape),
             *_groups(launch.shape),
-            KH=shape.kernel_h,
-            KW=shape.kernel_w,
+            shape.kernel_h,
+            shape.kernel_w,
+            *_with_depth_stride(_depth_args(shape), source),
             HAS_MASK=mask is not None,
             ACCUMULATE=not deterministic,
             INDEX64=launch.index64,
             PRECISION=launch.precision,
+            DIMS=shape.dims,
             **config,
         )
     return sums.sum(0).permute(0, 3, 2, 1).reshape(weight.shape).to(weight.dtype)

@@ -2,8 +2,9 @@
 gradient into the corners of its samples.
 
 A sampling position is ``base + offset`` for one (output pixel, kernel tap, offset group).
-Positions one pixel or more outside the image, and NaN or infinite ones, are moved to
-``(-2, -2)``, where no corner is valid, so they sample 0 and get zero gradient.  Corners are
+Positions one pixel or more outside the image (or volume), and NaN or infinite ones, are
+moved to ``(-2, -2)`` (``(-2, -2, -2)``), where no corner is valid, so they sample 0 and get
+zero gradient.  Corners are
 valid inside the image only; loads of invalid corners are masked off, so nothing outside the
 input is ever read.  This is the rule of the torch backend, kernel for kernel.
 """
@@ -18,23 +19,35 @@ def sample_position(
     offset_base,
     offset_channel,
     plane,
+    base_t,
     base_y,
     base_x,
+    depth,
     height,
     width,
     active,
     INDEX64: tl.constexpr,
+    DIMS: tl.constexpr,
 ):
-    """Top-left corner ``(y0, x0)`` and fractions ``(fy, fx)`` of a tile of positions.
+    """Lowest corner ``(t0, y0, x0)`` and fractions ``(ft, fy, fx)`` of a tile of positions
+    (``DIMS`` 3: depth, height, width; 2: ``t0`` and ``ft`` are 0 and ``base_t``, ``depth``
+    unused).
 
-    ``offset_channel`` is the channel of Δy (Δx follows it); ``offset_base`` the pixel's
-    element offset in image-major ``offset``; ``plane`` the output plane size.  With
-    ``INDEX64`` the corners are int64, ready for addresses past 2**31.
+    ``offset_channel`` is the channel of the first coordinate's offset (Δd in 3-D, Δy in 2-D;
+    the others follow it); ``offset_base`` the pixel's element offset in image-major
+    ``offset``; ``plane`` the output plane size.  With ``INDEX64`` the corners are int64,
+    ready for addresses past 2**31.
     """
     if INDEX64:
         offset_channel = offset_channel.to(tl.int64)
         base_y = base_y.to(tl.int64)
         base_x = base_x.to(tl.int64)
+    if DIMS == 3:
+        if INDEX64:
+            base_t = base_t.to(tl.int64)
+        dt = tl.load(offset_ptr + offset_base + offset_channel * plane, mask=active, other=0.0)
+        dt = dt.to(tl.float32)
+        offset_channel += 1
     dy = tl.load(offset_ptr + offset_base + offset_channel * plane, mask=active, other=0.0)
     dx = tl.load(offset_ptr + offset_base + (offset_channel + 1) * plane, mask=active, other=0.0)
     dy = dy.to(tl.float32)
@@ -45,13 +58,23 @@ def sample_position(
     y = base_y.to(tl.float32) + dy
     x = base_x.to(tl.float32) + dx
     near = (y > -2.0) & (y < height + 1.0) & (x > -2.0) & (x < width + 1.0)
+    if DIMS == 3:
+        t = base_t.to(tl.float32) + dt
+        near = near & (t > -2.0) & (t < depth + 1.0)
+        dt = tl.where(near, dt, 0.0)
+        dt_low = tl.floor(dt)
+        t0 = tl.where(near, base_t + dt_low.to(base_t.dtype), -2)
+        ft = dt - dt_low
+    else:
+        t0 = 0
+        ft = 0.0
     dy = tl.where(near, dy, 0.0)
     dx = tl.where(near, dx, 0.0)
     dy_low = tl.floor(dy)
     dx_low = tl.floor(dx)
     y0 = tl.where(near, base_y + dy_low.to(base_y.dtype), -2)
     x0 = tl.where(near, base_x + dx_low.to(base_x.dtype), -2)
-    return y0, x0, dy - dy_low, dx - dx_low
+    return t0, y0, x0, ft, dy - dy_low, dx - dx_low
 
 
 @triton.jit
