@@ -69,10 +69,6 @@ class Geometry(NamedTuple):
         matrix = weight.reshape(self.weight_groups, self.group_out, self.group_in, self.taps)
         return matrix.permute(0, 3, 2, 1)
 
-    def conv_args(self) -> tuple[int, ...]:
-        """Stride, padding and dilation, flat: (sh, sw, ph, pw, dh, dw) in 2-D."""
-        return (*self.stride, *self.padding, *self.dilation)
-
 
 def geometry(
     input: Tensor,

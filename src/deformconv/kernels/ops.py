@@ -158,25 +158,15 @@ def _strides(tensor: Tensor) -> tuple[int, ...]:
     return (*tensor.stride()[:2], *tensor.stride()[-2:])
 
 
-def _depth_stride(tensor: Tensor) -> int:
-    """A tensor's stride along D (3-D), or 0 (2-D)."""
-    return tensor.stride(2) if tensor.dim() == 5 else 0
-
-
-def _with_depth_stride(args: tuple[int, ...], *tensors: Tensor) -> tuple[int, ...]:
-    """:func:`_depth_args` with the tensors' depth strides after the output height, in the
-    order the kernels take them."""
-    depth, out_h, *rest = args
-    return (depth, out_h, *(_depth_stride(t) for t in tensors), *rest)
-
-
-def _depth_args(shape: Geometry) -> tuple[int, ...]:
-    """Depth (or 1), output height, and stride, padding, dilation and kernel size along depth
-    (or 1, 0, 1, 1 in 2-D): what the kernels take for a third axis."""
+def _depth_args(shape: Geometry, *tensors: Tensor) -> tuple[int, ...]:
+    """What the kernels take for a third axis: the depth, the output height, the tensors'
+    strides along depth, and stride, padding, dilation and kernel size along depth (in 2-D:
+    1, the output height, a 0 stride per tensor, 1, 0, 1, 1)."""
+    strides = tuple(tensor.stride(2) if tensor.dim() == 5 else 0 for tensor in tensors)
     if shape.dims == 3:
-        return (shape.size[0], shape.out_h, shape.stride[0], shape.padding[0],
+        return (shape.size[0], shape.out_h, *strides, shape.stride[0], shape.padding[0],
                 shape.dilation[0], shape.kernel[0])  # fmt: skip
-    return (1, shape.out_h, 1, 0, 1, 1)
+    return (1, shape.out_h, *strides, 1, 0, 1, 1)
 
 
 def _groups(shape: Geometry) -> tuple[int, ...]:
@@ -256,7 +246,7 @@ def triton_deform_conv2d(
             *_groups(shape),
             shape.kernel_h,
             shape.kernel_w,
-            *_with_depth_stride(_depth_args(shape), input),
+            *_depth_args(shape, input),
             HAS_MASK=mask is not None,
             HAS_BIAS=bias is not None,
             INDEX64=needs_int64(input, offset, mask, out),
@@ -408,7 +398,7 @@ def _launch_backward_data(
         *_groups(launch.shape),
         shape.kernel_h,
         shape.kernel_w,
-        *_with_depth_stride(_depth_args(shape), source, accumulator if need_input else source),
+        *_depth_args(shape, source, accumulator if need_input else source),
         HAS_MASK=mask is not None,
         NEED_INPUT=need_input,
         NEED_OFFSET=grad_offset.numel() > 0,
@@ -469,7 +459,7 @@ def _launch_backward_weight(
             *_groups(launch.shape),
             shape.kernel_h,
             shape.kernel_w,
-            *_with_depth_stride(_depth_args(shape), source),
+            *_depth_args(shape, source),
             HAS_MASK=mask is not None,
             ACCUMULATE=not deterministic,
             INDEX64=launch.index64,
