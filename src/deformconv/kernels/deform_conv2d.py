@@ -87,8 +87,9 @@ def _pixel_tile(tile, tiles_per_image, plane, out_h, out_w, BLOCK_M: tl.constexp
     image = _wide(tile // tiles_per_image, INDEX64)
     p = (tile % tiles_per_image) * BLOCK_M + tl.arange(0, BLOCK_M)
     if DIMS == 3:
-        out_t = (p // out_w) // out_h
-        out_y = (p // out_w) % out_h
+        line = p // out_w  # (depth, row) pairs
+        out_t = line // out_h
+        out_y = line % out_h
     else:
         out_t = 0
         out_y = p // out_w
@@ -110,12 +111,17 @@ def _tap_base(out_t, out_y, out_x, tap, stride_d, stride_h, stride_w, pad_d, pad
 
 
 @triton.jit
+def _planes(rows, t0, depth):
+    """Which rows have their plane ``t0``, and their plane ``t0 + 1``, inside the volume."""
+    return rows & (t0 >= 0) & (t0 < depth), rows & (t0 + 1 >= 0) & (t0 + 1 < depth)
+
+
+@triton.jit
 def _trilinear_tile(x_ptr, image_base, t0, y0, x0, ft, fy, fx, scale, channel_offsets,
-                    stride_d, stride_h, stride_w, depth, height, width, rows, cols):  # fmt: skip
+                    stride_d, stride_h, stride_w, height, width, low, high, cols):  # fmt: skip
     """``(BLOCK_M, BLOCK_K)`` trilinear samples times ``scale``: the bilinear samples of the
-    planes ``t0`` and ``t0 + 1``, weighted ``1 − ft`` and ``ft``."""
-    low = rows & (t0 >= 0) & (t0 < depth)
-    high = rows & (t0 + 1 >= 0) & (t0 + 1 < depth)
+    planes ``t0`` and ``t0 + 1`` (of the rows ``low`` and ``high``, :func:`_planes`),
+    weighted ``1 − ft`` and ``ft``."""
     a = bilinear_tile(x_ptr, image_base + t0 * stride_d, y0, x0, fy, fx, scale * (1.0 - ft),
                       channel_offsets, stride_h, stride_w, height, width, low, cols)  # fmt: skip
     a += bilinear_tile(x_ptr, image_base + (t0 + 1) * stride_d, y0, x0, fy, fx, scale * ft,
@@ -226,6 +232,8 @@ def deform_conv2d_forward_kernel(
                 INDEX64,
                 DIMS,
             )
+            if DIMS == 3:
+                low, high = _planes(rows, t0, depth)
             scale = _modulation(mask_ptr, mask_base, (og * taps + tap) * plane, rows, HAS_MASK)
             seg_lo = tl.maximum(c_first, og * offset_group_in)
             seg_hi = tl.minimum(c_end, (og + 1) * offset_group_in)
@@ -236,7 +244,7 @@ def deform_conv2d_forward_kernel(
                 if DIMS == 3:
                     a = _trilinear_tile(
                         x_ptr, image_base, t0, y0, x0, ft, fy, fx, scale, channel_offsets,
-                        x_stride_d, x_stride_h, x_stride_w, depth, height, width, rows, cols,
+                        x_stride_d, x_stride_h, x_stride_w, height, width, low, high, cols,
                     )  # fmt: skip
                 else:
                     a = bilinear_tile(
@@ -348,6 +356,8 @@ def deform_conv2d_backward_data_kernel(
         INDEX64,
         DIMS,
     )
+    if DIMS == 3:  # trilinear: the planes t0 and t0 + 1, weighted 1 − ft and ft
+        low, high = _planes(rows, t0, depth)
     scale = _modulation(mask_ptr, mask_base, (og * taps + tap) * plane, rows, HAS_MASK)
     fixed_point_scale = 1.0
     if DETERMINISTIC:
@@ -387,9 +397,6 @@ def deform_conv2d_backward_data_kernel(
                 grad_col = _dot(g_out, w_t, grad_col, PRECISION)
             channel_offsets = _wide(c, INDEX64) * x_stride_c
             grad_channel_offsets = _wide(c, INDEX64) * g_stride_c
-            if DIMS == 3:  # trilinear: the planes t0 and t0 + 1, weighted 1 − ft and ft
-                low = rows & (t0 >= 0) & (t0 < depth)
-                high = rows & (t0 + 1 >= 0) & (t0 + 1 < depth)
             if NEED_OFFSET or NEED_MASK:
                 if DIMS == 3:  # per-row weights factor out of the sums over channels
                     s0, y0_sum, x0_sum = _plane_sums(
@@ -549,9 +556,10 @@ def deform_conv2d_backward_weight_kernel(
             )
             scale = _modulation(mask_ptr, mask_base, (og * taps + tap) * plane, rows, HAS_MASK)
             if DIMS == 3:
+                low, high = _planes(rows, t0, depth)
                 a += _trilinear_tile(
                     x_ptr, image_base, t0, y0, x0, ft, fy, fx, scale, channel_offsets,
-                    x_stride_d, x_stride_h, x_stride_w, depth, height, width, rows,
+                    x_stride_d, x_stride_h, x_stride_w, height, width, low, high,
                     cols & (c_og == og),
                 )  # fmt: skip
             else:
