@@ -223,6 +223,7 @@ def test_triton_tile_sizes_and_64_bit_indexing(settings, monkeypatch):
             _check_against_reference(make_inputs(CASES[name]), CASES[name], torch.float32, 1e-4)
 
 
+@pytest.mark.overflow_checks
 @pytest.mark.parametrize("depth", [4, 16])
 def test_triton_forward_reads_whole_channel_blocks_unmasked(depth):
     """Channels per group that fill the kernel's channel blocks (its loads take no mask):
@@ -349,6 +350,7 @@ def test_benchmark_baseline_agrees_and_the_benchmark_runs(tmp_path, capsys):
     assert out.read_text().startswith("shape,device,dtype,mode,impl,ms,floor_ms,x_floor")
 
 
+@pytest.mark.overflow_checks
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -1e30])
 def test_non_finite_and_far_offsets_sample_zero(backend, bad):

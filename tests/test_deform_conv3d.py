@@ -387,6 +387,28 @@ def test_triton_kernels_match_float64(modulated, dtype, tolerance, monkeypatch):
         assert error <= tolerance, f"{name}: relative error {error:.2e}"
 
 
+@pytest.mark.overflow_checks
+def test_triton_kernels_sample_zero_at_non_finite_and_far_offsets():
+    """Offsets of NaN (every coordinate of tap 0, offset group 0), infinity (the depth of tap 1,
+    group 1) and -1e30 (the width of tap 2, group 2): the Triton kernels agree with the float64
+    torch backend, output and every gradient, and no 32-bit index overflows (the interpreter
+    checks in this test)."""
+    pytest.importorskip("triton")
+    config = {**CONFIG, "batch": 1}
+    tensors = make_inputs(config)
+    taps = math.prod(config["kernel"])
+    with torch.no_grad():
+        tensors["offset"][:, 0:3] = math.nan
+        tensors["offset"][:, 3 * taps + 3] = math.inf
+        tensors["offset"][:, 6 * taps + 6 + 2] = -1e30
+    expected = _outputs_and_grads(tensors, "torch", torch.float64, config)
+    actual = _outputs_and_grads(tensors, "triton", torch.float32, config)
+    for name, value in expected.items():
+        assert torch.isfinite(actual[name]).all(), name
+        error = (actual[name].double() - value).norm() / value.norm()
+        assert error <= 1e-5, f"{name}: relative error {error:.2e}"
+
+
 def test_triton_deterministic_mode_is_bit_identical():
     pytest.importorskip("triton")
     tensors = make_inputs({**CONFIG, "batch": 1})

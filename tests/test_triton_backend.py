@@ -6,6 +6,7 @@ shapes, in float32 and float16; bfloat16 and the CUDA-only paths are in ``test_t
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -21,7 +22,14 @@ import deformconv
 from cases import LOPSIDED, Config, call, make_inputs, output_and_grads
 from deformconv.backends import triton_backend
 from deformconv.kernels.deform_conv2d import round_to_tf32
-from triton_cases import DEVICE, TOLERANCES, errors, on_device, relative_error
+from triton_cases import (
+    DEVICE,
+    TOLERANCES,
+    errors,
+    on_device,
+    reference_results,
+    relative_error,
+)
 
 DTYPES = [torch.float32, torch.float16]
 # Channels that need several blocks, weight groups and offset groups that straddle each other.
@@ -29,6 +37,14 @@ WIDE = Config(
     batch=2, channels=40, height=11, width=13, out_channels=36, kernel=(3, 3),
     stride=(1, 2), padding=(1, 2), dilation=(1, 2), weight_groups=2, offset_groups=4,
 )  # fmt: skip
+# The same channels and groups on 40 output pixels: with 16-wide tiles every kernel runs
+# several pixel, channel and output blocks, each axis's last one partly empty.
+WIDE_FEW_PIXELS = dataclasses.replace(WIDE, height=5, width=7)
+SMALL_TILES = {
+    "forward": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16},
+    "backward_data": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_O": 16},
+    "backward_weight": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16},
+}
 
 
 def triton_deform_conv2d(*args, **kwargs):
@@ -59,21 +75,14 @@ def test_many_channel_blocks(dtype):
     assert_within_tolerance(errors(triton_deform_conv2d, WIDE, dtype, seed=1), dtype)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {"forward": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16}},
-        {"backward_data": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_O": 16}},
-        {"backward_weight": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16}},
-    ],
-    ids=["forward", "backward-data", "backward-weight"],
-)
-def test_small_tiles_give_the_same_results(monkeypatch, overrides):
+def test_small_tiles_give_the_same_results(monkeypatch):
     from deformconv.kernels import ops
 
-    for kernel, config in overrides.items():
+    assert WIDE_FEW_PIXELS.out_size == (5, 4)
+    for kernel, config in SMALL_TILES.items():
         monkeypatch.setitem(ops.CONFIG_OVERRIDES, kernel, config)
-    assert_within_tolerance(errors(triton_deform_conv2d, WIDE, torch.float32), torch.float32)
+    result = errors(triton_deform_conv2d, WIDE_FEW_PIXELS, torch.float32)
+    assert_within_tolerance(result, torch.float32)
 
 
 def test_64_bit_indexing_gives_the_same_results(monkeypatch):
@@ -117,24 +126,32 @@ def test_non_contiguous_and_channels_last_inputs(monkeypatch, gather_channels_la
         torch.testing.assert_close(actual_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_deterministic_mode_is_bit_identical_and_exact():
-    config = WIDE
-    tensors = on_device(make_inputs(config, dtype=torch.float32, seed=6), torch.float32)
-    _, fast = output_and_grads(triton_deform_conv2d, tensors, config)
+def test_deterministic_mode_is_bit_identical_and_exact(monkeypatch):
+    from deformconv.kernels import ops
+
+    for kernel, config in SMALL_TILES.items():
+        monkeypatch.setitem(ops.CONFIG_OVERRIDES, kernel, config)
+    config = WIDE_FEW_PIXELS
+    rounded, (expected, expected_grads) = reference_results(config, torch.float32, seed=6)
+    tensors = on_device(rounded, torch.float32)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        _, first = output_and_grads(triton_deform_conv2d, tensors, config)
-        _, second = output_and_grads(triton_deform_conv2d, tensors, config)
+        first = output_and_grads(triton_deform_conv2d, tensors, config)
+        second = output_and_grads(triton_deform_conv2d, tensors, config)
     finally:
         torch.use_deterministic_algorithms(previous)
-    for name in first:
-        assert torch.equal(first[name], second[name]), name
-        assert relative_error(first[name], fast[name].cpu().double()) < 1e-6, name
+    (out, grads), (out_again, grads_again) = first, second
+    assert torch.equal(out, out_again)
+    assert relative_error(out, expected) <= TOLERANCES[torch.float32]
+    for name, grad in expected_grads.items():
+        assert torch.equal(grads[name], grads_again[name]), name
+        assert relative_error(grads[name], grad) <= TOLERANCES[torch.float32], name
 
 
 # The interpreter converts the NaN sums to int64 with numpy, which warns; CUDA does not.
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+@pytest.mark.overflow_checks
 def test_deterministic_mode_propagates_nan_gradients():
     config = LOPSIDED["straddling-groups"]
     tensors = on_device(make_inputs(config, dtype=torch.float32), torch.float32)
@@ -150,6 +167,7 @@ def test_deterministic_mode_propagates_nan_gradients():
     assert torch.isnan(grad_input).any()
 
 
+@pytest.mark.overflow_checks
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e30])
 def test_non_finite_offsets_sample_zero(bad):
     config = LOPSIDED["straddling-groups"]
@@ -340,3 +358,29 @@ def test_corner_of_positions_that_round_across_an_integer():
     assert_within_tolerance(
         errors(triton_deform_conv2d, config, torch.float32, tensors=tensors), torch.float32
     )
+
+
+@triton.jit
+def _square_kernel(x_ptr, out_ptr):
+    x = tl.load(x_ptr)
+    tl.store(out_ptr, x * x)
+
+
+def _square_int32(x: int) -> int:
+    value = torch.tensor([x], dtype=torch.int32, device=DEVICE)
+    out = torch.empty_like(value)
+    _square_kernel[(1,)](value, out)
+    return int(out.item())
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's checks")
+@pytest.mark.overflow_checks
+def test_marked_tests_keep_the_interpreters_overflow_checks():
+    assert _square_int32(1000) == 1000 * 1000
+    with pytest.raises(Exception, match="overflow"):
+        _square_int32(1 << 16)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's checks")
+def test_other_tests_run_without_them():
+    assert _square_int32(1 << 16) == 0  # 2**32 wraps to 0 in 32 bits
