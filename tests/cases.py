@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import assume
+from hypothesis import strategies as st
 from torch import Tensor
 
 
@@ -64,6 +66,34 @@ LOPSIDED = {
     "batch-0": Config(batch=0),
     "batch-3": Config(batch=3, channels=4, out_channels=6, weight_groups=2, offset_groups=4),
 }
+
+
+@st.composite
+def random_configs(draw) -> Config:
+    """Small configurations of every kind, odd ones included (batch 0, one-pixel images,
+    kernels larger than the image, stride 3), whose output is not empty."""
+    offset_groups, weight_groups = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    pairs = {name: st.tuples(st.integers(low, high), st.integers(low, high))
+             for name, low, high in [("size", 1, 6), ("kernel", 1, 3), ("stride", 1, 3),
+                                     ("padding", 0, 2), ("dilation", 1, 2)]}  # fmt: skip
+    size, kernel, stride, padding, dilation = (draw(pairs[name]) for name in pairs)
+    config = Config(
+        batch=draw(st.integers(0, 2)),
+        channels=offset_groups * weight_groups * draw(st.integers(1, 2)),
+        height=size[0],
+        width=size[1],
+        out_channels=weight_groups * draw(st.integers(1, 2)),
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        weight_groups=weight_groups,
+        offset_groups=offset_groups,
+        use_mask=draw(st.booleans()),
+        use_bias=draw(st.booleans()),
+    )
+    assume(min(config.out_size) > 0)
+    return config
 
 
 def make_inputs(

@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deformconv
-from cases import LOPSIDED, Config, call, differentiable, make_inputs, output_and_grads
+from cases import (
+    LOPSIDED,
+    Config,
+    call,
+    differentiable,
+    make_inputs,
+    output_and_grads,
+    random_configs,
+)
 from deformconv.backends import pytorch as torch_backend
 from deformconv.backends import samples
 from reference import deform_conv2d_reference
@@ -112,57 +120,9 @@ def test_gradcheck(name):
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    batch=st.integers(0, 2),
-    offset_groups=st.integers(1, 3),
-    weight_groups=st.integers(1, 2),
-    per_group=st.integers(1, 2),
-    out_per_group=st.integers(1, 2),
-    size=st.tuples(st.integers(1, 6), st.integers(1, 6)),
-    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
-    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
-    use_mask=st.booleans(),
-    use_bias=st.booleans(),
-    offsets=st.sampled_from(["random", "integer"]),
-    seed=st.integers(0, 2**16),
-)
-def test_random_configurations(
-    batch,
-    offset_groups,
-    weight_groups,
-    per_group,
-    out_per_group,
-    size,
-    kernel,
-    stride,
-    padding,
-    dilation,
-    use_mask,
-    use_bias,
-    offsets,
-    seed,
-):
-    channels = offset_groups * weight_groups * per_group
-    config = Config(
-        batch=batch,
-        channels=channels,
-        height=size[0],
-        width=size[1],
-        out_channels=weight_groups * out_per_group,
-        kernel=kernel,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        weight_groups=weight_groups,
-        offset_groups=offset_groups,
-        use_mask=use_mask,
-        use_bias=use_bias,
-    )
-    out_h, out_w = config.out_size
-    if out_h <= 0 or out_w <= 0:
-        return
+@given(config=random_configs(), offsets=st.sampled_from(["random", "integer"]),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_random_configurations(config, offsets, seed):
     assert_matches_reference(config, offsets=offsets, seed=seed)
 
 

@@ -11,6 +11,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor
 
 pytest.importorskip("triton")
@@ -19,7 +21,7 @@ import triton
 import triton.language as tl
 
 import deformconv
-from cases import LOPSIDED, Config, call, make_inputs, output_and_grads
+from cases import LOPSIDED, Config, call, make_inputs, output_and_grads, random_configs
 from deformconv.backends import triton_backend
 from deformconv.kernels.deform_conv2d import round_to_tf32
 from triton_cases import (
@@ -61,6 +63,16 @@ def assert_within_tolerance(result: dict, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("name", list(LOPSIDED))
 def test_matches_float64_reference(name, dtype):
     assert_within_tolerance(errors(triton_deform_conv2d, LOPSIDED[name], dtype), dtype)
+
+
+@settings(max_examples=20, deadline=None)
+@given(config=random_configs(), offsets=st.sampled_from(["random", "integer"]),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_random_configurations(config, offsets, seed):
+    """Odd small configurations (batch 0, one-pixel images, kernels larger than the image)
+    against the float64 reference, forward and every gradient, in float32."""
+    result = errors(triton_deform_conv2d, config, torch.float32, offsets=offsets, seed=seed)
+    assert_within_tolerance(result, torch.float32)
 
 
 @pytest.mark.parametrize("offsets", ["integer", "zero"])
