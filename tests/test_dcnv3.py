@@ -88,7 +88,8 @@ def _check_against_reference(tensors, case, dtype=torch.float64, tolerance=1e-10
     torch.testing.assert_close(ours.double(), expected, rtol=tolerance, atol=tolerance)
     ours_grads = torch.autograd.grad(ours, list(ours_leaves.values()), grad.to(dtype))
     for name, leaf in ours_leaves.items():  # the op writes none of its inputs
-        assert torch.equal(leaf.detach(), tensors[name].to(dtype)), name
+        torch.testing.assert_close(leaf.detach(), tensors[name].to(dtype), rtol=0, atol=0,
+                                   equal_nan=True, msg=name)  # fmt: skip
     for name, mine, theirs in zip(leaves, ours_grads, expected_grads, strict=True):
         torch.testing.assert_close(mine.double(), theirs, rtol=tolerance, atol=tolerance,
                                    msg=name)  # fmt: skip

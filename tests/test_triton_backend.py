@@ -26,6 +26,7 @@ from deformconv.backends import triton_backend
 from deformconv.kernels.deform_conv2d import round_to_tf32
 from triton_cases import (
     DEVICE,
+    SMALL_TILES,
     TOLERANCES,
     errors,
     on_device,
@@ -42,11 +43,6 @@ WIDE = Config(
 # The same channels and groups on 40 output pixels: with 16-wide tiles every kernel runs
 # several pixel, channel and output blocks, each axis's last one partly empty.
 WIDE_FEW_PIXELS = dataclasses.replace(WIDE, height=5, width=7)
-SMALL_TILES = {
-    "forward": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16},
-    "backward_data": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_O": 16},
-    "backward_weight": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 16},
-}
 
 
 def triton_deform_conv2d(*args, **kwargs):
