@@ -1,9 +1,14 @@
 """The C corner loops of the torch backend on the CPU: against plain loops, bit for bit
-whatever the number of threads, odd rows skipped, and a clean fallback where they do not
-build.  (The convolution tests run both with them and without: the ``cpu_gathers``
-fixture.)"""
+whatever the number of threads, odd rows skipped, no access past a tensor (under
+AddressSanitizer), and a clean fallback where they do not build.  (The convolution tests run
+both with them and without: the ``cpu_gathers`` fixture.)"""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -369,3 +374,48 @@ def test_samples_of_more_than_three_axes_are_refused():
                          reaches=grid.reaches * 2, strides=grid.strides * 2)  # fmt: skip
     with pytest.raises(ValueError, match="1 to 3 axes, got 4"):
         native.sample_plan(torch.cat([offsets, offsets], 1), masks, wide)
+
+
+def _sanitizer_runtime() -> str | None:
+    """The AddressSanitizer runtime of the C compiler the loops build with, where it has one
+    (Linux, where it can be preloaded into Python)."""
+    if not sys.platform.startswith("linux") or not native.runs_here():
+        return None
+    command = [*native._compiler(), "-print-file-name=libasan.so"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    path = result.stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+def _workload_under_sanitizer(cache, *args) -> subprocess.CompletedProcess:
+    """``tests/asan_workload.py`` with the loops compiled under AddressSanitizer."""
+    runtime = _sanitizer_runtime()
+    if runtime is None:
+        pytest.skip("no AddressSanitizer runtime for the C compiler here")
+    env = {**os.environ, "DEFORMCONV_CACHE": str(cache), compiled.ENV_VAR: "native",
+           "CC": " ".join([*native._compiler(), "-fsanitize=address", "-fno-omit-frame-pointer"]),
+           "LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0"}  # fmt: skip
+    script = Path(__file__).with_name("asan_workload.py")
+    return subprocess.run([sys.executable, str(script), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_the_loops_stay_inside_their_tensors_under_address_sanitizer(tmp_path):
+    """Odd inputs (one-pixel images, NaN, infinite and far offsets, chunks of one position,
+    2-D, 3-D and DCNv3, two threads), forward and backward: no access past a tensor."""
+    result = _workload_under_sanitizer(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "calls, forward and backward, on the C loops" in result.stdout
+
+
+def test_address_sanitizer_catches_a_loop_that_runs_past_its_row(tmp_path):
+    """The same workload on loops whose 2-D sample sums write one value past each output row
+    (which the results alone do not show: the next row overwrites it)."""
+    source = native.SOURCE.read_text()
+    loop = "for (int64_t c = 0; c < n; ++c) out[c] = w0 * r0[c]"
+    assert source.count(loop) == 1
+    bad = tmp_path / "corners.c"
+    bad.write_text(source.replace(loop, loop.replace("c < n", "c <= n")))
+    result = _workload_under_sanitizer(tmp_path / "cache", bad)
+    assert result.returncode != 0
+    assert "AddressSanitizer: heap-buffer-overflow" in result.stderr
