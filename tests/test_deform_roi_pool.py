@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -161,3 +162,56 @@ def test_layers_start_as_roi_align_and_follow_mmcv_keys():
     assert not torch.allclose(moved, plain)
     moved.sum().backward()
     assert pack.offset_fc[4].weight.grad.abs().sum() > 0  # the first layers wait for it
+
+
+def test_non_finite_and_far_rois_and_offsets_pool_zero():
+    """RoIs and offsets of NaN, infinity and 1e30 pool 0 with finite gradients; the other
+    RoIs of the same call pool as they do alone."""
+    generator = torch.Generator().manual_seed(1)
+    input = torch.randn(2, 3, 9, 11, generator=generator, dtype=torch.float64)
+    rois = torch.cat([ROIS, torch.tensor([[0, math.nan, 1, 3, 4], [1, 2, 2, math.inf, 5],
+                                          [0, -1e30, 1, -1e30, 4], [1, 1e30, 1e30, 1e30, 1e30]],
+                                         dtype=torch.float64)])  # fmt: skip
+    offset = torch.randn(8, 2, 2, 3, generator=generator, dtype=torch.float64)
+    offset[0, :, 0, 0] = math.nan
+    offset[1, 0, 1, 2] = math.inf
+    offset[2, 1, 1, 1] = -1e30
+    input.requires_grad_(True)
+    offset.requires_grad_(True)
+    out = deformconv.deform_roi_pool(input, rois, offset, (2, 3), 1.0, 2, 0.2)
+    assert torch.isfinite(out).all()
+    assert (out[4:] == 0).all()
+    assert (out[0, :, 0, 0] == 0).all() and (out[1, :, 1, 2] == 0).all()
+    assert (out[2, :, 1, 1] == 0).all()
+    alone = deformconv.deform_roi_pool(input, rois[3:4], offset[3:4], (2, 3), 1.0, 2, 0.2)
+    torch.testing.assert_close(out[3:4], alone, rtol=0, atol=0)
+    grad_input, grad_offset = torch.autograd.grad(out.sum(), [input, offset])
+    assert torch.isfinite(grad_input).all() and torch.isfinite(grad_offset).all()
+    assert (grad_offset[4:] == 0).all() and (grad_offset[0, :, 0, 0] == 0).all()
+
+
+def test_results_do_not_depend_on_the_chunks(monkeypatch):
+    input = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    offset = torch.randn(4, 2, 3, 2, dtype=torch.float64) * 0.5
+    whole = deformconv.deform_roi_pool(input, ROIS, offset, (3, 2), 1.0, 0)
+    module = importlib.import_module("deformconv.deform_roi_pool")
+    monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 1)  # one grid slot a chunk
+    torch.testing.assert_close(deformconv.deform_roi_pool(input, ROIS, offset, (3, 2), 1.0, 0),
+                               whole, rtol=1e-14, atol=1e-14)  # fmt: skip
+
+
+@pytest.mark.parametrize("index", [2.0, -1.0, math.nan])
+def test_batch_indices_outside_the_input_are_refused(index):
+    rois = ROIS.clone()
+    rois[2, 0] = index
+    with pytest.raises(ValueError, match=rf"must lie in \[0, 2\).*got {index} for RoI 2"):
+        deformconv.deform_roi_pool(torch.zeros(2, 1, 4, 4, dtype=torch.float64), rois, None, 3)
+
+
+def test_an_adaptive_grid_beyond_the_limit_is_refused():
+    huge = torch.tensor([[0, 0.0, 0.0, 1e30, 4.0]])
+    with pytest.raises(ValueError, match=r"RoI 0's adaptive sampling grid .* pass a sampling_"):
+        deformconv.deform_roi_pool(torch.zeros(1, 1, 4, 4), huge, None, 3)
+    # With a fixed sampling ratio it pools (the samples lie outside: 0).
+    out = deformconv.deform_roi_pool(torch.ones(1, 1, 4, 4), huge, None, 3, sampling_ratio=2)
+    assert out.shape == (1, 1, 3, 3) and torch.isfinite(out).all()

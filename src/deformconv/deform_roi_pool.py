@@ -39,12 +39,51 @@ def _check(input: Tensor, rois: Tensor, offset: Tensor | None, size, sampling_ra
         raise ValueError(f"sampling_ratio must be >= 0, got {sampling_ratio}")
 
 
+#: The most samples one bin of one RoI may take (the adaptive grid of a RoI some 7000 feature
+#: pixels wide at 7×7 bins); more is refused with an error.
+MAX_SAMPLES_PER_BIN = 2**20
+#: Sample positions are taken in chunks of about this many sampled values.
+_CHUNK_ELEMENTS = 2**24
+
+
+def _check_batch_indices(rois: Tensor, batch: int) -> None:
+    index = rois[:, 0]
+    bad = ~((index >= 0) & (index < batch))
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"rois[:, 0] holds batch indices, which must lie in [0, {batch}) (input has {batch} "
+            f"images), got {index[r].item()} for RoI {r}"
+        )
+
+
+def _adaptive_grid(size: Tensor, bins: int) -> Tensor:
+    """``ceil(size / bins)`` samples per bin along one axis: 0 where ``size`` is not positive
+    or not finite (such a RoI pools 0)."""
+    per_bin = size.detach() / bins
+    per_bin = torch.where(per_bin.isfinite(), per_bin, 0.0).clamp(0, MAX_SAMPLES_PER_BIN + 1)
+    return torch.ceil(per_bin).long()
+
+
+def _check_grid(grid_h: Tensor, grid_w: Tensor) -> None:
+    samples = grid_h * grid_w
+    if bool((samples > MAX_SAMPLES_PER_BIN).any()):
+        r = int(samples.argmax())
+        raise ValueError(
+            f"rois: RoI {r}'s adaptive sampling grid (sampling_ratio=0) would take "
+            f"{int(grid_h[r])} × {int(grid_w[r])} samples per bin, more than "
+            f"MAX_SAMPLES_PER_BIN = {MAX_SAMPLES_PER_BIN}; clip the boxes or pass a "
+            f"sampling_ratio"
+        )
+
+
 def _bilinear(table: Tensor, image: Tensor, y: Tensor, x: Tensor, height: int, width: int):
     """RoIAlign's bilinear sample of ``table`` ``(N, H·W, C)`` at ``(y, x)`` ``(R, P)``:
     0 beyond one pixel outside, positions clamped to the border inside that."""
-    outside = (y < -1) | (y > height) | (x < -1) | (x > width)
-    y = y.clamp(min=0)
-    x = x.clamp(min=0)
+    # Not (inside or within a pixel of it): NaN and infinite positions count as outside too.
+    outside = ~((y >= -1) & (y <= height) & (x >= -1) & (x <= width))
+    y = torch.where(outside, 0.0, y).clamp(min=0)
+    x = torch.where(outside, 0.0, x).clamp(min=0)
     y_low = y.detach().floor().clamp(max=height - 1)
     x_low = x.detach().floor().clamp(max=width - 1)
     y = torch.where(y_low >= height - 1, y_low, y)
@@ -91,6 +130,11 @@ def deform_roi_pool(
     Returns:
         Tensor[R, C, out_h, out_w]
 
+    Samples at NaN or infinite positions (from the RoIs or the offsets) count as 0, as those
+    beyond one pixel outside the map do.  Raises ``ValueError`` for a batch index outside
+    ``[0, N)`` and for a RoI whose adaptive grid would take more than
+    :data:`MAX_SAMPLES_PER_BIN` samples per bin.
+
     References:
         Dai et al., "Deformable Convolutional Networks", ICCV 2017.
 
@@ -109,6 +153,7 @@ def deform_roi_pool(
     count = rois.shape[0]
     if count == 0 or input.numel() == 0:
         return input.new_zeros(count, channels, out_h, out_w)
+    _check_batch_indices(rois, batch)
     boxes = rois.to(dtype) * spatial_scale - 0.5
     start_w, start_h, end_w, end_h = boxes[:, 1], boxes[:, 2], boxes[:, 3], boxes[:, 4]
     roi_w, roi_h = end_w - start_w, end_h - start_h
@@ -116,8 +161,8 @@ def deform_roi_pool(
     if sampling_ratio > 0:
         grid_h = grid_w = torch.full((count,), sampling_ratio, device=input.device)
     else:
-        grid_h = torch.ceil(roi_h.detach() / out_h).long().clamp(min=0)
-        grid_w = torch.ceil(roi_w.detach() / out_w).long().clamp(min=0)
+        grid_h, grid_w = _adaptive_grid(roi_h, out_h), _adaptive_grid(roi_w, out_w)
+        _check_grid(grid_h, grid_w)
     samples_h = max(1, int(grid_h.max()))
     samples_w = max(1, int(grid_w.max()))
     # Bin origins (R, out_h, out_w), shifted by the offsets.
@@ -127,26 +172,34 @@ def deform_roi_pool(
     origin_x = start_w[:, None, None] + pw * bin_w[:, None, None]
     if offset is not None:
         offset = offset.to(dtype)
-        origin_x = origin_x + gamma * roi_w[:, None, None] * offset[:, 0]
-        origin_y = origin_y + gamma * roi_h[:, None, None] * offset[:, 1]
-    # Sample positions (R, out_h, out_w, samples_h, samples_w); unused grid slots masked.
-    iy = torch.arange(samples_h, device=input.device, dtype=dtype)
-    ix = torch.arange(samples_w, device=input.device, dtype=dtype)
-    step_y = (bin_h / grid_h.clamp(min=1))[:, None, None, None, None]
-    step_x = (bin_w / grid_w.clamp(min=1))[:, None, None, None, None]
-    y = origin_y[..., None, None] + (iy[:, None] + 0.5) * step_y
-    x = origin_x[..., None, None] + (ix[None, :] + 0.5) * step_x
-    y, x = torch.broadcast_tensors(y, x)
-    used = (torch.arange(samples_h, device=input.device)[:, None] < grid_h[:, None, None]) & (
-        torch.arange(samples_w, device=input.device)[None, :] < grid_w[:, None, None]
-    )  # (R, samples_h, samples_w)
+        # A RoI of non-finite size samples nothing; its offsets get a zero gradient.
+        scale_w = torch.where(roi_w.isfinite(), gamma * roi_w, 0.0)[:, None, None]
+        scale_h = torch.where(roi_h.isfinite(), gamma * roi_h, 0.0)[:, None, None]
+        origin_x = origin_x + scale_w * offset[:, 0]
+        origin_y = origin_y + scale_h * offset[:, 1]
+    step_y = (bin_h / grid_h.clamp(min=1))[:, None, None, None]
+    step_x = (bin_w / grid_w.clamp(min=1))[:, None, None, None]
     table = input.to(dtype).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-    image = rois[:, 0].long().clamp(0, batch - 1)
-    values = _bilinear(table, image, y.reshape(count, -1), x.reshape(count, -1), height, width)
-    values = values.view(count, out_h, out_w, samples_h, samples_w, channels)
-    values = values * used[:, None, None, :, :, None].to(dtype)
+    image = rois[:, 0].long()
+    # The samples_h × samples_w grid slots of every bin, in chunks; a RoI's unused slots
+    # (its grid is smaller than the largest) are masked.
+    slots = samples_h * samples_w
+    chunk = max(1, _CHUNK_ELEMENTS // (count * out_h * out_w * channels))
+    pooled = None
+    for first in range(0, slots, chunk):
+        slot = torch.arange(first, min(first + chunk, slots), device=input.device)
+        iy, ix = slot // samples_w, slot % samples_w
+        y = origin_y[..., None] + (iy.to(dtype) + 0.5) * step_y  # (R, out_h, out_w, slots)
+        x = origin_x[..., None] + (ix.to(dtype) + 0.5) * step_x
+        y, x = torch.broadcast_tensors(y, x)
+        used = (iy < grid_h[:, None]) & (ix < grid_w[:, None])  # (R, slots)
+        values = _bilinear(table, image, y.reshape(count, -1), x.reshape(count, -1), height,
+                           width)  # fmt: skip
+        values = values.view(count, out_h, out_w, slot.numel(), channels)
+        part = (values * used[:, None, None, :, None].to(dtype)).sum(3)
+        pooled = part if pooled is None else pooled + part
     total = (grid_h * grid_w).clamp(min=1).to(dtype)[:, None, None, None]
-    pooled = values.sum((3, 4)) / total
+    pooled = pooled / total
     return pooled.permute(0, 3, 1, 2).to(input.dtype).contiguous()
 
 
