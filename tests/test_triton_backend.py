@@ -123,12 +123,15 @@ def test_non_contiguous_and_channels_last_inputs(monkeypatch, gather_channels_la
         else (
             tensor.detach().transpose(0, -1).contiguous().transpose(0, -1).requires_grad_(True)
             if tensor.dim() > 1
-            else tensor.detach().repeat(2)[::2].requires_grad_(True)
+            else tensor.detach().repeat_interleave(2)[::2].requires_grad_(True)
         )
         for name, tensor in tensors.items()
     }
     twisted["input"] = tensors["input"].detach().to(memory_format=torch.channels_last)
     twisted["input"].requires_grad_(True)
+    for name, tensor in twisted.items():  # the same values in other layouts
+        if tensor is not None:
+            assert torch.equal(tensor, tensors[name]) and not tensor.is_contiguous(), name
     actual, actual_grads = output_and_grads(triton_deform_conv2d, twisted, config)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     for name, grad in expected_grads.items():

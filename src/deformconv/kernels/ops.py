@@ -223,6 +223,7 @@ def triton_deform_conv2d(
         return out
     offset = offset.contiguous()
     mask = None if mask is None else mask.contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernel reads it unstrided
     shared = shared_memory_per_block(input.device)
     config = _config("forward", forward_config(shape, input.dtype, precision, shared))
     tiles = _tiles_per_image(shape, config["BLOCK_M"])
