@@ -144,6 +144,19 @@ def make_inputs(
     return tensors
 
 
+def strided_copy(tensor: Tensor, shift: int = 3) -> Tensor:
+    """``tensor``'s values in a view whose strides are all doubled, ``shift`` elements into a
+    storage filled with NaN elsewhere: not contiguous, not 16-byte aligned, and any read of
+    an element between the tensor's own spreads NaN into the results."""
+    strides = [2 * stride for stride in torch.empty(tensor.shape).stride()]
+    reach = sum((size - 1) * stride for size, stride in zip(tensor.shape, strides, strict=True))
+    extent = shift + 1 + reach
+    storage = torch.full((extent,), float("nan"), dtype=tensor.dtype, device=tensor.device)
+    view = storage.as_strided(tensor.shape, strides, shift)
+    view.copy_(tensor.detach())
+    return view.requires_grad_(tensor.requires_grad)
+
+
 def differentiable(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
     return {
         name: tensor

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deformconv
+from cases import strided_copy
 from dcnv3_reference import dcnv3_reference, points
 
 # Lopsided settings: pad_h != pad_w, non-square kernels, stride and dilation per axis,
@@ -73,7 +74,8 @@ def _reference(tensors, case):
                            case["scale"], case["remove"])  # fmt: skip
 
 
-def _check_against_reference(tensors, case, dtype=torch.float64, tolerance=1e-10):
+def _check_against_reference(tensors, case, dtype=torch.float64, tolerance=1e-10,
+                             layout=lambda tensor: tensor):  # fmt: skip
     leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items()}
     expected = _reference(leaves, case)
     grad = torch.randn_like(expected)
@@ -82,7 +84,7 @@ def _check_against_reference(tensors, case, dtype=torch.float64, tolerance=1e-10
         used = torch.autograd.grad(expected, list(leaves.values()), grad, allow_unused=True)
         expected_grads = [g if g is not None else z for g, z in zip(used, expected_grads,
                                                                     strict=True)]  # fmt: skip
-    ours_leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in tensors.items()}
+    ours_leaves = {k: layout(v.detach().to(dtype)).requires_grad_() for k, v in tensors.items()}
     ours = deformconv.dcnv3(ours_leaves["input"], ours_leaves["offset"], ours_leaves["mask"],
                             **_args(case))  # fmt: skip
     torch.testing.assert_close(ours.double(), expected, rtol=tolerance, atol=tolerance)
@@ -108,6 +110,20 @@ def test_triton_kernels_match_reference(name):
     with deformconv.use_backend("triton"), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to torch would warn
         _check_against_reference(make_inputs(CASES[name]), CASES[name], torch.float32, 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype", "tolerance"),
+    [("torch", torch.float64, 1e-10), ("triton", torch.float32, 1e-4)],
+)
+def test_strided_unaligned_inputs(backend, dtype, tolerance):
+    """Every input a view with doubled strides at an unaligned address, NaN in between."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    case = CASES["lopsided"]
+    with deformconv.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to torch would warn
+        _check_against_reference(make_inputs(case), case, dtype, tolerance, strided_copy)
 
 
 def test_triton_launches_are_made_on_the_inputs_device(monkeypatch):

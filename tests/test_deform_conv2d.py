@@ -17,6 +17,7 @@ from cases import (
     make_inputs,
     output_and_grads,
     random_configs,
+    strided_copy,
 )
 from deformconv.backends import pytorch as torch_backend
 from deformconv.backends import samples
@@ -124,6 +125,20 @@ def test_gradcheck(name):
        seed=st.integers(0, 2**16))  # fmt: skip
 def test_random_configurations(config, offsets, seed):
     assert_matches_reference(config, offsets=offsets, seed=seed)
+
+
+@pytest.mark.usefixtures("cpu_gathers")
+def test_strided_unaligned_inputs():
+    """Every input a view with doubled strides at an unaligned address, NaN in between."""
+    config = LOPSIDED["straddling-groups"]
+    tensors = make_inputs(config)
+    strided = {k: None if v is None else strided_copy(v) for k, v in tensors.items()}
+    expected, expected_grads = output_and_grads(deform_conv2d_reference, tensors, config)
+    actual, actual_grads = output_and_grads(deformconv.deform_conv2d, strided, config)
+    torch.testing.assert_close(actual, expected, atol=1e-10, rtol=0)
+    for name in expected_grads:
+        torch.testing.assert_close(actual_grads[name], expected_grads[name], atol=1e-10, rtol=0,
+                                   msg=name)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["straddling-groups", "1x1-kernel", "tall-kernel", "batch-3"])

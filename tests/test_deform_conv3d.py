@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deformconv
+from cases import strided_copy
 
 
 def _trilinear(volume, position):
@@ -349,10 +350,11 @@ def test_random_configurations(backend, dtype, tolerance, size, kernel, stride, 
         assert error <= tolerance, f"{name}: relative error {error:.2e}"
 
 
-def _outputs_and_grads(tensors, backend, dtype, config=CONFIG, grad_out=None):
+def _outputs_and_grads(tensors, backend, dtype, config=CONFIG, grad_out=None,
+                       layout=lambda tensor: tensor):  # fmt: skip
     """The output and every gradient of ``deform_conv3d`` on ``backend`` in ``dtype``, the
     gradients of ``(output · grad_out).sum()`` (``grad_out`` random by default)."""
-    leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in tensors.items()
+    leaves = {k: layout(v.detach().to(dtype)).requires_grad_() for k, v in tensors.items()
               if v is not None}  # fmt: skip
     cast = {**dict.fromkeys(tensors), **leaves}
     with deformconv.use_backend(backend), warnings.catch_warnings():
@@ -416,6 +418,23 @@ def test_triton_kernels_sample_zero_at_non_finite_and_far_offsets():
         assert torch.isfinite(actual[name]).all(), name
         error = (actual[name].double() - value).norm() / value.norm()
         assert error <= 1e-5, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype", "tolerance"),
+    [("torch", torch.float64, 1e-12), ("triton", torch.float32, 1e-5)],
+)
+def test_strided_unaligned_inputs(backend, dtype, tolerance):
+    """Every input a view with doubled strides at an unaligned address, NaN in between."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    config = {**CONFIG, "batch": 1}
+    tensors = make_inputs(config)
+    expected = _outputs_and_grads(tensors, "torch", torch.float64, config)
+    actual = _outputs_and_grads(tensors, backend, dtype, config, layout=strided_copy)
+    for name, value in expected.items():
+        error = (actual[name].double() - value).norm() / value.norm()
+        assert error <= tolerance, f"{name}: relative error {error:.2e}"
 
 
 def test_triton_deterministic_mode_is_bit_identical():

@@ -21,7 +21,15 @@ import triton
 import triton.language as tl
 
 import deformconv
-from cases import LOPSIDED, Config, call, make_inputs, output_and_grads, random_configs
+from cases import (
+    LOPSIDED,
+    Config,
+    call,
+    make_inputs,
+    output_and_grads,
+    random_configs,
+    strided_copy,
+)
 from deformconv.backends import triton_backend
 from deformconv.kernels.deform_conv2d import round_to_tf32
 from triton_cases import (
@@ -107,6 +115,14 @@ def test_64_bit_indexing_gives_the_same_results(monkeypatch):
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(actual_grads[name], grad, atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_unaligned_inputs(dtype):
+    """Every input a view with doubled strides at an unaligned address, NaN in between."""
+    config = LOPSIDED["straddling-groups"]
+    assert_within_tolerance(errors(triton_deform_conv2d, config, dtype, layout=strided_copy),
+                            dtype)  # fmt: skip
 
 
 @pytest.mark.parametrize("gather_channels_last", [True, False])

@@ -54,12 +54,21 @@ def reference_results(
 
 
 def errors(
-    fn, config: Config, dtype: torch.dtype, offsets: str = "random", seed: int = 0, tensors=None
+    fn,
+    config: Config,
+    dtype: torch.dtype,
+    offsets: str = "random",
+    seed: int = 0,
+    tensors=None,
+    layout=None,
 ):
     """Relative errors of ``fn`` on ``DEVICE`` in ``dtype``: output first, then gradients.
-    The inputs are drawn for ``config`` unless ``tensors`` gives them."""
+    The inputs are drawn for ``config`` unless ``tensors`` gives them; ``layout`` (a function
+    of a tensor) gives each input the memory layout to run with."""
     rounded, (expected, expected_grads) = reference_results(config, dtype, offsets, seed, tensors)
     tensors = on_device(rounded, dtype)
+    if layout is not None:
+        tensors = {name: None if t is None else layout(t) for name, t in tensors.items()}
     actual, actual_grads = output_and_grads(fn, tensors, config)
     for name, tensor in tensors.items():  # the op writes none of its inputs
         if tensor is not None:
