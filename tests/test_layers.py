@@ -138,3 +138,42 @@ def test_layers_train():
     assert losses[-1] < losses[0]
     # The zero-initialised offset branch receives gradient and moves.
     assert layer.conv_offset.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_modes(mode):
+    """Other than zeros, a layer pads its input as ``padding_mode`` says and samples the
+    padded input with no further padding (beyond it, 0): the function on ``F.pad``'s output,
+    forward and gradients; a fresh layer is ``nn.Conv2d`` with that padding mode."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64, requires_grad=True)
+    layer = DeformableConv2d(4, 6, (3, 2), padding=(2, 1), stride=(1, 2), modulated=True,
+                             padding_mode=mode, dtype=torch.float64)  # fmt: skip
+    conv = torch.nn.Conv2d(4, 6, (3, 2), padding=(2, 1), stride=(1, 2), padding_mode=mode,
+                           dtype=torch.float64)  # fmt: skip
+    conv.load_state_dict({"weight": layer.weight, "bias": layer.bias})
+    half = (conv(x) + conv.bias[:, None, None]) / 2  # a fresh mask is 0.5, the bias whole
+    torch.testing.assert_close(layer(x), half)
+    torch.nn.init.normal_(layer.conv_offset.weight, std=0.3)
+    offset, mask = layer.offset_and_mask(x)
+    padded = F.pad(x, (1, 1, 2, 2), mode=mode)
+    expected = deformconv.deform_conv2d(padded, offset, layer.weight, layer.bias,
+                                        stride=(1, 2), mask=mask)  # fmt: skip
+    out = layer(x)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), [x, layer.weight])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, layer.weight])
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+    given = DeformConv2d(4, 6, (3, 2), padding=(2, 1), stride=(1, 2), padding_mode=mode,
+                         dtype=torch.float64)  # fmt: skip
+    torch.testing.assert_close(
+        given(x, offset, mask),
+        deformconv.deform_conv2d(padded, offset, given.weight, given.bias, stride=(1, 2),
+                                 mask=mask),
+    )  # fmt: skip
+
+
+def test_an_unknown_padding_mode_is_refused():
+    with pytest.raises(ValueError, match=r"padding_mode must be one of .* got 'mirror'"):
+        DeformableConv2d(4, 6, 3, padding=1, padding_mode="mirror")

@@ -12,11 +12,16 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._utils import _ntuple
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+#: As in :class:`torch.nn.Conv2d`: how the input is padded.  Other than "zeros", the layer
+#: pads the input so (``F.pad``) and samples it with no further padding; samples beyond that
+#: padded input count as 0.
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _check_layer_arguments(
@@ -75,11 +80,14 @@ class _DeformConvLayer(nn.Module):
         groups: int,
         bias: bool,
         offset_groups: int = 1,
+        padding_mode: str = "zeros",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         dims = self._dims
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         sizes = {"kernel_size": kernel_size, "stride": stride, "dilation": dilation,
                  "padding": padding}  # fmt: skip
         _check_layer_arguments(dims, in_channels, out_channels, groups, offset_groups, sizes)
@@ -91,6 +99,7 @@ class _DeformConvLayer(nn.Module):
         self.dilation = _ntuple(dilation, "dilation", dims)
         self.groups = groups
         self.offset_groups = offset_groups
+        self.padding_mode = padding_mode
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
@@ -113,9 +122,19 @@ class _DeformConvLayer(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def _padded(self, input: Tensor) -> Tensor:
+        """``input`` padded as ``padding_mode`` says, where that is not zeros (which the
+        sampling applies itself)."""
+        if self.padding_mode == "zeros":
+            return input
+        pads = [p for p in reversed(self.padding) for _ in range(2)]
+        return F.pad(input, pads, mode=self.padding_mode)
+
     def _deform_conv(self, input: Tensor, offset: Tensor, mask: Tensor | None) -> Tensor:
+        """The deformable convolution of ``input`` as padded by :meth:`_padded`."""
+        padding = self.padding if self.padding_mode == "zeros" else (0,) * self._dims
         return type(self)._function(
-            input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
+            input, offset, self.weight, self.bias, self.stride, padding, self.dilation, mask
         )
 
     def extra_repr(self) -> str:
@@ -128,6 +147,8 @@ class _DeformConvLayer(nn.Module):
             text += f", groups={self.groups}"
         if self.offset_groups != 1:
             text += f", offset_groups={self.offset_groups}"
+        if self.padding_mode != "zeros":
+            text += f", padding_mode={self.padding_mode!r}"
         if self.bias is None:
             text += ", bias=False"
         return text
@@ -146,20 +167,23 @@ class _OffsetsAsInput(_DeformConvLayer):
         dilation=1,
         groups: int = 1,
         bias: bool = True,
+        padding_mode: str = "zeros",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, device=device, dtype=dtype)  # fmt: skip
+                         groups, bias, padding_mode=padding_mode, device=device,
+                         dtype=dtype)  # fmt: skip
         self.reset_parameters()
 
     def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self._deform_conv(input, offset, mask)
+        return self._deform_conv(self._padded(input), offset, mask)
 
 
 class _SelfContained(_DeformConvLayer):
     """A layer that predicts its own offsets (and mask) with a zero-initialised convolution
-    ``conv_offset`` of the layer's kernel size, stride, padding and dilation: ``d·G·K``
+    ``conv_offset`` of the layer's kernel size, stride, padding, dilation and padding mode:
+    ``d·G·K``
     offset channels, then ``G·K`` mask logits when modulated (mask = ``mask_scale`` ·
     sigmoid)."""
 
@@ -176,12 +200,13 @@ class _SelfContained(_DeformConvLayer):
         bias: bool = True,
         modulated: bool = False,
         mask_scale: float = 1.0,
+        padding_mode: str = "zeros",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, offset_groups=offset_groups, device=device,
-                         dtype=dtype)  # fmt: skip
+                         groups, bias, offset_groups=offset_groups, padding_mode=padding_mode,
+                         device=device, dtype=dtype)  # fmt: skip
         if not modulated and mask_scale != 1.0:
             raise ValueError(f"mask_scale applies to modulated layers only, got {mask_scale}")
         self.modulated = modulated
@@ -195,6 +220,7 @@ class _SelfContained(_DeformConvLayer):
             padding=self.padding,
             dilation=self.dilation,
             bias=True,
+            padding_mode=padding_mode,
             device=device,
             dtype=dtype,
         )
@@ -219,7 +245,7 @@ class _SelfContained(_DeformConvLayer):
 
     def forward(self, input: Tensor) -> Tensor:
         offset, mask = self.offset_and_mask(input)
-        return self._deform_conv(input, offset, mask)
+        return self._deform_conv(self._padded(input), offset, mask)
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + (", modulated=True" if self.modulated else "")

@@ -52,10 +52,6 @@ def _selected(selector: Selector) -> Callable[[str, nn.Module], bool]:
 
 
 def _padding(name: str, conv: nn.Module) -> tuple[int, ...]:
-    if conv.padding_mode != "zeros":
-        raise ValueError(
-            f"{name}: padding_mode {conv.padding_mode!r} cannot be converted, only 'zeros'"
-        )
     if conv.padding == "valid":
         return (0,) * len(conv.kernel_size)
     if conv.padding == "same":
@@ -87,6 +83,7 @@ def _deformable_from(name: str, conv: nn.Module, modulated: bool, offset_groups:
         bias=conv.bias is not None,
         modulated=modulated,
         mask_scale=2.0 if modulated else 1.0,
+        padding_mode=conv.padding_mode,
         device=conv.weight.device,
         dtype=conv.weight.dtype,
     )
@@ -133,8 +130,7 @@ def convert_to_deformable(
 
     Raises:
         ValueError: when nothing matches ``include``, or a chosen layer cannot be converted
-            (a padding mode other than zeros, uneven ``padding="same"``, or channels that
-            ``offset_groups`` does not divide).
+            (uneven ``padding="same"``, or channels that ``offset_groups`` does not divide).
     """
     if not inplace:
         model = copy.deepcopy(model)

@@ -98,6 +98,9 @@ class DeformConv2d(_OffsetsAsInput):
         stride, padding, dilation (int or Tuple[int, int]): as in :class:`torch.nn.Conv2d`.
         groups (int): weight groups; both channel counts must be divisible by it. Default: 1.
         bias (bool): add a learnable bias. Default: True.
+        padding_mode (str): ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``, as
+            in :class:`torch.nn.Conv2d`; other than zeros, the input is padded so and samples
+            beyond the padded input count as 0. Default: ``"zeros"``.
 
     Shape:
         - input: ``(N, in_channels, H, W)``; offset: ``(N, 2·G·kh·kw, Ho, Wo)``;

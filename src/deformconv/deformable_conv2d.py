@@ -35,6 +35,10 @@ class DeformableConv2d(_SelfContained):
         modulated (bool): predict a mask too (deformable convolution v2). Default: False.
         mask_scale (float): factor on the predicted mask, whose range is then
             ``(0, mask_scale)``. Default: 1 (mmcv's mask).
+        padding_mode (str): ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``, as
+            in :class:`torch.nn.Conv2d`; other than zeros, the input is padded so (for
+            ``conv_offset`` too) and samples beyond the padded input count as 0.
+            Default: ``"zeros"``.
 
     Shape:
         - input: ``(N, in_channels, H, W)``
