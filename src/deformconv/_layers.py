@@ -183,9 +183,8 @@ class _OffsetsAsInput(_DeformConvLayer):
 class _SelfContained(_DeformConvLayer):
     """A layer that predicts its own offsets (and mask) with a zero-initialised convolution
     ``conv_offset`` of the layer's kernel size, stride, padding, dilation and padding mode:
-    ``d·G·K``
-    offset channels, then ``G·K`` mask logits when modulated (mask = ``mask_scale`` ·
-    sigmoid)."""
+    ``d·G·K`` offset channels, then ``G·K`` mask logits when modulated (mask =
+    ``mask_scale`` · sigmoid)."""
 
     def __init__(
         self,
