@@ -4,6 +4,7 @@ layer against its definition computed with the loop reference."""
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -176,3 +177,41 @@ def test_layers_under_cpu_autocast_run_in_bfloat16():
         assert v4(x.flatten(1, 2)).dtype == torch.bfloat16
         offset, mask = torch.zeros(1, 5, 5, 36), torch.full((1, 5, 5, 18), 1 / 9)
         assert deformconv.dcnv3(x, offset, mask, 3, padding=1, group=2).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "kwargs"),
+    [
+        (lambda: deformconv.DCNv3(channels=12, group=3, center_feature_scale=True),
+         (0, 5, 6, 12), {}),
+        (lambda: deformconv.DCNv4(channels=12, group=3, dw_kernel_size=3,
+                                  center_feature_scale=True), (0, 30, 12), {"shape": (5, 6)}),
+        (lambda: deformconv.DCNv3NCHW(channels=12, group=3), (0, 12, 5, 6), {}),
+        (lambda: deformconv.DCNv4NCHW(channels=12, group=3), (0, 12, 5, 6), {}),
+    ],
+    ids=["dcnv3", "dcnv4", "dcnv3-nchw", "dcnv4-nchw"],
+)  # fmt: skip
+def test_batch_zero(make, shape, kwargs):
+    layer = make()
+    x = torch.randn(shape, requires_grad=True)
+    out = layer(x, **kwargs)
+    assert out.shape == shape
+    out.sum().backward()
+    assert x.grad.shape == shape
+    assert all(p.grad is None or (p.grad == 0).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "layout"),
+    [
+        (deformconv.DCNv3(channels=16, group=2), (2, 16, 5, 5), r"\(N, H, W, C\)"),
+        (deformconv.DCNv3(channels=16, group=2), (5, 5, 16), r"\(N, H, W, C\)"),
+        (deformconv.DCNv4(channels=16, group=2), (2, 25, 8), r"\(N, H·W, C\)"),
+        (deformconv.DCNv3NCHW(channels=16, group=2), (2, 5, 5, 16), r"\(N, C, H, W\)"),
+        (deformconv.DCNv4NCHW(channels=16, group=2), (2, 5, 5, 16), r"\(N, C, H, W\)"),
+    ],
+)
+def test_inputs_of_another_layout_are_refused(layer, shape, layout):
+    message = rf"input must be {layout} with C = channels = 16, got shape "
+    with pytest.raises(ValueError, match=message + re.escape(str(shape))):
+        layer(torch.randn(shape))

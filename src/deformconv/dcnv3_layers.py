@@ -63,6 +63,14 @@ def _store_settings(layer: nn.Module, channels: int, kernel_size: int, stride: i
     layer.remove_center = int(remove_center)
 
 
+def _check_input(input: Tensor, dims: int, layout: str, channels: int, axis: int = -1) -> None:
+    """``ValueError`` unless ``input`` has ``dims`` axes and ``channels`` channels."""
+    if input.dim() != dims or input.shape[axis] != channels:
+        raise ValueError(
+            f"input must be {layout} with C = channels = {channels}, got shape {tuple(input.shape)}"
+        )
+
+
 def _center_feature_scale(layer: nn.Module, x: Tensor, projected: Tensor, query: Tensor) -> Tensor:
     """The optional blend ``x·(1 − s) + projected·s`` with ``s = sigmoid(W·query + b)`` per
     group; the parameters live on the layer, under the original names."""
@@ -143,15 +151,18 @@ class DCNv3(nn.Module):
 
     def offset_and_mask(self, input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The offsets, the (softmax-normalised) mask, and the ``dw_conv`` features."""
+        _check_input(input, 4, "(N, H, W, C)", self.channels)
         batch, height, width, _ = input.shape
+        points = self.kernel_size * self.kernel_size - self.remove_center
         features = self.dw_conv(input.permute(0, 3, 1, 2))
         offset = self.offset(features)
-        mask = self.mask(features).reshape(batch, height, width, self.group, -1)
-        mask = F.softmax(mask, -1).reshape(batch, height, width, -1).to(input.dtype)
-        return offset, mask, features
+        mask = self.mask(features).reshape(batch, height, width, self.group, points)
+        mask = F.softmax(mask, -1).reshape(batch, height, width, self.group * points)
+        return offset, mask.to(input.dtype), features
 
     def forward(self, input: Tensor) -> Tensor:
         """``(N, H, W, C)`` → ``(N, H, W, C)``."""
+        _check_input(input, 4, "(N, H, W, C)", self.channels)
         x = self.input_proj(input)
         projected = x
         offset, mask, features = self.offset_and_mask(input)
@@ -226,6 +237,7 @@ class DCNv4(nn.Module):
     def forward(self, input: Tensor, shape: tuple[int, int] | None = None) -> Tensor:
         """``(N, L, C)`` → ``(N, L, C)`` with ``L = H·W``; ``shape = (H, W)``, square when
         omitted."""
+        _check_input(input, 3, "(N, H·W, C)", self.channels)
         batch, length, channels = input.shape
         if shape is None:
             side = math.isqrt(length)
@@ -236,19 +248,20 @@ class DCNv4(nn.Module):
         if height * width != length:
             raise ValueError(f"shape {tuple(shape)} has {height * width} pixels, input {length}")
         x = input if self.without_pointwise else self.value_proj(input)
-        x = x.reshape(batch, height, width, -1)
+        x = x.reshape(batch, height, width, channels)
         query = input
         if self.dw_kernel_size is not None:
             image = input.view(batch, height, width, channels).permute(0, 3, 1, 2)
-            query = self.offset_mask_dw(image).permute(0, 2, 3, 1).reshape(batch, length, -1)
-        offset_mask = self.offset_mask(query).reshape(batch, height, width, -1)
+            query = self.offset_mask_dw(image).permute(0, 2, 3, 1).reshape(batch, length, channels)
+        offset_mask = self.offset_mask(query).reshape(batch, height, width,
+                                                      self.offset_mask.out_features)  # fmt: skip
         projected = x
         x = dcnv4(x, offset_mask, self.kernel_size, self.stride, self.pad, self.dilation,
                   self.group, self.group_channels, self.offset_scale,
                   bool(self.remove_center))  # fmt: skip
         if self.center_feature_scale:
             x = _center_feature_scale(self, x, projected, x)
-        x = x.reshape(batch, -1, x.shape[-1])
+        x = x.reshape(batch, length, channels)
         return x if self.without_pointwise else self.output_proj(x)
 
 
@@ -260,6 +273,7 @@ class DCNv3NCHW(DCNv3):
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        _check_input(input, 4, "(N, C, H, W)", self.channels, axis=1)
         return super().forward(input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
@@ -271,7 +285,8 @@ class DCNv4NCHW(DCNv4):
     """
 
     def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
-        batch, _, height, width = input.shape
+        _check_input(input, 4, "(N, C, H, W)", self.channels, axis=1)
+        batch, channels, height, width = input.shape
         tokens = input.flatten(2).transpose(1, 2)
         out = super().forward(tokens, shape=(height, width))
-        return out.transpose(1, 2).reshape(batch, -1, height, width)
+        return out.transpose(1, 2).reshape(batch, channels, height, width)
