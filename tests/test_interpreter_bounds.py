@@ -8,7 +8,7 @@ pytest.importorskip("triton")
 import triton
 import triton.language as tl
 
-from interpreter_bounds import checking_bounds
+from interpreter_bounds import checking_bounds, supported
 from triton_cases import DEVICE
 
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="checks of the interpreter")
@@ -27,6 +27,10 @@ def _copy_kernel(src_ptr, dst_ptr, n, shift, BLOCK: tl.constexpr, MASKED: tl.con
 @triton.jit
 def _add_kernel(dst_ptr, index):
     tl.atomic_add(dst_ptr + index, 1.0)
+
+
+def test_this_tritons_interpreter_can_be_checked():
+    assert supported(), f"Triton {triton.__version__}: the interpreter's hooks have changed"
 
 
 def test_accesses_inside_the_tensors_pass():
