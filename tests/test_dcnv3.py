@@ -292,11 +292,18 @@ def test_batch_zero_and_non_contiguous(backend):
         expected = deformconv.dcnv3(tensors["input"], tensors["offset"], shared.contiguous(),
                                     **_args(case))  # fmt: skip
         torch.testing.assert_close(ours, expected)
-        empty = {k: v[:0].requires_grad_() for k, v in tensors.items()}
-        out = deformconv.dcnv3(empty["input"], empty["offset"], empty["mask"], **_args(case))
-        assert out.shape == (0, *expected.shape[1:])
-        out.sum().backward()
-    assert empty["input"].grad.shape == empty["input"].shape
+        for deterministic in (False, True):
+            empty = {k: v[:0].requires_grad_() for k, v in tensors.items()}
+            out = deformconv.dcnv3(empty["input"], empty["offset"], empty["mask"],
+                                   **_args(case))  # fmt: skip
+            assert out.shape == (0, *expected.shape[1:])
+            previous = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                out.sum().backward()
+            finally:
+                torch.use_deterministic_algorithms(previous)
+            assert empty["input"].grad.shape == empty["input"].shape
 
 
 @pytest.mark.parametrize(

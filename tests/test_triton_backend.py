@@ -177,6 +177,17 @@ def test_deterministic_mode_is_bit_identical_and_exact(monkeypatch):
         assert relative_error(grads[name], grad) <= TOLERANCES[torch.float32], name
 
 
+def test_deterministic_mode_with_an_empty_batch():
+    config = LOPSIDED["batch-0"]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert_within_tolerance(errors(triton_deform_conv2d, config, torch.float32),
+                                torch.float32)  # fmt: skip
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 # The interpreter converts the NaN sums to int64 with numpy, which warns; CUDA does not.
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
 @pytest.mark.overflow_checks

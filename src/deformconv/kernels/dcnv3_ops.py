@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .dcnv3 import dcnv3_backward_kernel, dcnv3_forward_kernel
-from .ops import fixed_point_scale, launching_on, needs_int64
+from .ops import abs_max, fixed_point_scale, launching_on, needs_int64
 
 
 def _block_d(depth: int) -> int:
@@ -137,7 +137,7 @@ def triton_dcnv3_backward(
     if deterministic and need_input:
         # Each input element receives at most 4·P contributions per output pixel of its image.
         points = kernel_size[0] * kernel_size[1] - int(remove_center)
-        bound = grad_output.detach().abs().amax().float() * mask.detach().abs().amax().float()
+        bound = abs_max(grad_output) * abs_max(mask)
         bound = bound * float(4 * points * offset.shape[1] * offset.shape[2])
         scale = fixed_point_scale(bound)
     grad_offset = torch.zeros(offset.shape, dtype=torch.float32, device=input.device)

@@ -266,11 +266,19 @@ def _fixed_point_scale(
     bound on that sum it was chosen from."""
     per_channel = weight.detach().abs().float()
     per_channel = per_channel.reshape(shape.weight_groups, shape.group_out, -1).sum(1).amax()
-    bound = grad_output.detach().abs().amax().float() * per_channel
+    bound = abs_max(grad_output) * per_channel
     if mask is not None:
-        bound = bound * mask.detach().abs().amax().float()
+        bound = bound * abs_max(mask)
     bound = bound * float(math.prod(shape.out_size) * shape.taps)
     return fixed_point_scale(bound), bound
+
+
+def abs_max(tensor: Tensor) -> Tensor:
+    """The largest magnitude in ``tensor``, a float32 scalar tensor (no host sync); 0 when
+    ``tensor`` is empty."""
+    if tensor.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=tensor.device)
+    return tensor.detach().abs().amax().float()
 
 
 def fixed_point_scale(bound: Tensor) -> Tensor:
