@@ -72,11 +72,18 @@ def test_matches_float64_reference(name, dtype):
 # On a GPU each new setting compiles the kernels anew: fewer examples there.
 @settings(max_examples=20 if DEVICE.type == "cpu" else 6, deadline=None)
 @given(config=random_configs(), offsets=st.sampled_from(["random", "integer"]),
-       seed=st.integers(0, 2**16))  # fmt: skip
-def test_random_configurations(config, offsets, seed):
-    """Odd small configurations (batch 0, one-pixel images, kernels larger than the image)
-    against the float64 reference, forward and every gradient, in float32."""
-    result = errors(triton_deform_conv2d, config, torch.float32, offsets=offsets, seed=seed)
+       seed=st.integers(0, 2**16), strided=st.booleans(), deterministic=st.booleans())  # fmt: skip
+def test_random_configurations(config, offsets, seed, strided, deterministic):
+    """Odd small configurations (batch 0, one-pixel images, kernels larger than the image),
+    inputs strided or not, deterministic mode or not, against the float64 reference, forward
+    and every gradient, in float32."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        result = errors(triton_deform_conv2d, config, torch.float32, offsets=offsets, seed=seed,
+                        layout=strided_copy if strided else None)  # fmt: skip
+    finally:
+        torch.use_deterministic_algorithms(previous)
     assert_within_tolerance(result, torch.float32)
 
 
