@@ -48,9 +48,14 @@ class _Launches:
         self.ends = np.zeros(0, dtype=np.uint64)
 
     def record(self, args, kwargs) -> None:
-        extents = sorted(filter(None, map(_extent, _tensors([*args, *kwargs.values()]))))
-        self.starts = np.array([start for start, _ in extents], dtype=np.uint64)
-        self.ends = np.array([end for _, end in extents], dtype=np.uint64)
+        merged: list[list[int]] = []  # the union of the extents (views may overlap or nest)
+        for start, end in sorted(filter(None, map(_extent, _tensors([*args, *kwargs.values()])))):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        self.starts = np.array([start for start, _ in merged], dtype=np.uint64)
+        self.ends = np.array([end for _, end in merged], dtype=np.uint64)
 
     def check(self, what: str, pointers, mask, item_size: int) -> None:
         addresses = np.asarray(pointers, dtype=np.uint64)

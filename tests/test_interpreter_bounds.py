@@ -15,7 +15,8 @@ pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="checks of the int
 
 
 @triton.jit
-def _copy_kernel(src_ptr, dst_ptr, n, shift, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+def _copy_kernel(src_ptr, dst_ptr, n, shift, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+                 view=None):  # fmt: skip
     i = tl.arange(0, BLOCK)
     if MASKED:
         values = tl.load(src_ptr + i + shift, mask=(i < n) & (i + shift < n), other=0.0)
@@ -40,6 +41,14 @@ def test_accesses_inside_the_tensors_pass():
     assert dst.tolist() == [*range(3, 10), 0, 0, 0]
     _add_kernel[(1,)](dst, 9)
     assert dst[9] == 1.0
+
+
+def test_views_that_nest_count_as_their_union():
+    """A launch given a tensor and a short view inside it: loads anywhere in the tensor pass."""
+    storage = torch.arange(20.0)
+    dst = torch.zeros(16)
+    _copy_kernel[(1,)](storage, dst, 16, 4, BLOCK=16, MASKED=False, view=storage[2:4])
+    assert dst.tolist() == list(range(4, 20))
 
 
 def test_a_load_past_the_end_fails():
