@@ -437,9 +437,10 @@ def test_triton_deterministic_mode_sums_in_fixed_point():
     scale=st.sampled_from([0.5, 1.0, 1.5]),
     remove=st.booleans(),
     seed=st.integers(0, 2**16),
+    strided=st.booleans(),
 )
 def test_random_configurations(backend, dtype, tolerance, batch, size, kernel, stride, padding,
-                               dilation, group, depth, scale, remove, seed):  # fmt: skip
+                               dilation, group, depth, scale, remove, seed, strided):  # fmt: skip
     if backend == "triton":
         pytest.importorskip("triton")
     removable = kernel[0] % 2 == 1 and kernel[1] % 2 == 1 and kernel != (1, 1)
@@ -450,4 +451,4 @@ def test_random_configurations(backend, dtype, tolerance, batch, size, kernel, s
         return
     with deformconv.use_backend(backend):
         _check_against_reference(make_inputs(case, batch=batch, seed=seed), case, dtype,
-                                 tolerance)  # fmt: skip
+                                 tolerance, strided_copy if strided else lambda t: t)  # fmt: skip

@@ -325,9 +325,10 @@ def test_half_precision_and_autocast():
     weight_groups=st.integers(1, 2),
     offset_groups=st.integers(1, 2),
     seed=st.integers(0, 2**16),
+    strided=st.booleans(),
 )
 def test_random_configurations(backend, dtype, tolerance, size, kernel, stride, padding,
-                               dilation, weight_groups, offset_groups, seed):  # fmt: skip
+                               dilation, weight_groups, offset_groups, seed, strided):  # fmt: skip
     if backend == "triton":
         pytest.importorskip("triton")
     config = {"batch": 1, "channels": 2 * weight_groups * offset_groups, "size": size,
@@ -343,7 +344,8 @@ def test_random_configurations(backend, dtype, tolerance, size, kernel, stride, 
     theirs = torch.autograd.grad(expected, list(leaves.values()), grad, allow_unused=True)
     theirs = {name: torch.zeros_like(leaf) if g is None else g
               for (name, leaf), g in zip(leaves.items(), theirs, strict=True)}  # fmt: skip
-    ours = _outputs_and_grads(tensors, backend, dtype, config, grad)
+    layout = strided_copy if strided else lambda tensor: tensor
+    ours = _outputs_and_grads(tensors, backend, dtype, config, grad, layout=layout)
     for name, value in {"output": expected, **theirs}.items():
         assert ours[name].dtype == dtype, name
         error = (ours[name].double() - value).norm() / max(value.norm(), 1e-300)
