@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 import deformconv
-from cases import LOPSIDED, Config, call, make_inputs, output_and_grads
+from cases import LOPSIDED, Config, call, make_inputs, output_and_grads, strided_copy
 from deformconv.backends import select, triton_backend
 from triton_cases import TOLERANCES, errors, on_device
 
@@ -25,6 +25,14 @@ def test_auto_selects_triton_for_cuda_tensors():
 @pytest.mark.parametrize("name", list(LOPSIDED))
 def test_bfloat16_matches_float64_reference(name):
     for label, error in errors(deformconv.deform_conv2d, LOPSIDED[name], torch.bfloat16).items():
+        assert error <= TOLERANCES[torch.bfloat16], f"{label}: {error:.2e}"
+
+
+def test_bfloat16_strided_unaligned_inputs():
+    """Every input a view with doubled strides at an unaligned address, NaN in between."""
+    config = LOPSIDED["straddling-groups"]
+    result = errors(deformconv.deform_conv2d, config, torch.bfloat16, layout=strided_copy)
+    for label, error in result.items():
         assert error <= TOLERANCES[torch.bfloat16], f"{label}: {error:.2e}"
 
 
