@@ -426,7 +426,7 @@ def test_triton_deterministic_mode_sums_in_fixed_point():
 )
 @settings(max_examples=20, deadline=None)
 @given(
-    batch=st.integers(1, 2),  # batch 0: test_batch_zero_and_non_contiguous
+    batch=st.integers(0, 2),
     size=st.tuples(st.integers(1, 5), st.integers(1, 5)),
     kernel=st.sampled_from([(1, 1), (1, 3), (3, 1), (3, 3), (2, 3), (3, 5)]),
     stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
@@ -438,9 +438,11 @@ def test_triton_deterministic_mode_sums_in_fixed_point():
     remove=st.booleans(),
     seed=st.integers(0, 2**16),
     strided=st.booleans(),
+    deterministic=st.booleans(),
 )
 def test_random_configurations(backend, dtype, tolerance, batch, size, kernel, stride, padding,
-                               dilation, group, depth, scale, remove, seed, strided):  # fmt: skip
+                               dilation, group, depth, scale, remove, seed, strided,
+                               deterministic):  # fmt: skip
     if backend == "triton":
         pytest.importorskip("triton")
     removable = kernel[0] % 2 == 1 and kernel[1] % 2 == 1 and kernel != (1, 1)
@@ -449,6 +451,12 @@ def test_random_configurations(backend, dtype, tolerance, batch, size, kernel, s
             "remove": remove and removable}  # fmt: skip
     if min(_out_size(case)) <= 0:
         return
-    with deformconv.use_backend(backend):
-        _check_against_reference(make_inputs(case, batch=batch, seed=seed), case, dtype,
-                                 tolerance, strided_copy if strided else lambda t: t)  # fmt: skip
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic and backend == "triton")
+    try:
+        layout = strided_copy if strided else lambda tensor: tensor
+        with deformconv.use_backend(backend):
+            _check_against_reference(make_inputs(case, batch=batch, seed=seed), case, dtype,
+                                     tolerance, layout)  # fmt: skip
+    finally:
+        torch.use_deterministic_algorithms(previous)
