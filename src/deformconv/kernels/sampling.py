@@ -4,9 +4,9 @@ gradient into the corners of its samples.
 A sampling position is ``base + offset`` for one (output pixel, kernel tap, offset group).
 Positions one pixel or more outside the image (or volume), and NaN or infinite ones, are
 moved to ``(-2, -2)`` (``(-2, -2, -2)``), where no corner is valid, so they sample 0 and get
-zero gradient.  Corners are
-valid inside the image only; loads of invalid corners are masked off, so nothing outside the
-input is ever read.  This is the rule of the torch backend, kernel for kernel.
+zero gradient.  Corners are valid inside the image only; loads of invalid corners are masked
+off, so nothing outside the input is ever read.  This is the rule of the torch backend,
+kernel for kernel.
 """
 
 import triton
