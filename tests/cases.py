@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -155,6 +156,18 @@ def strided_copy(tensor: Tensor, shift: int = 3) -> Tensor:
     view = storage.as_strided(tensor.shape, strides, shift)
     view.copy_(tensor.detach())
     return view.requires_grad_(tensor.requires_grad)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """``torch.use_deterministic_algorithms(enabled)`` within the context, the previous setting
+    after it."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def differentiable(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:

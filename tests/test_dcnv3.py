@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deformconv
-from cases import strided_copy
+from cases import deterministic_algorithms, strided_copy
 from dcnv3_reference import dcnv3_reference, points
 
 # Lopsided settings: pad_h != pad_w, non-square kernels, stride and dilation per axis,
@@ -297,12 +297,8 @@ def test_batch_zero_and_non_contiguous(backend):
             out = deformconv.dcnv3(empty["input"], empty["offset"], empty["mask"],
                                    **_args(case))  # fmt: skip
             assert out.shape == (0, *expected.shape[1:])
-            previous = torch.are_deterministic_algorithms_enabled()
-            torch.use_deterministic_algorithms(deterministic)
-            try:
+            with deterministic_algorithms(deterministic):
                 out.sum().backward()
-            finally:
-                torch.use_deterministic_algorithms(previous)
             assert empty["input"].grad.shape == empty["input"].shape
 
 
@@ -403,15 +399,11 @@ def test_triton_deterministic_mode_sums_in_fixed_point():
     results = []
     for deterministic in (False, True, True):
         leaves = {k: v.float().requires_grad_() for k, v in tensors.items()}
-        torch.use_deterministic_algorithms(deterministic)
-        try:
-            with deformconv.use_backend("triton"):
-                out = deformconv.dcnv3(leaves["input"], leaves["offset"], leaves["mask"],
-                                       **_args(case))  # fmt: skip
-                grad = torch.randn_like(out) if grad is None else grad
-                results.append(torch.autograd.grad(out, list(leaves.values()), grad))
-        finally:
-            torch.use_deterministic_algorithms(False)
+        with deterministic_algorithms(deterministic), deformconv.use_backend("triton"):
+            out = deformconv.dcnv3(leaves["input"], leaves["offset"], leaves["mask"],
+                                   **_args(case))  # fmt: skip
+            grad = torch.randn_like(out) if grad is None else grad
+            results.append(torch.autograd.grad(out, list(leaves.values()), grad))
     for float_path, fixed_point in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(fixed_point, float_path, rtol=1e-5, atol=1e-5)
     # The input gradient took the other path: its exact sums round differently somewhere.
@@ -451,12 +443,8 @@ def test_random_configurations(backend, dtype, tolerance, batch, size, kernel, s
             "remove": remove and removable}  # fmt: skip
     if min(_out_size(case)) <= 0:
         return
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic and backend == "triton")
-    try:
-        layout = strided_copy if strided else lambda tensor: tensor
+    layout = strided_copy if strided else lambda tensor: tensor
+    with deterministic_algorithms(deterministic and backend == "triton"):
         with deformconv.use_backend(backend):
             _check_against_reference(make_inputs(case, batch=batch, seed=seed), case, dtype,
                                      tolerance, layout)  # fmt: skip
-    finally:
-        torch.use_deterministic_algorithms(previous)

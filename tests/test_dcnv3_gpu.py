@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 import deformconv
+from cases import deterministic_algorithms
 from deformconv.backends import select, triton_dcnv3
 from test_dcnv3 import CASES, _args, make_inputs, op_args
 
@@ -80,16 +81,13 @@ def test_deterministic_gradients_are_bit_identical():
     tensors = {k: v.cuda().float() for k, v in make_inputs(case, batch=8).items()}
     grad = None
     runs = []
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         for _ in range(3):
             leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
             out = deformconv.dcnv3(leaves["input"], leaves["offset"], leaves["mask"],
                                    **_args(case))  # fmt: skip
             grad = torch.randn_like(out) if grad is None else grad
             runs.append(torch.autograd.grad(out, list(leaves.values()), grad))
-    finally:
-        torch.use_deterministic_algorithms(False)
     for run in runs[1:]:
         for first, other in zip(runs[0], run, strict=True):
             assert torch.equal(first, other)

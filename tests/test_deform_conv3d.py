@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deformconv
-from cases import strided_copy
+from cases import deterministic_algorithms, strided_copy
 
 
 def _trilinear(volume, position):
@@ -442,12 +442,9 @@ def test_strided_unaligned_inputs(backend, dtype, tolerance):
 def test_triton_deterministic_mode_is_bit_identical():
     pytest.importorskip("triton")
     tensors = make_inputs({**CONFIG, "batch": 1})
-    try:
-        torch.use_deterministic_algorithms(True)
+    with deterministic_algorithms():
         first = _outputs_and_grads(tensors, "triton", torch.float32)
         second = _outputs_and_grads(tensors, "triton", torch.float32)
-    finally:
-        torch.use_deterministic_algorithms(False)
     expected = _outputs_and_grads(tensors, "torch", torch.float64)
     for name, value in first.items():
         assert torch.equal(value, second[name]), name

@@ -25,6 +25,7 @@ from cases import (
     LOPSIDED,
     Config,
     call,
+    deterministic_algorithms,
     make_inputs,
     output_and_grads,
     random_configs,
@@ -77,13 +78,9 @@ def test_random_configurations(config, offsets, seed, strided, deterministic):
     """Odd small configurations (batch 0, one-pixel images, kernels larger than the image),
     inputs strided or not, deterministic mode or not, against the float64 reference, forward
     and every gradient, in float32."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
+    with deterministic_algorithms(deterministic):
         result = errors(triton_deform_conv2d, config, torch.float32, offsets=offsets, seed=seed,
                         layout=strided_copy if strided else None)  # fmt: skip
-    finally:
-        torch.use_deterministic_algorithms(previous)
     assert_within_tolerance(result, torch.float32)
 
 
@@ -169,13 +166,9 @@ def test_deterministic_mode_is_bit_identical_and_exact(monkeypatch):
     config = WIDE_FEW_PIXELS
     rounded, (expected, expected_grads) = reference_results(config, torch.float32, seed=6)
     tensors = on_device(rounded, torch.float32)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         first = output_and_grads(triton_deform_conv2d, tensors, config)
         second = output_and_grads(triton_deform_conv2d, tensors, config)
-    finally:
-        torch.use_deterministic_algorithms(previous)
     (out, grads), (out_again, grads_again) = first, second
     assert torch.equal(out, out_again)
     assert relative_error(out, expected) <= TOLERANCES[torch.float32]
@@ -186,13 +179,9 @@ def test_deterministic_mode_is_bit_identical_and_exact(monkeypatch):
 
 def test_deterministic_mode_with_an_empty_batch():
     config = LOPSIDED["batch-0"]
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         assert_within_tolerance(errors(triton_deform_conv2d, config, torch.float32),
                                 torch.float32)  # fmt: skip
-    finally:
-        torch.use_deterministic_algorithms(previous)
 
 
 # The interpreter converts the NaN sums to int64 with numpy, which warns; CUDA does not.
@@ -204,12 +193,8 @@ def test_deterministic_mode_propagates_nan_gradients():
     out = call(triton_deform_conv2d, tensors, config)
     projection = torch.ones_like(out)
     projection[0, 0, 0, 0] = float("nan")
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         (grad_input,) = torch.autograd.grad(out, tensors["input"], projection)
-    finally:
-        torch.use_deterministic_algorithms(previous)
     assert torch.isnan(grad_input).any()
 
 

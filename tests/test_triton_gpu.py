@@ -11,7 +11,15 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 import deformconv
-from cases import LOPSIDED, Config, call, make_inputs, output_and_grads, strided_copy
+from cases import (
+    LOPSIDED,
+    Config,
+    call,
+    deterministic_algorithms,
+    make_inputs,
+    output_and_grads,
+    strided_copy,
+)
 from deformconv.backends import select, triton_backend
 from triton_cases import TOLERANCES, errors, on_device
 
@@ -76,12 +84,8 @@ def test_deterministic_gradients_are_bit_identical():
     # Offsets that pile many samples onto the same pixels: atomic order matters most there.
     with torch.no_grad():
         tensors["offset"].mul_(0.1).add_(3.0)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         runs = [output_and_grads(deformconv.deform_conv2d, tensors, config)[1] for _ in range(3)]
-    finally:
-        torch.use_deterministic_algorithms(previous)
     for name in runs[0]:
         assert all(torch.equal(runs[0][name], run[name]) for run in runs[1:]), name
 
