@@ -6,6 +6,11 @@ and registered autograd, so ``torch.compile``, ``torch.export`` and ``opcheck`` 
 ordinary operators.  Both run whichever backend :func:`deformconv.backends.select` names for
 the tensors' device and dimensionality; a backward pass called by autograd, under the backend
 setting its forward ran under.  Arguments are validated by the public functions, not here.
+
+The backward ops have autograd formulas too, the derivatives of :mod:`deformconv.composite`'s
+backward, so gradients can be differentiated again.  The public functions call
+:func:`deform_conv` and :func:`dcnv3`, which run the composite instead of an op where the ops
+cannot serve (:func:`deformconv.composite.wanted`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, composite
 from .backends import handoff
 
 _NAMESPACE = "deformconv"
@@ -141,7 +146,48 @@ def _register(dims: int) -> tuple[Any, Any]:
         )
 
     forward_op.register_autograd(backward, setup_context=_setup_context)
+    backward_op.register_autograd(_second_order, setup_context=_setup_second_order)
     return forward_op, backward_op
+
+
+def _setup_second_order(ctx: Any, inputs: tuple, output: tuple) -> None:
+    grad_output, input, offset, mask, weight, stride, padding, dilation, needs_grad = inputs
+    ctx.save_for_backward(grad_output, input, offset, mask, weight)
+    ctx.conv_args = (stride, padding, dilation)
+    ctx.needs_grad = needs_grad
+
+
+def _second_order(ctx: Any, *outer: Tensor):
+    """The backward op's backward: for the cotangents of (input, offset, mask, weight, bias)
+    gradients, those of (grad_output, input, offset, mask, weight)."""
+    grad_output, input, offset, mask, weight = ctx.saved_tensors
+    need_input, need_offset, need_mask, need_weight = ctx.needs_grad
+    modulated = mask is not None
+
+    def function(input, offset, weight, bias, *mask):
+        return composite.deform_conv(input, offset, mask[0] if modulated else None, weight,
+                                     bias, *ctx.conv_args)  # fmt: skip
+
+    bias = weight.new_zeros(weight.shape[0])  # the backward op's fifth output is its gradient
+    primals = (input, offset, weight, bias, *([mask] if modulated else []))
+    needed = (need_input, need_offset, need_weight, True, *([need_mask] if modulated else []))
+    outer_grads = (outer[0], outer[1], outer[3], outer[4], *((outer[2],) if modulated else ()))
+    grads = composite.second_order(function, primals, grad_output, needed, outer_grads)
+    grad_grad_output, grad_input, grad_offset, grad_weight, _, *grad_mask = grads
+    return (grad_grad_output, grad_input, grad_offset, *(grad_mask or [None]), grad_weight,
+            None, None, None, None)  # fmt: skip
+
+
+def deform_conv(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tensor,
+                bias: Tensor | None, stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int]) -> Tensor:  # fmt: skip
+    """``deform_conv2d`` or ``deform_conv3d`` by input's dimensionality: the op, or where
+    that cannot serve, the composite."""
+    if composite.wanted(input, offset, mask, weight, bias):
+        return composite.deform_conv(input, offset, mask, weight, bias, stride, padding,
+                                     dilation)  # fmt: skip
+    op = deform_conv2d_op if input.dim() == 4 else deform_conv3d_op
+    return op(input, offset, mask, weight, bias, stride, padding, dilation)
 
 
 deform_conv2d_op, deform_conv2d_backward_op = _register(2)
@@ -218,3 +264,32 @@ def _dcnv3_backward(ctx: Any, grad_output: Tensor):
 
 
 dcnv3_op.register_autograd(_dcnv3_backward, setup_context=_dcnv3_setup_context)
+
+
+def _dcnv3_setup_second_order(ctx: Any, inputs: tuple, output: tuple) -> None:
+    grad_output, input, offset, mask, *settings, needs_grad = inputs
+    ctx.save_for_backward(grad_output, input, offset, mask)
+    ctx.settings = settings
+    ctx.needs_grad = needs_grad
+
+
+def _dcnv3_second_order(ctx: Any, *outer: Tensor):
+    grad_output, input, offset, mask = ctx.saved_tensors
+
+    def function(input, offset, mask):
+        return composite.dcnv3(input, offset, mask, *ctx.settings)
+
+    grads = composite.second_order(function, (input, offset, mask), grad_output,
+                                   ctx.needs_grad, outer)  # fmt: skip
+    return (*grads, *([None] * (len(ctx.settings) + 1)))
+
+
+dcnv3_backward_op.register_autograd(_dcnv3_second_order,
+                                    setup_context=_dcnv3_setup_second_order)  # fmt: skip
+
+
+def dcnv3(input: Tensor, offset: Tensor, mask: Tensor, *settings) -> Tensor:
+    """``dcnv3_op``, or where that cannot serve, the composite."""
+    if composite.wanted(input, offset, mask):
+        return composite.dcnv3(input, offset, mask, *settings)
+    return dcnv3_op(input, offset, mask, *settings)

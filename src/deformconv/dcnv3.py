@@ -24,8 +24,8 @@ import math
 
 from torch import Tensor
 
+from . import _library
 from ._checks import check_sizes, check_tensors, output_size
-from ._library import dcnv3_op
 from ._utils import IntOrPair, _pair, autocast_inputs
 
 __all__ = ["dcnv3", "dcnv4", "dcnv4_offset_mask_channels"]
@@ -126,8 +126,8 @@ def dcnv3(
     _check_shape("mask", mask, (batch, *out_size, group * points), "N, Ho, Wo, group * points")
     offset = offset.unflatten(-1, (group, 2 * points))
     mask = mask.unflatten(-1, (group, points))
-    return dcnv3_op(input, offset, mask, kernel, stride, padding, dilation, group,
-                    float(offset_scale), bool(remove_center))  # fmt: skip
+    return _library.dcnv3(input, offset, mask, kernel, stride, padding, dilation, group,
+                          float(offset_scale), bool(remove_center))  # fmt: skip
 
 
 def dcnv4_offset_mask_channels(group: int, kernel_size: IntOrPair = 3,
@@ -183,5 +183,5 @@ def dcnv4(
         )
     fused = offset_mask[..., :used].unflatten(-1, (group, 3 * points))  # a view: no copy
     offset, mask = fused[..., : 2 * points], fused[..., 2 * points :]
-    return dcnv3_op(input, offset, mask, kernel, stride, padding, dilation, group,
-                    float(offset_scale), bool(remove_center))  # fmt: skip
+    return _library.dcnv3(input, offset, mask, kernel, stride, padding, dilation, group,
+                          float(offset_scale), bool(remove_center))  # fmt: skip

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _library
 from ._checks import check_arguments
 from ._layers import _OffsetsAsInput
-from ._library import deform_conv2d_op
 from ._utils import IntOrPair, _pair, autocast_inputs
 
 __all__ = ["DeformConv2d", "deform_conv2d"]
@@ -82,7 +82,7 @@ def deform_conv2d(
                 input, offset, mask, weight, bias, stride, padding, dilation
             )
         onnx_export.register_torchscript_symbolic()
-    return deform_conv2d_op(input, offset, mask, weight, bias, stride, padding, dilation)
+    return _library.deform_conv(input, offset, mask, weight, bias, stride, padding, dilation)
 
 
 class DeformConv2d(_OffsetsAsInput):

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _library
 from ._checks import check_arguments
 from ._layers import _OffsetsAsInput, _SelfContained
-from ._library import deform_conv3d_op
 from ._utils import IntOrTriple, _ntuple, autocast_inputs
 
 __all__ = ["DeformConv3d", "DeformableConv3d", "deform_conv3d"]
@@ -70,7 +70,7 @@ def deform_conv3d(
         raise RuntimeError(
             "deform_conv3d has no ONNX export: ONNX runtimes implement DeformConv in 2-D only"
         )
-    return deform_conv3d_op(input, offset, mask, weight, bias, stride, padding, dilation)
+    return _library.deform_conv(input, offset, mask, weight, bias, stride, padding, dilation)
 
 
 class DeformConv3d(_OffsetsAsInput):

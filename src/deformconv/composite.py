@@ -1,0 +1,196 @@
+"""The operators as compositions of differentiable PyTorch operations.
+
+The backends compute each operator and its first derivatives with kernels of their own.  The
+functions here compute the same values with ordinary tensor operations -- a gather per
+interpolation corner, then the contraction with the weights -- so that autograd can
+differentiate them again, in reverse and in forward mode, and :mod:`torch.func` can
+transform them.  The library runs them for what the kernels do not provide:
+
+- derivatives of the gradients (``create_graph=True``, double backward, Hessians): the
+  backward ops' own backward is the derivative of these functions' backward;
+- forward-mode AD (:mod:`torch.autograd.forward_ad`, :func:`torch.func.jvp`, ``jacfwd``);
+- :mod:`torch.func` transforms (``grad``, ``vjp``, ``jacrev``, ``vmap``), which do not see
+  through a custom operator's autograd formula.
+
+They hold every sample at once, ``N·C·K·Ho·Wo`` values (the column buffer the backends do
+without), and compute half precision in float32.
+
+>>> import torch
+>>> from deformconv import deform_conv2d
+>>> x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+>>> offset = torch.randn(1, 18, 5, 5, dtype=torch.float64)
+>>> weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+>>> torch.allclose(deform_conv(x, offset, None, weight, None, (1, 1), (1, 1), (1, 1)),
+...                deform_conv2d(x, offset, weight, padding=1))
+True
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+from ._utils import compute_dtype
+from .backends.pytorch_dcnv3 import point_coords
+
+
+def wanted(*tensors: Tensor | None) -> bool:
+    """Whether a call must run as a composite: under a :mod:`torch.func` transform, or with a
+    forward-mode tangent on one of ``tensors``.  Never while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if forward_ad._current_level < 0:  # no dual level open: no tangents anywhere
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def second_order(
+    function,
+    primals: Sequence[Tensor],
+    cotangent: Tensor,
+    needed: Sequence[bool],
+    outer: Sequence[Tensor | None],
+) -> tuple:
+    """Derivatives of a backward pass: the backward of ``function`` maps ``(cotangent,
+    *primals)`` to the gradients of the ``needed`` primals; this is its vector-Jacobian
+    product with ``outer`` (one per primal, read where needed; ``None`` for zero), one result
+    for ``cotangent`` and each primal.  It stays differentiable where autograd records."""
+
+    def backward(cotangent, *primals):
+        _, pullback = torch.func.vjp(function, *primals)
+        grads = pullback(cotangent)
+        return tuple(g for g, need in zip(grads, needed, strict=True) if need)
+
+    grads, pullback = torch.func.vjp(backward, cotangent, *primals)
+    outer = [o for o, need in zip(outer, needed, strict=True) if need]
+    return pullback(tuple(torch.zeros_like(g) if o is None else o
+                          for g, o in zip(grads, outer, strict=True)))  # fmt: skip
+
+
+def interpolate(table: Tensor, bases: Sequence[Tensor], shifts: Sequence[Tensor],
+                sizes: Sequence[int], strict: bool = False) -> Tensor:  # fmt: skip
+    """Samples of ``table`` ``(B, C, prod(sizes))`` (a grid of ``sizes``, row-major) at the
+    positions ``base + shift``, one ``(B, Q)`` tensor of each per axis (``bases``
+    integer-valued); ``(B, C, Q)``.
+
+    Linear interpolation along every axis, corners outside the grid counting as 0.  A sample
+    counts where its lower corner lies in ``[−1, size)`` on every axis (torchvision's rule:
+    at −1 the value is 0 but the gradient of the position is not) or, with ``strict``, where
+    its position lies strictly inside ``(−1, size)`` (DCNv3's); elsewhere, and where a shift
+    is not finite, it is 0 with zero gradients.  The lower corner is ``base + floor(shift)``,
+    exact where ``base + shift`` would round.
+    """
+    lows, fractions, inside = [], [], None
+    for base, shift, size in zip(bases, shifts, sizes, strict=True):
+        whole = shift.floor()
+        low, fraction = base + whole, shift - whole
+        counts = (low >= -1) & (low < size)  # False for NaN
+        if strict:
+            counts = counts & ((low >= 0) | (fraction > 0))
+        inside = counts if inside is None else inside & counts
+        lows.append(low)
+        fractions.append(fraction)
+    # Samples that do not count move to -2, whose corners all lie outside, with a zero
+    # fraction: no NaN or infinity reaches the arithmetic, nor any gradient.
+    lows = [torch.where(inside, low, torch.full_like(low, -2.0)) for low in lows]
+    fractions = [torch.where(inside, f, torch.zeros_like(f)) for f in fractions]
+    batch, channels = table.shape[:2]
+    result = None
+    for corner in itertools.product((0, 1), repeat=len(sizes)):
+        index, weight, valid = None, None, inside
+        for low, fraction, size, upper in zip(lows, fractions, sizes, corner, strict=True):
+            factor = fraction if upper else 1 - fraction
+            coordinate = low + upper
+            valid = valid & (coordinate >= 0) & (coordinate < size)
+            coordinate = coordinate.clamp(0, size - 1).long()
+            index = coordinate if index is None else index * size + coordinate
+            weight = factor if weight is None else weight * factor
+        values = table.gather(2, index.unsqueeze(1).expand(batch, channels, index.shape[1]))
+        term = values * torch.where(valid, weight, torch.zeros_like(weight)).unsqueeze(1)
+        result = term if result is None else result + term
+    return result
+
+
+def _grid(out_size: Sequence[int], kernel: Sequence[int], stride, padding, dilation,
+          like: Tensor) -> list[Tensor]:  # fmt: skip
+    """Regular sampling positions per axis, ``(K, L)``: taps row-major, pixels row-major."""
+    taps = torch.cartesian_prod(*[torch.arange(k, device=like.device) for k in kernel])
+    pixels = torch.cartesian_prod(*[torch.arange(o, device=like.device) for o in out_size])
+    taps, pixels = taps.view(-1, len(kernel)), pixels.view(-1, len(kernel))
+    return [
+        (pixels[:, a] * stride[a] - padding[a]).to(like.dtype)[None, :]
+        + (taps[:, a] * dilation[a]).to(like.dtype)[:, None]
+        for a in range(len(kernel))
+    ]
+
+
+def deform_conv(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tensor,
+                bias: Tensor | None, stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int]) -> Tensor:  # fmt: skip
+    """``deformconv::deform_conv2d`` / ``deform_conv3d`` (arguments in the op's order)."""
+    dims = input.dim() - 2
+    batch, channels, *sizes = input.shape
+    out_size = tuple(offset.shape[2:])
+    out_channels, group_channels, *kernel = weight.shape
+    taps, pixels = math.prod(kernel), math.prod(out_size)
+    offset_groups = offset.shape[1] // (dims * taps)
+    groups = channels // group_channels
+    dtype = compute_dtype(input.dtype)
+    with torch.autocast(input.device.type, enabled=False):
+        deltas = offset.to(dtype).reshape(batch, offset_groups, taps, dims, pixels)
+        grid = _grid(out_size, kernel, stride, padding, dilation, deltas)
+        shifts = [deltas[:, :, :, a].reshape(batch * offset_groups, taps * pixels)
+                  for a in range(dims)]  # fmt: skip
+        table = input.to(dtype).reshape(batch * offset_groups, channels // offset_groups,
+                                        math.prod(sizes))  # fmt: skip
+        samples = interpolate(table, [base.reshape(-1) for base in grid], shifts, sizes)
+        samples = samples.reshape(batch, offset_groups, channels // offset_groups, taps, pixels)
+        if mask is not None:
+            samples = samples * mask.to(dtype).reshape(batch, offset_groups, 1, taps, pixels)
+        samples = samples.reshape(batch, groups, group_channels, taps, pixels)
+        weights = weight.to(dtype).reshape(groups, out_channels // groups, group_channels, taps)
+        output = torch.einsum("ngckl,gock->ngol", samples, weights)
+        output = output.reshape(batch, out_channels, *out_size)
+        if bias is not None:
+            output = output + bias.to(dtype).reshape(out_channels, *[1] * dims)
+    return output.to(input.dtype)
+
+
+def dcnv3(input: Tensor, offset: Tensor, mask: Tensor, kernel_size: Sequence[int],
+          stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], group: int,
+          offset_scale: float, remove_center: bool) -> Tensor:  # fmt: skip
+    """``deformconv::dcnv3``: ``input`` ``(N, H, W, C)``, ``offset`` ``(N, Ho, Wo, G, 2P)``
+    with (Δw, Δh) pairs, ``mask`` ``(N, Ho, Wo, G, P)``; ``(N, Ho, Wo, C)``."""
+    batch, height, width, channels = input.shape
+    out_size = tuple(offset.shape[1:3])
+    pixels, depth = math.prod(out_size), channels // group
+    coords = point_coords(tuple(kernel_size), remove_center)
+    points = len(coords)
+    dtype = compute_dtype(input.dtype)
+    with torch.autocast(input.device.type, enabled=False):
+        deltas = offset.to(dtype).reshape(batch, pixels, group, points, 2).permute(0, 2, 3, 4, 1)
+        taps = torch.tensor(coords, dtype=dtype, device=input.device).view(points, 2)
+        bases, shifts = [], []
+        for axis in (0, 1):  # height, width; the pairs are (Δw, Δh)
+            centre = dilation[axis] * (kernel_size[axis] - 1) // 2
+            tap = taps[:, axis, None] * dilation[axis]
+            pixel = torch.arange(out_size[axis], device=input.device, dtype=dtype)
+            pixel = pixel * stride[axis] - padding[axis]
+            pixel = (pixel[:, None] if axis == 0 else pixel[None, :]).expand(out_size)
+            bases.append((pixel.reshape(1, pixels) + tap).reshape(points * pixels))
+            shift = (centre - tap) * (1 - offset_scale) + deltas[:, :, :, 1 - axis] * offset_scale
+            shifts.append(shift.reshape(batch * group, points * pixels))
+        table = input.to(dtype).reshape(batch, height * width, group, depth).permute(0, 2, 3, 1)
+        samples = interpolate(table.reshape(batch * group, depth, height * width), bases, shifts,
+                              (height, width), strict=True)  # fmt: skip
+        weights = mask.to(dtype).reshape(batch, pixels, group, points).permute(0, 2, 3, 1)
+        samples = samples.reshape(batch, group, depth, points, pixels) * weights[:, :, None]
+        output = samples.sum(3).permute(0, 3, 1, 2).reshape(batch, *out_size, channels)
+    return output.to(input.dtype)
