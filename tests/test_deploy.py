@@ -236,3 +236,87 @@ def test_torch_export_and_aot_inductor(tmp_path):
     )
     compiled = torch._inductor.aoti_load_package(package)
     torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- operators ONNX has no node for: standard operators ---------------------------------
+
+
+class DCNv4Tokens(nn.Module):
+    """The DCNv4 layer on 6×7 token grids."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = deformconv.DCNv4(channels=12, group=3, kernel_size=3, dw_kernel_size=3)
+
+    def forward(self, x):
+        return self.layer(x, shape=(6, 7))
+
+
+def _randomise_offsets(model: nn.Module) -> nn.Module:
+    """Offset (and mask) predictors start at zero: give them weights, so samples move."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.split(".")[-1] in {"offset", "mask", "offset_mask", "conv_offset"}:
+                module.weight.normal_(std=0.3)
+                module.bias.normal_(std=0.5)
+    return model
+
+
+STANDARD_CASES = {
+    "dcnv3": (lambda: deformconv.DCNv3(channels=12, group=3, kernel_size=3),
+              lambda b: (torch.randn(b, 6, 7, 12),)),
+    "dcnv4": (DCNv4Tokens, lambda b: (torch.randn(b, 42, 12),)),
+    "deformable-3d": (lambda: deformconv.DeformableConv3d(4, 6, (2, 3, 3), padding=(0, 1, 2),
+                                                          offset_groups=2, modulated=True),
+                      lambda b: (torch.randn(b, 4, 3, 5, 6),)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("case", list(STANDARD_CASES))
+def test_onnx_export_without_a_deformable_operator(tmp_path, case, dynamo):
+    """3-D, DCNv3 and DCNv4 export as standard operators (ONNX has no node for them), with a
+    dynamic batch, and onnxruntime gives the model's results."""
+    torch.manual_seed(0)
+    make_model, make_inputs = STANDARD_CASES[case]
+    model = _randomise_offsets(make_model().eval())
+    path = tmp_path / "model.onnx"
+    _export(model, make_inputs(2), path, dynamo)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    assert "GatherElements" in {n.op_type for n in proto.graph.node}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (2, 3):
+        (x,) = make_inputs(batch)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        actual = session.run(None, {"in0": x.numpy()})[0]
+        error = abs(actual - expected).max() / max(1.0, abs(expected).max())
+        assert error <= 1e-5, f"batch {batch}: {error:.2e}"
+
+
+@pytest.mark.parametrize("case", ["dcnv3", "deformable-3d"])
+def test_onnx_export_without_a_deformable_operator_keeps_image_sizes_dynamic(tmp_path, case):
+    """With torch's dynamo exporter the image size stays dynamic too."""
+    torch.manual_seed(0)
+    make_model, _ = STANDARD_CASES[case]
+    model = _randomise_offsets(make_model().eval())
+    if case == "dcnv3":
+        axes, make = (0, 1, 2), lambda n, h, w: torch.randn(n, h, w, 12)
+    else:
+        axes, make = (0, 3, 4), lambda n, h, w: torch.randn(n, 4, 3, h, w)
+    dims = {axis: torch.export.Dim(f"axis{axis}", min=1, max=64) for axis in axes}
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (make(2, 6, 7),), str(path), dynamo=True, opset_version=19,
+                          input_names=["x"], dynamic_shapes=(dims,))  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in [(2, 6, 7), (3, 9, 5), (1, 4, 11)]:
+        x = make(*shape)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        actual = session.run(None, {"x": x.numpy()})[0]
+        error = abs(actual - expected).max() / max(1.0, abs(expected).max())
+        assert error <= 1e-5, f"{shape}: {error:.2e}"

@@ -209,6 +209,31 @@ def test_torch_func_transforms():
             result.square().sum(), sample[0])[0])  # fmt: skip
 
 
+def test_torch_func_under_torch_compile():
+    """``torch.compile(torch.func.grad(f))`` traces the composite; a plain compiled call
+    still holds the op."""
+    tensors = _smooth_inputs(SMALL, seed=5)
+    function = _conv2d(SMALL, ("input",), tensors)
+    x = tensors["input"].detach()
+
+    def loss(x):
+        return function(x).square().sum()
+
+    compiled = torch.compile(grad(loss), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), grad(loss)(x))
+    graph = torch.export.export(_Wrapped(function), (x,)).graph_module.code
+    assert "deformconv.deform_conv2d" in graph
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.function(x)
+
+
 def test_hessian_vector_product_of_a_layer():
     """``create_graph`` through a layer (a gradient penalty): the Hessian-vector product of
     the backend's graph equals the composite's."""
@@ -261,6 +286,8 @@ def test_dcnv3_composite_and_second_derivatives(name):
     args = dcnv3_op_args(tensors, case)
     torch.testing.assert_close(composite.dcnv3(*args), torch.ops.deformconv.dcnv3(*args),
                                rtol=1e-12, atol=1e-12)  # fmt: skip
+    empty = tuple(t[:0] for t in args[:3]) + args[3:]  # batch 0
+    torch.testing.assert_close(composite.dcnv3(*empty), torch.ops.deformconv.dcnv3(*empty))
     leaves = [tensors[n].requires_grad_() for n in ("input", "offset", "mask")]
     settings = {"kernel_size": case["kernel"], "stride": case["stride"],
                 "padding": case["padding"], "dilation": case["dilation"], "group": case["group"],

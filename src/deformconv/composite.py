@@ -10,7 +10,9 @@ transform them.  The library runs them for what the kernels do not provide:
   backward ops' own backward is the derivative of these functions' backward;
 - forward-mode AD (:mod:`torch.autograd.forward_ad`, :func:`torch.func.jvp`, ``jacfwd``);
 - :mod:`torch.func` transforms (``grad``, ``vjp``, ``jacrev``, ``vmap``), which do not see
-  through a custom operator's autograd formula.
+  through a custom operator's autograd formula;
+- ONNX export of the operators ONNX has no node for (3-D, DCNv3, DCNv4): they export as
+  standard operators (GatherElements, Floor, Where, Einsum) that any ONNX runtime runs.
 
 They hold every sample at once, ``N·C·K·Ho·Wo`` values (the column buffer the backends do
 without), and compute half precision in float32.
@@ -40,12 +42,15 @@ from .backends.pytorch_dcnv3 import point_coords
 
 
 def wanted(*tensors: Tensor | None) -> bool:
-    """Whether a call must run as a composite: under a :mod:`torch.func` transform, or with a
-    forward-mode tangent on one of ``tensors``.  Never while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return False
+    """Whether a call must run as a composite: in an ONNX export (ONNX has no such operator,
+    the composite's are standard), under a :mod:`torch.func` transform (compiled or not), or
+    with a forward-mode tangent on one of ``tensors`` outside torch.compile."""
+    if torch.onnx.is_in_onnx_export():
+        return True
     if torch._C._are_functorch_transforms_active():
         return True
+    if torch.compiler.is_compiling():
+        return False
     if forward_ad._current_level < 0:  # no dual level open: no tangents anywhere
         return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
@@ -99,8 +104,8 @@ def interpolate(table: Tensor, bases: Sequence[Tensor], shifts: Sequence[Tensor]
         fractions.append(fraction)
     # Samples that do not count move to -2, whose corners all lie outside, with a zero
     # fraction: no NaN or infinity reaches the arithmetic, nor any gradient.
-    lows = [torch.where(inside, low, torch.full_like(low, -2.0)) for low in lows]
-    fractions = [torch.where(inside, f, torch.zeros_like(f)) for f in fractions]
+    lows = [torch.where(inside, low, -2.0) for low in lows]
+    fractions = [torch.where(inside, f, 0.0) for f in fractions]
     batch, channels = table.shape[:2]
     result = None
     for corner in itertools.product((0, 1), repeat=len(sizes)):
@@ -113,20 +118,25 @@ def interpolate(table: Tensor, bases: Sequence[Tensor], shifts: Sequence[Tensor]
             index = coordinate if index is None else index * size + coordinate
             weight = factor if weight is None else weight * factor
         values = table.gather(2, index.unsqueeze(1).expand(batch, channels, index.shape[1]))
-        term = values * torch.where(valid, weight, torch.zeros_like(weight)).unsqueeze(1)
+        term = values * torch.where(valid, weight, 0.0).unsqueeze(1)
         result = term if result is None else result + term
     return result
+
+
+def _coordinates(sizes: Sequence[int], device: torch.device) -> list[Tensor]:
+    """Coordinates per axis of the points of a grid of ``sizes``, row-major."""
+    axes = torch.meshgrid(*[torch.arange(size, device=device) for size in sizes], indexing="ij")
+    return [axis.reshape(-1) for axis in axes]
 
 
 def _grid(out_size: Sequence[int], kernel: Sequence[int], stride, padding, dilation,
           like: Tensor) -> list[Tensor]:  # fmt: skip
     """Regular sampling positions per axis, ``(K, L)``: taps row-major, pixels row-major."""
-    taps = torch.cartesian_prod(*[torch.arange(k, device=like.device) for k in kernel])
-    pixels = torch.cartesian_prod(*[torch.arange(o, device=like.device) for o in out_size])
-    taps, pixels = taps.view(-1, len(kernel)), pixels.view(-1, len(kernel))
+    taps = _coordinates(kernel, like.device)
+    pixels = _coordinates(out_size, like.device)
     return [
-        (pixels[:, a] * stride[a] - padding[a]).to(like.dtype)[None, :]
-        + (taps[:, a] * dilation[a]).to(like.dtype)[:, None]
+        (pixels[a] * stride[a] - padding[a]).to(like.dtype)[None, :]
+        + (taps[a] * dilation[a]).to(like.dtype)[:, None]
         for a in range(len(kernel))
     ]
 
@@ -170,10 +180,15 @@ def dcnv3(input: Tensor, offset: Tensor, mask: Tensor, kernel_size: Sequence[int
     with (Δw, Δh) pairs, ``mask`` ``(N, Ho, Wo, G, P)``; ``(N, Ho, Wo, C)``."""
     batch, height, width, channels = input.shape
     out_size = tuple(offset.shape[1:3])
-    pixels, depth = math.prod(out_size), channels // group
     coords = point_coords(tuple(kernel_size), remove_center)
     points = len(coords)
     dtype = compute_dtype(input.dtype)
+    depth = channels // group
+    if batch:  # -1 in the reshapes keeps the pixel counts dynamic in ONNX exports
+        pixels = cells = samples_per_row = -1
+    else:  # an empty batch needs them spelled out
+        pixels, cells = out_size[0] * out_size[1], height * width
+        samples_per_row = points * pixels
     with torch.autocast(input.device.type, enabled=False):
         deltas = offset.to(dtype).reshape(batch, pixels, group, points, 2).permute(0, 2, 3, 4, 1)
         taps = torch.tensor(coords, dtype=dtype, device=input.device).view(points, 2)
@@ -184,12 +199,12 @@ def dcnv3(input: Tensor, offset: Tensor, mask: Tensor, kernel_size: Sequence[int
             pixel = torch.arange(out_size[axis], device=input.device, dtype=dtype)
             pixel = pixel * stride[axis] - padding[axis]
             pixel = (pixel[:, None] if axis == 0 else pixel[None, :]).expand(out_size)
-            bases.append((pixel.reshape(1, pixels) + tap).reshape(points * pixels))
+            bases.append((pixel.reshape(1, -1) + tap).reshape(-1))
             shift = (centre - tap) * (1 - offset_scale) + deltas[:, :, :, 1 - axis] * offset_scale
-            shifts.append(shift.reshape(batch * group, points * pixels))
-        table = input.to(dtype).reshape(batch, height * width, group, depth).permute(0, 2, 3, 1)
-        samples = interpolate(table.reshape(batch * group, depth, height * width), bases, shifts,
-                              (height, width), strict=True)  # fmt: skip
+            shifts.append(shift.reshape(batch * group, samples_per_row))
+        table = input.to(dtype).reshape(batch, cells, group, depth).permute(0, 2, 3, 1)
+        table = table.reshape(batch * group, depth, cells)
+        samples = interpolate(table, bases, shifts, (height, width), strict=True)
         weights = mask.to(dtype).reshape(batch, pixels, group, points).permute(0, 2, 3, 1)
         samples = samples.reshape(batch, group, depth, points, pixels) * weights[:, :, None]
         output = samples.sum(3).permute(0, 3, 1, 2).reshape(batch, *out_size, channels)

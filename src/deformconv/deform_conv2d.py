@@ -81,7 +81,9 @@ def deform_conv2d(
             return onnx_export.dynamo_node(
                 input, offset, mask, weight, bias, stride, padding, dilation
             )
-        onnx_export.register_torchscript_symbolic()
+        onnx_export.register_torchscript_symbolic()  # maps the op to a DeformConv node
+        return _library.deform_conv2d_op(input, offset, mask, weight, bias, stride, padding,
+                                         dilation)  # fmt: skip
     return _library.deform_conv(input, offset, mask, weight, bias, stride, padding, dilation)
 
 

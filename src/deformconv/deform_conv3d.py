@@ -9,7 +9,6 @@ optionally multiplied by the mask.  Backends as in 2-D: the Triton kernels for C
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from . import _library
@@ -66,10 +65,6 @@ def deform_conv3d(
     dilation = _ntuple(dilation, "dilation", 3)
     input, offset, weight, bias, mask = autocast_inputs(input, offset, weight, bias, mask)
     check_arguments(input, offset, weight, bias, mask, stride, padding, dilation)
-    if torch.onnx.is_in_onnx_export():
-        raise RuntimeError(
-            "deform_conv3d has no ONNX export: ONNX runtimes implement DeformConv in 2-D only"
-        )
     return _library.deform_conv(input, offset, mask, weight, bias, stride, padding, dilation)
 
 
