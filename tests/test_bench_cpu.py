@@ -12,9 +12,9 @@ def test_every_implementation_timed_in_rounds(monkeypatch, cold):
     calls = []
     original = cpu.runner
 
-    def counting(name, shape, tensors, backward):
-        run = original(name, shape, tensors, backward)
-        return lambda: calls.append((name, backward)) or run()
+    def counting(name, shape, tensors, mode):
+        run = original(name, shape, tensors, mode)
+        return lambda: calls.append((name, mode)) or run()
 
     monkeypatch.setattr(cpu, "runner", counting)
     monkeypatch.setattr(
@@ -30,7 +30,20 @@ def test_every_implementation_timed_in_rounds(monkeypatch, cold):
     per_round = 1 if cold else 2
     assert len(calls) == 2 * 2 * (1 + 3 * per_round)
     if not cold:  # rounds alternate the implementations, each timed call after its own
-        fwd = [name for name, backward in calls if not backward]
+        fwd = [name for name, mode in calls if mode == "fwd"]
         assert fwd[2:8] == ["deformconv"] * 2 + ["nn.Conv2d"] * 2 + ["deformconv"] * 2
     table = cpu.markdown(rows, {})
     assert "| N=1 C=4→4 6² k3 | fwd+bwd |" in table
+
+
+def test_gradient_penalty_mode_leaves_torchvision_out(monkeypatch):
+    """``--penalty`` times a double backward of deformconv and nn.Conv2d; torchvision, whose
+    op has no double backward, shows as "—" there."""
+    op = cpu.deformconv.deform_conv2d
+    impls = {"deformconv": op, "torchvision": op}  # a stand-in: torchvision need not import
+    monkeypatch.setattr(cpu, "implementations", lambda: impls)
+    rows = cpu.time_shapes([cpu.Shape(1, 4, 4, 6)], repeats=1, penalty=True)
+    timed = [(row["mode"], row["impl"]) for row in rows if row["mode"] == "fwd+bwd+penalty"]
+    assert timed == [("fwd+bwd+penalty", "deformconv"), ("fwd+bwd+penalty", "nn.Conv2d")]
+    table = cpu.markdown(rows, {})
+    assert "| N=1 C=4→4 6² k3 | fwd+bwd+penalty | " in table and "| — |" in table

@@ -7,12 +7,13 @@ differentiate them again, in reverse and in forward mode, and :mod:`torch.func` 
 transform them.  The library runs them for what the kernels do not provide:
 
 - derivatives of the gradients (``create_graph=True``, double backward, Hessians): the
-  backward ops' own backward is the derivative of these functions' backward;
+  backward ops' own backward takes the derivative along the offsets from them, and all of
+  its derivatives where it is differentiated once more (:func:`second_order`);
 - forward-mode AD (:mod:`torch.autograd.forward_ad`, :func:`torch.func.jvp`, ``jacfwd``);
 - :mod:`torch.func` transforms (``grad``, ``vjp``, ``jacrev``, ``vmap``), which do not see
   through a custom operator's autograd formula;
 - ONNX export of the operators ONNX has no node for (3-D, DCNv3, DCNv4): they export as
-  standard operators (GatherElements, Floor, Where, Einsum) that any ONNX runtime runs.
+  standard operators (GatherElements, Floor, Where, Einsum).
 
 They hold every sample at once, ``N·C·K·Ho·Wo`` values (the column buffer the backends do
 without), and compute half precision in float32.

@@ -1,6 +1,7 @@
 """CPU benchmark: deformconv against torchvision (when importable) and nn.Conv2d.
 
-Times forward and forward+backward of each implementation side by side in one process,
+Times forward and forward+backward of each implementation side by side in one process
+(with ``--penalty`` also a forward+backward with a gradient penalty, a double backward),
 interleaved, median of repeats, each timed call right after an untimed call of the same
 implementation (``--cold``: without); measures the extra peak memory of one forward+backward per
 implementation in a separate process each.  Prints a Markdown table and writes CSV.
@@ -100,7 +101,12 @@ def make_inputs(shape: Shape, dtype=torch.float32, seed: int = 0) -> dict:
     }
 
 
-def runner(name: str, shape: Shape, tensors: dict, backward: bool):
+#: Timed modes: a forward; forward+backward; forward+backward of the output plus the squared
+#: norm of its input gradient (a gradient penalty, which differentiates the backward again).
+MODES = ("fwd", "fwd+bwd", "fwd+bwd+penalty")
+
+
+def runner(name: str, shape: Shape, tensors: dict, mode: str):
     impls = implementations()
 
     def deform():
@@ -124,35 +130,44 @@ def runner(name: str, shape: Shape, tensors: dict, backward: bool):
         )
 
     call = conv if name == "nn.Conv2d" else deform
-    if backward:
+    if mode == "fwd":
+
+        def run():
+            with torch.no_grad():
+                call()
+    elif mode == "fwd+bwd":
 
         def run():
             call().sum().backward()
     else:
 
         def run():
-            with torch.no_grad():
-                call()
+            out = call()
+            (grad,) = torch.autograd.grad(out.sum(), tensors["input"], create_graph=True)
+            (out.sum() + grad.square().sum()).backward()
 
     return run
 
 
-def time_shapes(shapes: list[Shape], repeats: int, cold: bool = False) -> list[dict]:
+def time_shapes(shapes: list[Shape], repeats: int, cold: bool = False,
+                penalty: bool = False) -> list[dict]:  # fmt: skip
     """Median times in rounds over the implementations (interleaved, so that drifts of the
     machine hit every implementation alike).  Each timed call follows an untimed call of the
     same implementation, unless ``cold``: then it follows the previous implementation's
     calls, and pays for the state they leave (a single-threaded torchvision backward leaves
     one core idle for tens of milliseconds, after which the next few milliseconds of any
-    work run up to 30 % slower on the machine of RESULTS.md)."""
+    work run up to 30 % slower on the machine of RESULTS.md).  ``penalty`` adds the gradient
+    penalty mode, without torchvision (its op has no double backward)."""
     rows = []
     names = [*implementations(), "nn.Conv2d"]
     for shape in shapes:
         tensors = make_inputs(shape)
-        for mode, backward in (("fwd", False), ("fwd+bwd", True)):
-            runs = {name: runner(name, shape, tensors, backward) for name in names}
+        for mode in MODES if penalty else MODES[:2]:
+            timed = [n for n in names if mode != MODES[2] or n != "torchvision"]
+            runs = {name: runner(name, shape, tensors, mode) for name in timed}
             for run in runs.values():
                 run()  # warm-up
-            times: dict[str, list[float]] = {name: [] for name in names}
+            times: dict[str, list[float]] = {name: [] for name in timed}
             for _ in range(repeats):
                 for name, run in runs.items():
                     if not cold:
@@ -160,7 +175,7 @@ def time_shapes(shapes: list[Shape], repeats: int, cold: bool = False) -> list[d
                     start = time.perf_counter()
                     run()
                     times[name].append(time.perf_counter() - start)
-            for name in names:
+            for name in timed:
                 median = statistics.median(times[name]) * 1e3
                 rows.append({"shape": shape.label, "mode": mode, "impl": name, "ms": median})
                 print(f"  {shape.label:<32} {mode:<8} {name:<12} {median:9.2f} ms", flush=True)
@@ -192,7 +207,7 @@ def _status_kib(field: str) -> int:
 
 def _measure_in_process(name: str, shape: Shape) -> float:
     tensors = make_inputs(shape)
-    run = runner(name, shape, tensors, backward=True)
+    run = runner(name, shape, tensors, "fwd+bwd")
     run()  # the first call maps libraries and thread pools, which are not the op's memory
     for tensor in tensors.values():
         tensor.grad = None
@@ -240,7 +255,7 @@ def markdown(rows: list[dict], memory: dict) -> str:
         ms = {r["impl"]: r["ms"] for r in rows if (r["shape"], r["mode"]) == (shape, mode)}
         other = ms.get("torchvision")
         speedup = f"{other / ms['deformconv']:.1f}× vs torchvision" if other else "—"
-        cells = " | ".join(f"{ms[name]:.1f} ms" for name in names)
+        cells = " | ".join(f"{ms[name]:.1f} ms" if name in ms else "—" for name in names)
         lines.append(f"| {shape} | {mode} | {cells} | {speedup} |")
     if memory:
         lines += ["", "| shape | " + " | ".join(memory) + " |", "|---|" + "---|" * len(memory)]
@@ -259,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
     parser.add_argument("--csv", default=None, help="write the timings to this CSV file")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--penalty", action="store_true",
+                        help="also time a gradient penalty (double backward)")  # fmt: skip
     parser.add_argument("--cold", action="store_true",
                         help="no untimed call right before each timed one")  # fmt: skip
     args = parser.parse_args(argv)
@@ -266,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (3 if args.quick else 7)
     protocol = "cold" if args.cold else "each timed call right after an untimed one"
     print(f"# {machine()}, {time.strftime('%Y-%m-%d')}, {protocol}", flush=True)
-    rows = time_shapes(shapes, repeats, cold=args.cold)
+    rows = time_shapes(shapes, repeats, cold=args.cold, penalty=args.penalty)
     memory: dict[str, dict[str, float]] = {}
     if not args.no_memory:
         memory_shape = Shape(4, 128, 128, 48)
