@@ -92,3 +92,18 @@ def test_tune_dtype_takes_a_list_and_names_what_it_refuses(capsys):
         gpu.main(["--breakdown", "--tune-dtype", "bf16,fp8"])
     error = capsys.readouterr().err
     assert "--tune-dtype" in error and "got fp8" in error and "tf32" in error
+
+
+def test_penalty_cost_times_deformconv_and_the_convolution(monkeypatch):
+    runs = []
+
+    def one_run(run):
+        runs.append(run())
+        return 1.0
+
+    monkeypatch.setattr(gpu, "make_inputs", small_inputs)
+    monkeypatch.setattr(gpu, "bench", one_run)
+    rows = gpu.penalty_cost(gpu.Shape(1, 4, 5), "fp32")
+    assert [row["impl"] for row in rows] == ["deformconv", "cuDNN conv2d"]
+    assert all(row["fwd_bwd_ms"] == row["penalty_ms"] == 1.0 for row in rows)
+    assert len(runs) == 4 and all(len(grads) == 5 for grads in runs)

@@ -3,9 +3,10 @@
 Times forward and forward+backward with ``triton.testing.do_bench`` (median), measures the
 extra peak memory of one forward+backward (beyond inputs and ``grad_output``) and the
 relative error of the output and every gradient against the float64 computation on the same
-rounded inputs.  Also reports the first call of each shape (compilation included) and the
-cost of deterministic mode.  Every step is bounded by ``--budget`` seconds in all; progress is
-printed with timestamps.  Writes a Markdown table (``--out``) and CSV (``--csv``).
+rounded inputs.  Also reports the first call of each shape (compilation included), the
+cost of deterministic mode and of a gradient penalty (double backward) at the first shape.
+Every step is bounded by ``--budget`` seconds in all; progress is printed with timestamps.
+Writes a Markdown table (``--out``) and CSV (``--csv``).
 
     deformconv bench --gpu --out gpu.md
     deformconv bench --gpu --quick       # the first shape, bfloat16 and float16
@@ -192,6 +193,31 @@ def measure(shapes, dtypes, budget: float, with_errors: bool) -> list[dict]:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
             del tensors, reference
             torch.cuda.empty_cache()
+    return rows
+
+
+def penalty_cost(shape: Shape, dtype_name: str) -> list[dict]:
+    """Forward+backward against forward+backward with a gradient penalty on the input (the
+    backward's own backward), deformconv and cuDNN's convolution."""
+    tensors = cast(make_inputs(shape), DTYPES[dtype_name])
+    args = [tensors[n] for n in ("input", "offset", "mask", "weight", "bias")]
+    rows = []
+    for impl, fn in (("deformconv", deformconv_fn), ("cuDNN conv2d", conv_fn)):
+        _, forward_backward = runners(fn, tensors)
+
+        def penalised(fn=fn):
+            out = fn(*args)
+            (grad,) = torch.autograd.grad(out, args[0], tensors["grad"], create_graph=True)
+            loss = (out * tensors["grad"]).sum() + grad.float().square().sum()
+            return torch.autograd.grad(loss, args, allow_unused=True)
+
+        row = {"shape": shape.label, "dtype": dtype_name, "impl": impl}
+        try:
+            row.update(fwd_bwd_ms=bench(forward_backward), penalty_ms=bench(penalised))
+        except Exception as error:  # report and go on
+            row["error"] = f"{type(error).__name__}: {error}"[:200]
+        log(f"penalty: {row}")
+        rows.append(row)
     return rows
 
 
@@ -397,7 +423,8 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def markdown(rows: list[dict], det: list[dict], tuning: list[dict]) -> str:
+def markdown(rows: list[dict], det: list[dict], tuning: list[dict],
+             penalty: list[dict] = ()) -> str:  # fmt: skip
     props = torch.cuda.get_device_properties(0)
     import triton
 
@@ -431,6 +458,12 @@ def markdown(rows: list[dict], det: list[dict], tuning: list[dict]) -> str:
             f" | {d['bit_identical']} |"
             for d in det
         ]
+    if penalty:
+        lines += ["", "| gradient penalty | dtype | impl | fwd+bwd ms | fwd+bwd+penalty ms |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {p['shape']} | {p['dtype']} | {p['impl']} | {fmt(p.get('fwd_bwd_ms'))} "
+                  f"| {fmt(p.get('penalty_ms'))} {p.get('error', '')} |"
+                  for p in penalty]  # fmt: skip
     if tuning:
         lines += ["", "| kernel | config | fwd ms | fwd+bwd (or kernel) ms |", "|---|---|---|---|"]
         for t in tuning:
@@ -489,7 +522,8 @@ def main(argv=None) -> int:
         tuning += tune(shapes[0], dtype_name, share) if args.tune else []
     rows = measure(shapes, dtypes, args.budget * 0.9, not args.no_errors)
     det = [deterministic_cost(shapes[0], d) for d in ("bf16", "fp32") if d in dtypes]
-    table = markdown(rows, det, tuning)
+    penalty = [row for d in ("bf16", "fp32") if d in dtypes for row in penalty_cost(shapes[0], d)]
+    table = markdown(rows, det, tuning, penalty)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
