@@ -7,17 +7,10 @@ ordinary operators.  Both run whichever backend :func:`deformconv.backends.selec
 the tensors' device and dimensionality; a backward pass called by autograd, under the backend
 setting its forward ran under.  Arguments are validated by the public functions, not here.
 
-The backward ops have autograd formulas too, so gradients can be differentiated again.  The
-backward maps ``(grad_output, inputs)`` to ``J(inputs)ᵀ·grad_output``; its vector-Jacobian
-product with cotangents ``u`` of the gradients is ``J·u`` for ``grad_output`` and the gradient
-of ``⟨grad_output, J·u⟩`` for the inputs.  The operator is linear in each of input, mask and
-weight, so ``J·u`` is the op itself with one of them replaced by its cotangent, plus the
-derivative along the offsets, which :mod:`deformconv.composite` gives in forward mode (only
-when the offsets' gradients are differentiated: a gradient penalty on the input runs the ops
-alone).  Where that backward is differentiated once more (third derivatives), it runs on
-the composite throughout, whose derivatives go on to any order.  The public functions call
-:func:`deform_conv` and :func:`dcnv3`, which run the composite instead of an op where the
-ops cannot serve (:func:`deformconv.composite.wanted`).
+The backward ops have autograd formulas too (:mod:`deformconv._double_backward`), so
+gradients can be differentiated again.  The public functions call :func:`deform_conv` and
+:func:`dcnv3`, which run the composite instead of an op where the ops cannot serve
+(:func:`deformconv.composite.wanted`).
 """
 
 from __future__ import annotations
@@ -28,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import backends, composite
+from . import _double_backward, backends, composite
 from .backends import handoff
 
 _NAMESPACE = "deformconv"
@@ -153,87 +146,9 @@ def _register(dims: int) -> tuple[Any, Any]:
         )
 
     forward_op.register_autograd(backward, setup_context=_setup_context)
-    backward_op.register_autograd(_second_order, setup_context=_setup_second_order)
+    backward_op.register_autograd(_double_backward.conv(forward_op),
+                                  setup_context=_double_backward.setup_conv)  # fmt: skip
     return forward_op, backward_op
-
-
-def _setup_second_order(ctx: Any, inputs: tuple, output: tuple) -> None:
-    grad_output, input, offset, mask, weight, stride, padding, dilation, _ = inputs
-    ctx.save_for_backward(grad_output, input, offset, mask, weight)
-    ctx.conv_args = (stride, padding, dilation)
-    ctx.backend = backends.get_backend()
-
-
-def _cotangent(tensor: Tensor | None) -> Tensor | None:
-    """An incoming cotangent as a constant, or None where it is absent, empty or zero."""
-    if tensor is None or tensor.numel() == 0 or not tensor.any():
-        return None
-    return tensor.detach()
-
-
-def _pull_back(ctx: Any, tangent_of, grad_output: Tensor, primals: tuple) -> tuple:
-    """``tangent_of(*primals)`` (``J·u``) and the gradients of ``⟨grad_output, J·u⟩`` for the
-    ``primals`` that need one (None for the others), on detached copies: the cotangents and
-    ``grad_output`` are constants here, and nothing reaches into the graph around them."""
-    needs = [t is not None and need for t, need in zip(primals, ctx.needs_input_grad[1:],
-                                                        strict=False)]  # fmt: skip
-    leaves = [None if t is None else t.detach().requires_grad_(need)
-              for t, need in zip(primals, needs, strict=True)]  # fmt: skip
-    with torch.enable_grad(), backends.pinned(ctx.backend):
-        tangent = tangent_of(*leaves)
-        wanted = [t for t, need in zip(leaves, needs, strict=True) if need]
-        found = iter(torch.autograd.grad(tangent, wanted, grad_output.detach(),
-                                         allow_unused=True)
-                     if tangent.requires_grad else [None] * len(wanted))  # fmt: skip
-    return tangent.detach(), tuple(next(found) if need else None for need in needs)
-
-
-def _second_order(ctx: Any, *cotangents: Tensor):
-    """The backward op's backward (see the module docstring)."""
-    if torch.is_grad_enabled():  # to be differentiated again
-        return _composite_second_order(ctx, *cotangents)
-    grad_output, *primals = ctx.saved_tensors
-    u_input, u_offset, u_mask, u_weight, u_bias = map(_cotangent, cotangents)
-    conv_args = ctx.conv_args
-    op = deform_conv2d_op if grad_output.dim() == 4 else deform_conv3d_op
-
-    def tangent_of(input, offset, mask, weight):
-        terms = [op(*args, None, *conv_args) for given, args in [
-            (u_input, (u_input, offset, mask, weight)),
-            (u_mask, (input, offset, u_mask, weight)),
-            (u_weight, (input, offset, mask, u_weight)),
-        ] if given is not None]  # fmt: skip
-        if u_offset is not None:
-            terms.append(torch.func.jvp(
-                lambda offset: composite.deform_conv(input, offset, mask, weight, None,
-                                                     *conv_args),
-                (offset,), (u_offset,))[1])  # fmt: skip
-        if u_bias is not None:
-            terms.append(u_bias.reshape(-1, *[1] * (grad_output.dim() - 2)).expand_as(grad_output))
-        return sum(terms) if terms else torch.zeros_like(grad_output, requires_grad=True)
-
-    tangent, grads = _pull_back(ctx, tangent_of, grad_output, tuple(primals))
-    return (tangent, *grads, None, None, None, None)
-
-
-def _composite_second_order(ctx: Any, *outer: Tensor):
-    """:func:`_second_order` on the composite throughout: differentiable to any order."""
-    grad_output, input, offset, mask, weight = ctx.saved_tensors
-    need_input, need_offset, need_mask, need_weight = ctx.needs_input_grad[1:5]
-    modulated = mask is not None
-
-    def function(input, offset, weight, bias, *mask):
-        return composite.deform_conv(input, offset, mask[0] if modulated else None, weight,
-                                     bias, *ctx.conv_args)  # fmt: skip
-
-    bias = weight.new_zeros(weight.shape[0])  # the backward op's fifth output is its gradient
-    primals = (input, offset, weight, bias, *([mask] if modulated else []))
-    needed = (need_input, need_offset, need_weight, True, *([need_mask] if modulated else []))
-    outer_grads = (outer[0], outer[1], outer[3], outer[4], *((outer[2],) if modulated else ()))
-    grads = composite.second_order(function, primals, grad_output, needed, outer_grads)
-    grad_grad_output, grad_input, grad_offset, grad_weight, _, *grad_mask = grads
-    return (grad_grad_output, grad_input, grad_offset, *(grad_mask or [None]), grad_weight,
-            None, None, None, None)  # fmt: skip
 
 
 def deform_conv(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tensor,
@@ -324,40 +239,8 @@ def _dcnv3_backward(ctx: Any, grad_output: Tensor):
 dcnv3_op.register_autograd(_dcnv3_backward, setup_context=_dcnv3_setup_context)
 
 
-def _dcnv3_setup_second_order(ctx: Any, inputs: tuple, output: tuple) -> None:
-    grad_output, input, offset, mask, *settings, _ = inputs
-    ctx.save_for_backward(grad_output, input, offset, mask)
-    ctx.settings = settings
-    ctx.backend = backends.get_backend()
-
-
-def _dcnv3_second_order(ctx: Any, *cotangents: Tensor):
-    """The backward op's backward, as for the convolution: linear in input and mask."""
-    grad_output, *primals = ctx.saved_tensors
-    settings = ctx.settings
-    if torch.is_grad_enabled():  # to be differentiated again: the composite throughout
-        grads = composite.second_order(
-            lambda *primals: composite.dcnv3(*primals, *settings), primals, grad_output,
-            ctx.needs_input_grad[1:4], cotangents)  # fmt: skip
-        return (*grads, *([None] * (len(settings) + 1)))
-    u_input, u_offset, u_mask = map(_cotangent, cotangents)
-
-    def tangent_of(input, offset, mask):
-        terms = [dcnv3_op(*args, *settings) for given, args in [
-            (u_input, (u_input, offset, mask)), (u_mask, (input, offset, u_mask)),
-        ] if given is not None]  # fmt: skip
-        if u_offset is not None:
-            terms.append(torch.func.jvp(
-                lambda offset: composite.dcnv3(input, offset, mask, *settings),
-                (offset,), (u_offset,))[1])  # fmt: skip
-        return sum(terms) if terms else torch.zeros_like(grad_output, requires_grad=True)
-
-    tangent, grads = _pull_back(ctx, tangent_of, grad_output, tuple(primals))
-    return (tangent, *grads, *([None] * (len(settings) + 1)))
-
-
-dcnv3_backward_op.register_autograd(_dcnv3_second_order,
-                                    setup_context=_dcnv3_setup_second_order)  # fmt: skip
+dcnv3_backward_op.register_autograd(_double_backward.dcnv3(dcnv3_op),
+                                    setup_context=_double_backward.setup_dcnv3)  # fmt: skip
 
 
 def dcnv3(input: Tensor, offset: Tensor, mask: Tensor, *settings) -> Tensor:
