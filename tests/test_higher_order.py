@@ -263,7 +263,7 @@ def test_hessian_vector_product_of_a_layer():
 
 def test_3d_gradgradcheck_and_forward_mode():
     config = dict(CONFIG_3D, batch=1, channels=2, out_channels=2, size=(2, 3, 2),
-                  padding=(1, 0, 1), offset_groups=2, weight_groups=2)  # fmt: skip
+                  padding=(1, 0, 1), offset_groups=1, weight_groups=2)  # fmt: skip
     tensors = inputs_3d(config, scale=1.0)
     tensors["offset"] = tensors["offset"].round() + 0.3
     leaves = [tensors[n].requires_grad_() for n in NAMES]
@@ -280,7 +280,8 @@ def test_3d_gradgradcheck_and_forward_mode():
 
 @pytest.mark.parametrize("name", ["lopsided", "remove-center"])
 def test_dcnv3_composite_and_second_derivatives(name):
-    case = dict(DCNV3_CASES[name], size=(3, 4) if name == "lopsided" else (4, 4), depth=2)
+    case = dict(DCNV3_CASES[name], size=(3, 4) if name == "lopsided" else (4, 4), depth=2,
+                group=2)  # fmt: skip
     tensors = dcnv3_inputs(case, batch=1)
     tensors["offset"] = tensors["offset"].round() + 0.35
     args = dcnv3_op_args(tensors, case)
