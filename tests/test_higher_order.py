@@ -368,3 +368,20 @@ def test_third_derivatives():
         return torch.autograd.grad(function(*values).square().sum(), values, create_graph=True)
 
     torch.autograd.gradgradcheck(gradients, [tensors[n] for n in names])
+
+
+def test_hessians_of_the_op_and_of_torch_func_agree():
+    """The offsets' Hessian by autograd through the backward ops equals torch.func's, which
+    runs the composite alone."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, generator=generator)
+    weight = torch.randn(2, 1, 3, 2, dtype=torch.float64, generator=generator)
+    offset = torch.randn(1, 12, 1, 4, dtype=torch.float64, generator=generator).round() + 0.4
+
+    def loss(offset):
+        out = deformconv.deform_conv2d(x, offset, weight, padding=(0, 1), dilation=(1, 2))
+        return out.square().sum()
+
+    hessian = torch.autograd.functional.hessian(loss, offset)
+    torch.testing.assert_close(hessian, torch.func.hessian(loss)(offset))
+    assert hessian.abs().sum() > 0
