@@ -8,8 +8,6 @@ under which the public functions run the composite.  Checked against finite diff
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch.autograd import forward_ad
@@ -331,8 +329,8 @@ def test_dcnv4_fused_layout_under_forward_mode_and_vmap():
 
 
 def test_ordinary_calls_run_the_backends(monkeypatch):
-    """The composite runs only where needed: not for a plain call, a backward, or under
-    no_grad; it does under a transform and with a tangent."""
+    """The composite runs only where needed: not for a plain call, its backward, a gradient
+    penalty on the input or under no_grad; it does under a transform and with a tangent."""
     calls = []
     original = composite.deform_conv
 
@@ -343,16 +341,19 @@ def test_ordinary_calls_run_the_backends(monkeypatch):
     monkeypatch.setattr(composite, "deform_conv", counting)
     tensors = _smooth_inputs(SMALL)
     out = call(deformconv.deform_conv2d, tensors, SMALL)
-    out.sum().backward()
+    (grad_input,) = torch.autograd.grad(out.sum(), tensors["input"], create_graph=True)
+    (out.sum() + grad_input.square().sum()).backward()
     with torch.no_grad():
         call(deformconv.deform_conv2d, tensors, SMALL)
     assert not calls
     primal = tensors["input"].detach()
     jvp(lambda x: call(deformconv.deform_conv2d, dict(tensors, input=x), SMALL), (primal,),
         (torch.ones_like(primal),))  # fmt: skip
-    assert calls
-    assert not composite.wanted(primal)
-    assert math.isfinite(out.sum().item())
+    assert len(calls) == 1
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(primal, torch.ones_like(primal))
+        call(deformconv.deform_conv2d, dict(tensors, input=dual), SMALL)
+    assert len(calls) == 2 and not composite.wanted(primal)
 
 
 def test_third_derivatives():
