@@ -1,9 +1,10 @@
 """Derivatives beyond the kernels' first: double backward, forward mode, torch.func.
 
-The backends compute first derivatives; second ones come from :mod:`deformconv.composite`
-(the backward ops' own backward), and so do forward-mode AD and the torch.func transforms,
-under which the public functions run the composite.  Checked against finite differences
-(``gradcheck``, ``gradgradcheck``) and against the backends' first derivatives.
+The backends compute first derivatives; the backward ops' own backward
+(:mod:`deformconv._double_backward`) runs the ops again and :mod:`deformconv.composite` along
+the offsets, and the composite serves forward-mode AD and the torch.func transforms.
+Checked against finite differences (``gradcheck``, ``gradgradcheck``), against torch.func's
+Hessian and against the backends' first derivatives.
 """
 
 from __future__ import annotations
