@@ -37,11 +37,12 @@ def train(
     device: torch.device | str = "cpu",
     desc: str = "train",
     progress: bool = True,
+    optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
 ) -> list[float]:
-    """Train ``model`` with Adam; returns the mean loss of each epoch.
+    """Train ``model`` with ``optimizer`` (Adam); returns the mean loss of each epoch.
 
-    ``parameters``: what to train (parameters, or Adam parameter groups with their own
-    ``lr``); all of the model's by default.  ``batch_size`` is the global batch: it must be
+    ``parameters``: what to train (parameters, or parameter groups with their own ``lr``);
+    all of the model's by default.  ``batch_size`` is the global batch: it must be
     divisible by the world size.  The progress bar (rank 0) shows this process's running loss
     and training accuracy."""
     rank, size = world()
@@ -59,7 +60,7 @@ def train(
     if size > 1:
         ids = [device.index] if device.type == "cuda" else None
         network = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    optimizer = torch.optim.Adam(groups, lr=lr)
+    step_rule = optimizer(groups, lr=lr)
     steps = len(images) // batch_size
     history = []
     for epoch in range(epochs):
@@ -71,9 +72,9 @@ def train(
             x, y = images[batch].to(device), labels[batch].to(device)
             logits = network(x)
             loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
+            step_rule.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            step_rule.step()
             total += loss.item()
             if bar is not None:
                 correct += (logits.detach().argmax(1) == y).sum().item()
