@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from deformconv.bench import cpu
 
@@ -47,3 +48,24 @@ def test_gradient_penalty_mode_leaves_torchvision_out(monkeypatch):
     assert timed == [("fwd+bwd+penalty", "deformconv"), ("fwd+bwd+penalty", "nn.Conv2d")]
     table = cpu.markdown(rows, {})
     assert "| N=1 C=4→4 6² k3 | fwd+bwd+penalty | " in table and "| — |" in table
+
+
+def test_transform_modes_time_deformconv_and_conv2d(monkeypatch):
+    """``--transforms`` times torch.func.grad and vmap(grad) of deformconv and nn.Conv2d;
+    their gradients are autograd's (per sample: summed over the batch, for the shared
+    weight and bias)."""
+    shape = cpu.Shape(2, 4, 4, 6)
+    op = cpu.deformconv.deform_conv2d
+    monkeypatch.setattr(cpu, "implementations", lambda: {"deformconv": op, "torchvision": op})
+    rows = cpu.time_shapes([shape], repeats=1, transforms=True)
+    timed = [(row["mode"], row["impl"]) for row in rows if row["mode"] in cpu.TRANSFORMS]
+    assert timed == [(mode, name) for mode in cpu.TRANSFORMS
+                     for name in ("deformconv", "nn.Conv2d")]  # fmt: skip
+    tensors = cpu.make_inputs(shape)
+    by_func = cpu.runner("deformconv", shape, tensors, "torch.func.grad")()
+    per_sample = cpu.runner("deformconv", shape, tensors, "vmap(grad)")()
+    cpu.runner("deformconv", shape, tensors, "fwd+bwd")()
+    for (name, tensor), whole, samples in zip(tensors.items(), by_func, per_sample, strict=True):
+        torch.testing.assert_close(whole, tensor.grad, msg=name)
+        summed = samples.sum(0) if name in ("weight", "bias") else samples.squeeze(1)
+        torch.testing.assert_close(summed, tensor.grad, msg=name)

@@ -2,7 +2,8 @@
 
 The backends compute first derivatives; the backward ops' own backward
 (:mod:`deformconv._double_backward`) runs the ops again and :mod:`deformconv.composite` along
-the offsets, and the composite serves forward-mode AD and the torch.func transforms.
+the offsets, and the composite serves forward mode along the offsets and stacked torch.func
+transforms (single transforms on the ops: ``tests/test_transforms.py``).
 Checked against finite differences (``gradcheck``, ``gradgradcheck``), against torch.func's
 Hessian and against the backends' first derivatives.
 """
@@ -331,7 +332,9 @@ def test_dcnv4_fused_layout_under_forward_mode_and_vmap():
 
 def test_ordinary_calls_run_the_backends(monkeypatch):
     """The composite runs only where needed: not for a plain call, its backward, a gradient
-    penalty on the input or under no_grad; it does under a transform and with a tangent."""
+    penalty on the input, under no_grad, or for a tangent of input, mask or weight; it
+    does for a tangent of the offsets and under stacked transforms
+    (``tests/test_transforms.py`` has the rest)."""
     calls = []
     original = composite.deform_conv
 
@@ -346,15 +349,24 @@ def test_ordinary_calls_run_the_backends(monkeypatch):
     (out.sum() + grad_input.square().sum()).backward()
     with torch.no_grad():
         call(deformconv.deform_conv2d, tensors, SMALL)
+    primals = {name: tensors[name].detach() for name in ("input", "offset")}
+
+    def along(name):
+        return lambda x: call(deformconv.deform_conv2d, dict(tensors, **{name: x}), SMALL)
+
+    jvp(along("input"), (primals["input"],), (torch.ones_like(primals["input"]),))
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(primals["input"], torch.ones_like(primals["input"]))
+        along("input")(dual)
     assert not calls
-    primal = tensors["input"].detach()
-    jvp(lambda x: call(deformconv.deform_conv2d, dict(tensors, input=x), SMALL), (primal,),
-        (torch.ones_like(primal),))  # fmt: skip
+    jvp(along("offset"), (primals["offset"],), (torch.ones_like(primals["offset"]),))
     assert len(calls) == 1
     with forward_ad.dual_level():
-        dual = forward_ad.make_dual(primal, torch.ones_like(primal))
-        call(deformconv.deform_conv2d, dict(tensors, input=dual), SMALL)
-    assert len(calls) == 2 and not composite.wanted(primal)
+        dual = forward_ad.make_dual(primals["offset"], torch.ones_like(primals["offset"]))
+        along("offset")(dual)
+    assert len(calls) == 2
+    grad(lambda x: grad(lambda x: along("input")(x).square().sum())(x).sum())(primals["input"])
+    assert len(calls) == 3
 
 
 def test_third_derivatives():

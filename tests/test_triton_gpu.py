@@ -226,7 +226,8 @@ def test_deform_conv3d_runs_the_triton_kernels(dtype, tolerance):
 
 def test_double_backward_and_torch_func_on_cuda():
     """A gradient penalty through the Triton kernels (their first derivatives, the composite's
-    second) and ``torch.func.grad`` on CUDA agree with the CPU in float64."""
+    second), ``torch.func.grad`` and per-sample gradients (``vmap(grad)``, the batching rules)
+    on CUDA agree with the CPU in float64."""
     config = LOPSIDED["straddling-groups"]
     tensors = make_inputs(config, requires_grad=False)
     tensors["offset"] = tensors["offset"].round() + 0.5  # away from the kinks at integers
@@ -249,7 +250,20 @@ def test_double_backward_and_torch_func_on_cuda():
 
         return torch.func.grad(loss, argnums=tuple(range(len(names))))(*values)
 
-    for run in (penalty, func_grad):
+    def per_sample(device, dtype):
+        values = [tensors[n].to(device, dtype) for n in names]
+        in_dims = tuple(None if n in ("weight", "bias") else 0 for n in names)
+
+        def loss(*values):
+            given = dict(tensors, **dict(zip(names, values, strict=True)))
+            return call(deformconv.deform_conv2d, given, config).square().sum()
+
+        gradients = torch.func.vmap(torch.func.grad(loss, argnums=tuple(range(len(names)))),
+                                    in_dims=in_dims)  # fmt: skip
+        return gradients(*[v if d is None else v.unsqueeze(1)
+                           for v, d in zip(values, in_dims, strict=True)])  # fmt: skip
+
+    for run in (penalty, func_grad, per_sample):
         expected = run("cpu", torch.float64)
         for name, want, got in zip(names, expected, run(CUDA, torch.float32), strict=True):
             if want is None:

@@ -2,13 +2,11 @@
 
 A backward op maps ``(grad_output, inputs)`` to ``J(inputs)ᵀ·grad_output``.  Its
 vector-Jacobian product with cotangents ``u`` of those gradients is ``J·u`` for
-``grad_output`` and the gradient of ``⟨grad_output, J·u⟩`` for the inputs.  The operators are
-linear in each of input, mask and weight, so ``J·u`` is the op itself with one of them
-replaced by its cotangent, plus the derivative along the offsets, which
-:mod:`deformconv.composite` gives in forward mode — only where the offsets' gradients have a
-cotangent: a gradient penalty on the input runs the ops alone.  Where this backward is
-itself differentiated (third derivatives), it runs on the composite throughout, whose
-derivatives go on to any order.
+``grad_output`` and the gradient of ``⟨grad_output, J·u⟩`` for the inputs, with ``J·u`` from
+:mod:`deformconv._tangents`: the ops themselves, and the composite only where the offsets'
+gradients have a cotangent, so a gradient penalty on the input runs the ops alone.  Where
+this backward is itself differentiated (third derivatives), it runs on the composite
+throughout, whose derivatives go on to any order.
 
 :mod:`deformconv._library` registers :func:`conv` and :func:`dcnv3` with their setup
 functions.
@@ -21,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import backends, composite
+from . import _tangents, backends, composite
 
 
 def setup_conv(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -62,10 +60,6 @@ def _pull_back(ctx: Any, tangent_of, grad_output: Tensor, primals: list) -> tupl
     return tangent.detach(), tuple(next(found) if need else None for need in needs)
 
 
-def _sum(terms: list[Tensor], like: Tensor) -> Tensor:
-    return sum(terms) if terms else torch.zeros_like(like, requires_grad=True)  # type: ignore[return-value]
-
-
 def conv(op):
     """The backward of ``deform_conv{2,3}d_backward``, with ``op`` the forward op."""
 
@@ -76,21 +70,9 @@ def conv(op):
         u_input, u_offset, u_mask, u_weight, u_bias = map(_cotangent, cotangents)
         settings = ctx.settings
 
-        def tangent_of(input, offset, mask, weight):
-            terms = [op(*args, None, *settings) for given, args in [
-                (u_input, (u_input, offset, mask, weight)),
-                (u_mask, (input, offset, u_mask, weight)),
-                (u_weight, (input, offset, mask, u_weight)),
-            ] if given is not None]  # fmt: skip
-            if u_offset is not None:
-                terms.append(torch.func.jvp(
-                    lambda offset: composite.deform_conv(input, offset, mask, weight, None,
-                                                         *settings),
-                    (offset,), (u_offset,))[1])  # fmt: skip
-            if u_bias is not None:
-                shape = (-1, *[1] * (grad_output.dim() - 2))
-                terms.append(u_bias.reshape(shape).expand_as(grad_output))
-            return _sum(terms, grad_output)
+        def tangent_of(*primals):
+            return _tangents.conv(op, primals, (u_input, u_offset, u_mask, u_weight, u_bias),
+                                  settings)  # fmt: skip
 
         tangent, grads = _pull_back(ctx, tangent_of, grad_output, primals)
         return (tangent, *grads, None, None, None, None)
@@ -133,15 +115,8 @@ def dcnv3(op):
             return (*grads, *unused)
         u_input, u_offset, u_mask = map(_cotangent, cotangents)
 
-        def tangent_of(input, offset, mask):
-            terms = [op(*args, *settings) for given, args in [
-                (u_input, (u_input, offset, mask)), (u_mask, (input, offset, u_mask)),
-            ] if given is not None]  # fmt: skip
-            if u_offset is not None:
-                terms.append(torch.func.jvp(
-                    lambda offset: composite.dcnv3(input, offset, mask, *settings),
-                    (offset,), (u_offset,))[1])  # fmt: skip
-            return _sum(terms, grad_output)
+        def tangent_of(*primals):
+            return _tangents.dcnv3(op, primals, (u_input, u_offset, u_mask), settings)
 
         tangent, grads = _pull_back(ctx, tangent_of, grad_output, primals)
         return (tangent, *grads, *unused)

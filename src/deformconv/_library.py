@@ -8,9 +8,10 @@ the tensors' device and dimensionality; a backward pass called by autograd, unde
 setting its forward ran under.  Arguments are validated by the public functions, not here.
 
 The backward ops have autograd formulas too (:mod:`deformconv._double_backward`), so
-gradients can be differentiated again.  The public functions call :func:`deform_conv` and
-:func:`dcnv3`, which run the composite instead of an op where the ops cannot serve
-(:func:`deformconv.composite.wanted`).
+gradients can be differentiated again, and batching rules (:mod:`deformconv._batching`).  The
+public functions call :func:`deform_conv` and :func:`dcnv3`, which run each op directly,
+through an autograd.Function under torch.func transforms and forward-mode AD, or as the
+composite where the ops cannot serve (:func:`deformconv._transforms.route`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _double_backward, backends, composite
+from . import _batching, _double_backward, _tangents, _transforms, backends, composite
 from .backends import handoff
 
 _NAMESPACE = "deformconv"
@@ -105,24 +106,9 @@ def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.backend = backends.get_backend()
 
 
-def _register(dims: int) -> tuple[Any, Any]:
-    """Define ``deformconv::deform_conv{dims}d`` and its backward op."""
-    name = f"{_NAMESPACE}::deform_conv{dims}d"
-    forward_op = torch.library.custom_op(
-        name,
-        mutates_args=(),
-        schema=f"(Tensor input, Tensor offset, Tensor? mask, Tensor weight, Tensor? bias, "
-        f"int[{dims}] stride, int[{dims}] padding, int[{dims}] dilation) -> Tensor",
-    )(_forward)
-    forward_op.register_fake(_forward_fake)
-    backward_op = torch.library.custom_op(
-        f"{name}_backward",
-        mutates_args=(),
-        schema=f"(Tensor grad_output, Tensor input, Tensor offset, Tensor? mask, Tensor weight, "
-        f"int[{dims}] stride, int[{dims}] padding, int[{dims}] dilation, bool[4] needs_grad) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    )(_backward_impl)
-    backward_op.register_fake(_backward_fake)
+def _conv_backward(backward_op: Any):
+    """The backward of ``deform_conv{2,3}d``, running ``backward_op`` (the backward op, or
+    it as an autograd.Function)."""
 
     def backward(ctx: Any, grad_output: Tensor):
         input, offset, mask, weight = ctx.saved_tensors
@@ -145,26 +131,61 @@ def _register(dims: int) -> tuple[Any, Any]:
             None,
         )
 
-    forward_op.register_autograd(backward, setup_context=_setup_context)
-    backward_op.register_autograd(_double_backward.conv(forward_op),
-                                  setup_context=_double_backward.setup_conv)  # fmt: skip
-    return forward_op, backward_op
+    return backward
+
+
+def _register(dims: int) -> tuple[Any, Any, type[torch.autograd.Function]]:
+    """Define ``deformconv::deform_conv{dims}d`` and its backward op; also returns the op as
+    an autograd.Function, for torch.func (:mod:`deformconv._transforms`)."""
+    name = f"{_NAMESPACE}::deform_conv{dims}d"
+    forward_op = torch.library.custom_op(
+        name,
+        mutates_args=(),
+        schema=f"(Tensor input, Tensor offset, Tensor? mask, Tensor weight, Tensor? bias, "
+        f"int[{dims}] stride, int[{dims}] padding, int[{dims}] dilation) -> Tensor",
+    )(_forward)
+    forward_op.register_fake(_forward_fake)
+    backward_op = torch.library.custom_op(
+        f"{name}_backward",
+        mutates_args=(),
+        schema=f"(Tensor grad_output, Tensor input, Tensor offset, Tensor? mask, Tensor weight, "
+        f"int[{dims}] stride, int[{dims}] padding, int[{dims}] dilation, bool[4] needs_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    )(_backward_impl)
+    backward_op.register_fake(_backward_fake)
+
+    double_backward = _double_backward.conv(forward_op)
+    forward_op.register_autograd(_conv_backward(backward_op), setup_context=_setup_context)
+    backward_op.register_autograd(double_backward, setup_context=_double_backward.setup_conv)
+    _batching.register_conv(forward_op, backward_op)
+    # The same as autograd.Functions (torch.func and forward mode; _transforms).
+    name = f"DeformConv{dims}d"
+    backward_function = _transforms.function(
+        f"{name}Backward", backward_op, _double_backward.setup_conv, double_backward
+    )
+    function = _transforms.function(name, forward_op, _setup_context,
+                                    _conv_backward(backward_function.apply), _tangents.conv,
+                                    tensors=5, saved=4)  # fmt: skip
+    return forward_op, backward_op, function
 
 
 def deform_conv(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tensor,
                 bias: Tensor | None, stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int]) -> Tensor:  # fmt: skip
-    """``deform_conv2d`` or ``deform_conv3d`` by input's dimensionality: the op, or where
-    that cannot serve, the composite."""
-    if composite.wanted(input, offset, mask, weight, bias):
-        return composite.deform_conv(input, offset, mask, weight, bias, stride, padding,
-                                     dilation)  # fmt: skip
-    op = deform_conv2d_op if input.dim() == 4 else deform_conv3d_op
-    return op(input, offset, mask, weight, bias, stride, padding, dilation)
+    """``deform_conv2d`` or ``deform_conv3d`` by input's dimensionality, on the route
+    :func:`~deformconv._transforms.route` picks."""
+    args = (input, offset, mask, weight, bias, stride, padding, dilation)
+    route = _transforms.route(offset, input, mask, weight, bias)
+    if route is _transforms.Route.COMPOSITE:
+        return composite.deform_conv(*args)
+    if route is _transforms.Route.FUNCTION:
+        function = DeformConv2dFunction if input.dim() == 4 else DeformConv3dFunction
+        return function.apply(*args)
+    return (deform_conv2d_op if input.dim() == 4 else deform_conv3d_op)(*args)
 
 
-deform_conv2d_op, deform_conv2d_backward_op = _register(2)
-deform_conv3d_op, deform_conv3d_backward_op = _register(3)
+deform_conv2d_op, deform_conv2d_backward_op, DeformConv2dFunction = _register(2)
+deform_conv3d_op, deform_conv3d_backward_op, DeformConv3dFunction = _register(3)
 
 
 @torch.library.custom_op(
@@ -227,24 +248,41 @@ def _dcnv3_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.backend = backends.get_backend()
 
 
-def _dcnv3_backward(ctx: Any, grad_output: Tensor):
-    input, offset, mask = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:3])
-    with backends.pinned(ctx.backend):
-        grads = dcnv3_backward_op(grad_output, input, offset, mask, *ctx.settings, needs)
-    return (*(g if need else None for g, need in zip(grads, needs, strict=True)),
-            *([None] * len(ctx.settings)))  # fmt: skip
+def _dcnv3_backward(backward_op: Any):
+    """The backward of ``dcnv3``, running ``backward_op`` (the backward op, or it as an
+    autograd.Function)."""
+
+    def backward(ctx: Any, grad_output: Tensor):
+        input, offset, mask = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:3])
+        with backends.pinned(ctx.backend):
+            grads = backward_op(grad_output, input, offset, mask, *ctx.settings, needs)
+        return (*(g if need else None for g, need in zip(grads, needs, strict=True)),
+                *([None] * len(ctx.settings)))  # fmt: skip
+
+    return backward
 
 
-dcnv3_op.register_autograd(_dcnv3_backward, setup_context=_dcnv3_setup_context)
-
-
-dcnv3_backward_op.register_autograd(_double_backward.dcnv3(dcnv3_op),
+_dcnv3_double_backward = _double_backward.dcnv3(dcnv3_op)
+dcnv3_op.register_autograd(_dcnv3_backward(dcnv3_backward_op),
+                           setup_context=_dcnv3_setup_context)  # fmt: skip
+dcnv3_backward_op.register_autograd(_dcnv3_double_backward,
                                     setup_context=_double_backward.setup_dcnv3)  # fmt: skip
+_batching.register_dcnv3(dcnv3_op, dcnv3_backward_op)
+# The same as autograd.Functions (torch.func and forward mode; _transforms).
+_DCNv3Backward = _transforms.function(
+    "DCNv3Backward", dcnv3_backward_op, _double_backward.setup_dcnv3, _dcnv3_double_backward
+)
+DCNv3Function = _transforms.function("DCNv3", dcnv3_op, _dcnv3_setup_context,
+                                     _dcnv3_backward(_DCNv3Backward.apply), _tangents.dcnv3,
+                                     tensors=3, saved=3)  # fmt: skip
 
 
 def dcnv3(input: Tensor, offset: Tensor, mask: Tensor, *settings) -> Tensor:
-    """``dcnv3_op``, or where that cannot serve, the composite."""
-    if composite.wanted(input, offset, mask):
+    """``dcnv3_op`` on the route :func:`~deformconv._transforms.route` picks."""
+    route = _transforms.route(offset, input, mask)
+    if route is _transforms.Route.COMPOSITE:
         return composite.dcnv3(input, offset, mask, *settings)
+    if route is _transforms.Route.FUNCTION:
+        return DCNv3Function.apply(input, offset, mask, *settings)
     return dcnv3_op(input, offset, mask, *settings)

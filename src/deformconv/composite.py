@@ -6,12 +6,12 @@ interpolation corner, then the contraction with the weights -- so that autograd 
 differentiate them again, in reverse and in forward mode, and :mod:`torch.func` can
 transform them.  The library runs them for what the kernels do not provide:
 
-- derivatives of the gradients (``create_graph=True``, double backward, Hessians): the
-  backward ops' own backward takes the derivative along the offsets from them, and all of
-  its derivatives where it is differentiated once more (:func:`second_order`);
-- forward-mode AD (:mod:`torch.autograd.forward_ad`, :func:`torch.func.jvp`, ``jacfwd``);
-- :mod:`torch.func` transforms (``grad``, ``vjp``, ``jacrev``, ``vmap``), which do not see
-  through a custom operator's autograd formula;
+- derivatives along the offsets: the backward ops' own backward (``create_graph=True``,
+  double backward) and forward-mode AD take them from here, and all of the backward's
+  derivatives where it is differentiated once more (:func:`second_order`);
+- stacked differentiating transforms (``grad`` of ``grad``, ``jvp`` of ``grad``,
+  ``torch.func.hessian``) and transforms under ``torch.compile``
+  (:func:`deformconv._transforms.route`);
 - ONNX export of the operators ONNX has no node for (3-D, DCNv3, DCNv4): they export as
   standard operators (GatherElements, Floor, Where, Einsum).
 
@@ -36,25 +36,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 
 from ._utils import compute_dtype
 from .backends.pytorch_dcnv3 import point_coords
-
-
-def wanted(*tensors: Tensor | None) -> bool:
-    """Whether a call must run as a composite: in an ONNX export (ONNX has no such operator,
-    the composite's are standard), under a :mod:`torch.func` transform (compiled or not), or
-    with a forward-mode tangent on one of ``tensors`` outside torch.compile."""
-    if torch.onnx.is_in_onnx_export():
-        return True
-    if torch._C._are_functorch_transforms_active():
-        return True
-    if torch.compiler.is_compiling():
-        return False
-    if forward_ad._current_level < 0:  # no dual level open: no tangents anywhere
-        return False
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def second_order(

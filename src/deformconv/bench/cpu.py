@@ -1,7 +1,8 @@
 """CPU benchmark: deformconv against torchvision (when importable) and nn.Conv2d.
 
 Times forward and forward+backward of each implementation side by side in one process
-(with ``--penalty`` also a forward+backward with a gradient penalty, a double backward),
+(with ``--penalty`` also a forward+backward with a gradient penalty, a double backward;
+with ``--transforms`` also ``torch.func.grad`` and per-sample gradients, ``vmap(grad)``),
 interleaved, median of repeats, each timed call right after an untimed call of the same
 implementation (``--cold``: without); measures the extra peak memory of one forward+backward per
 implementation in a separate process each.  Prints a Markdown table and writes CSV.
@@ -102,32 +103,23 @@ def make_inputs(shape: Shape, dtype=torch.float32, seed: int = 0) -> dict:
 
 
 #: Timed modes: a forward; forward+backward; forward+backward of the output plus the squared
-#: norm of its input gradient (a gradient penalty, which differentiates the backward again).
-MODES = ("fwd", "fwd+bwd", "fwd+bwd+penalty")
+#: norm of its input gradient (a gradient penalty, which differentiates the backward again);
+#: the gradients of every tensor by ``torch.func.grad``; the same per sample of the batch by
+#: ``vmap(grad)``.  torchvision's op has no double backward and no torch.func support.
+MODES = ("fwd", "fwd+bwd", "fwd+bwd+penalty", "torch.func.grad", "vmap(grad)")
+PENALTY, TRANSFORMS = MODES[2:3], MODES[3:]
 
 
 def runner(name: str, shape: Shape, tensors: dict, mode: str):
     impls = implementations()
 
-    def deform():
-        return impls[name](
-            tensors["input"],
-            tensors["offset"],
-            tensors["weight"],
-            tensors["bias"],
-            stride=shape.stride,
-            padding=shape.padding,
-            mask=tensors["mask"],
-        )
+    def deform(t=tensors):
+        return impls[name](t["input"], t["offset"], t["weight"], t["bias"], stride=shape.stride,
+                           padding=shape.padding, mask=t["mask"])  # fmt: skip
 
-    def conv():
-        return F.conv2d(
-            tensors["input"],
-            tensors["weight"],
-            tensors["bias"],
-            stride=shape.stride,
-            padding=shape.padding,
-        )
+    def conv(t=tensors):
+        return F.conv2d(t["input"], t["weight"], t["bias"], stride=shape.stride,
+                        padding=shape.padding)  # fmt: skip
 
     call = conv if name == "nn.Conv2d" else deform
     if mode == "fwd":
@@ -139,31 +131,48 @@ def runner(name: str, shape: Shape, tensors: dict, mode: str):
 
         def run():
             call().sum().backward()
-    else:
+    elif mode == "fwd+bwd+penalty":
 
         def run():
             out = call()
             (grad,) = torch.autograd.grad(out.sum(), tensors["input"], create_graph=True)
             (out.sum() + grad.square().sum()).backward()
+    else:
+        keys = list(tensors)
+        values = [tensors[key].detach() for key in keys]
+
+        def loss(*values):
+            return call(dict(zip(keys, values, strict=True))).sum()
+
+        gradients = torch.func.grad(loss, argnums=tuple(range(len(keys))))
+        if mode == "vmap(grad)":  # a batch of one per sample; weight and bias shared
+            in_dims = tuple(None if key in ("weight", "bias") else 0 for key in keys)
+            gradients = torch.func.vmap(gradients, in_dims=in_dims)
+            values = [v if d is None else v.unsqueeze(1) for v, d in zip(values, in_dims,
+                                                                          strict=True)]  # fmt: skip
+
+        def run():
+            return gradients(*values)
 
     return run
 
 
 def time_shapes(shapes: list[Shape], repeats: int, cold: bool = False,
-                penalty: bool = False) -> list[dict]:  # fmt: skip
+                penalty: bool = False, transforms: bool = False) -> list[dict]:  # fmt: skip
     """Median times in rounds over the implementations (interleaved, so that drifts of the
     machine hit every implementation alike).  Each timed call follows an untimed call of the
     same implementation, unless ``cold``: then it follows the previous implementation's
     calls, and pays for the state they leave (a single-threaded torchvision backward leaves
     one core idle for tens of milliseconds, after which the next few milliseconds of any
     work run up to 30 % slower on the machine of RESULTS.md).  ``penalty`` adds the gradient
-    penalty mode, without torchvision (its op has no double backward)."""
+    penalty mode, ``transforms`` the torch.func modes, both without torchvision."""
     rows = []
     names = [*implementations(), "nn.Conv2d"]
     for shape in shapes:
         tensors = make_inputs(shape)
-        for mode in MODES if penalty else MODES[:2]:
-            timed = [n for n in names if mode != MODES[2] or n != "torchvision"]
+        for mode in [*MODES[:2], *(PENALTY if penalty else ()),
+                     *(TRANSFORMS if transforms else ())]:  # fmt: skip
+            timed = [n for n in names if mode in MODES[:2] or n != "torchvision"]
             runs = {name: runner(name, shape, tensors, mode) for name in timed}
             for run in runs.values():
                 run()  # warm-up
@@ -276,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--penalty", action="store_true",
                         help="also time a gradient penalty (double backward)")  # fmt: skip
+    parser.add_argument("--transforms", action="store_true",
+                        help="also time torch.func.grad and vmap(grad)")  # fmt: skip
     parser.add_argument("--cold", action="store_true",
                         help="no untimed call right before each timed one")  # fmt: skip
     args = parser.parse_args(argv)
@@ -283,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (3 if args.quick else 7)
     protocol = "cold" if args.cold else "each timed call right after an untimed one"
     print(f"# {machine()}, {time.strftime('%Y-%m-%d')}, {protocol}", flush=True)
-    rows = time_shapes(shapes, repeats, cold=args.cold, penalty=args.penalty)
+    rows = time_shapes(shapes, repeats, cold=args.cold, penalty=args.penalty,
+                       transforms=args.transforms)  # fmt: skip
     memory: dict[str, dict[str, float]] = {}
     if not args.no_memory:
         memory_shape = Shape(4, 128, 128, 48)

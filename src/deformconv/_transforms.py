@@ -1,0 +1,96 @@
+"""Which path a call takes under torch.func transforms and forward-mode AD.
+
+A custom op's registered autograd serves ordinary autograd, ``torch.compile`` and
+``torch.export``, but :mod:`torch.func` does not see through it, and forward-mode AD finds no
+formula in it.  An :class:`torch.autograd.Function` with ``setup_context``, a ``jvp`` and a
+generated vmap rule works under both; the ones here run the same ops and backward ops, so
+the kernels compute ``torch.func.grad``, ``vjp``, ``jacrev``, ``jvp``, ``jacfwd`` and their
+``vmap`` (per-sample gradients), with ``J·u`` from :mod:`deformconv._tangents` in forward
+mode.  The ops' batching rules (:mod:`deformconv._batching`) make a ``vmap`` one call.
+
+One differentiating transform at a time: where two are stacked (``grad`` of ``grad``,
+``jvp`` of ``grad``, ``hessian``), the inner one's backward or tangent would itself be
+differentiated by a transform, which the ops' own formulas do not serve, so such a call runs
+the composite (:mod:`deformconv.composite`), differentiable to any order; so do ONNX exports
+and transforms under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
+
+
+class Route(enum.Enum):
+    OP = "op"  #: the op, with its registered autograd
+    FUNCTION = "function"  #: the op through an autograd.Function (torch.func, tangents)
+    COMPOSITE = "composite"  #: the composite, differentiable by anything to any order
+
+
+_DIFFERENTIATING = (TransformType.Grad, TransformType.Jvp)
+
+
+def _has_tangent(tensors: tuple[Tensor | None, ...]) -> bool:
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def route(offset: Tensor, *others: Tensor | None) -> Route:
+    """The path of a call on ``offset`` and the op's other tensors in the current context."""
+    if torch.onnx.is_in_onnx_export():  # ONNX has no such operator: standard ones
+        return Route.COMPOSITE
+    dual_level = forward_ad._current_level >= 0
+    if torch._C._are_functorch_transforms_active():
+        if torch.compiler.is_compiling():
+            return Route.COMPOSITE
+        kinds = [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
+        if TransformType.Functionalize in kinds:
+            return Route.COMPOSITE
+        differentiating = sum(kind in _DIFFERENTIATING for kind in kinds)
+        # torch.func.jvp runs on forward_ad's one dual level; a level of the caller's own
+        # (the transforms cannot open one inside it) differentiates once more.
+        differentiating += dual_level and TransformType.Jvp not in kinds
+        if differentiating > 1:
+            return Route.COMPOSITE
+        return Route.FUNCTION if differentiating else Route.OP
+    if torch.compiler.is_compiling() or not dual_level:
+        return Route.OP
+    # forward_ad's tangents: forward mode cannot run inside a Function's jvp, so a tangent
+    # of the offsets, whose derivative comes from the composite's forward mode, takes it.
+    if _has_tangent((offset,)):
+        return Route.COMPOSITE
+    return Route.FUNCTION if _has_tangent(others) else Route.OP
+
+
+def function(name: str, op: Any, setup: Any, backward: Any, tangent: Any = None,
+             tensors: int = 0, saved: int = 0) -> type[torch.autograd.Function]:  # fmt: skip
+    """``op`` as an autograd.Function named ``name``: ``setup`` and ``backward`` as for the
+    op's registered autograd, and where ``tangent`` is given, forward mode from
+    ``tangent(op, primals, tangents, settings)`` (:mod:`deformconv._tangents`): the op's first
+    ``tensors`` arguments have tangents, the rest are its settings, and its first ``saved``
+    are the primals, which ``setup`` saves for the backward in that order (the generated vmap
+    rule keeps one set of saved tensors for both)."""
+
+    def forward(*args):
+        return op(*args)
+
+    def setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output)
+        ctx.set_materialize_grads(False)  # tangents stay None where there are none
+        if tangent is not None:
+            ctx.save_for_forward(*inputs[:saved])
+            ctx.forward_settings = inputs[tensors:]
+
+    def jvp(ctx, *tangents):
+        return tangent(op, ctx.saved_tensors, tangents[:tensors], ctx.forward_settings)
+
+    methods = {"forward": forward, "setup_context": setup_context, "backward": backward}
+    if tangent is not None:
+        methods["jvp"] = jvp
+    namespace = {key: staticmethod(method) for key, method in methods.items()}
+    return type(name, (torch.autograd.Function,), {"generate_vmap_rule": True, **namespace})

@@ -1,0 +1,341 @@
+"""torch.func transforms and forward-mode AD on the ops (:mod:`deformconv._transforms`).
+
+One differentiating transform (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``jacfwd``), with any
+``vmap`` around or inside it, runs the ops and their backward ops through autograd.Functions,
+and ``vmap`` runs each op once through its batching rule (:mod:`deformconv._batching`); the
+composite serves only the derivative along the offsets in forward mode and stacked
+differentiating transforms.  Every result is compared with ordinary autograd on the ops, one
+problem at a time, in float64 on lopsided settings.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import forward_ad
+from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
+
+import deformconv
+from cases import LOPSIDED, make_inputs, strided_copy
+from deformconv import composite
+from test_dcnv3 import CASES as DCNV3_CASES
+from test_dcnv3 import make_inputs as dcnv3_inputs
+from test_deform_conv3d import CONFIG as CONFIG_3D
+from test_deform_conv3d import make_inputs as inputs_3d
+
+pytestmark = [
+    # A vmap that falls back to a loop over the op warns so: every op has a batching rule.
+    pytest.mark.filterwarnings("error:There is a performance drop"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated"),
+]
+
+CONFIG = LOPSIDED["straddling-groups"]  # kernel 3x2, stride/padding/dilation all different
+NAMES = ("input", "offset", "mask", "weight", "bias")
+
+
+@pytest.fixture
+def composite_calls(monkeypatch) -> list[str]:
+    """The names of the composite functions called while the test runs."""
+    calls: list[str] = []
+    for name in ("deform_conv", "dcnv3"):
+        original = getattr(composite, name)
+
+        def counting(*args, _name=name, _original=original):
+            calls.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(composite, name, counting)
+    return calls
+
+
+def _conv(x, offset, mask, weight, bias):
+    return deformconv.deform_conv2d(x, offset, weight, bias, mask=mask, **CONFIG.conv_args)
+
+
+def _loss(*args):
+    return _conv(*args).square().sum()
+
+
+def _primals(seed: int = 0, batch: int | None = None) -> list[torch.Tensor]:
+    config = CONFIG if batch is None else type(CONFIG)(**{**CONFIG.__dict__, "batch": batch})
+    tensors = make_inputs(config, seed=seed, requires_grad=False)
+    return [tensors[name] for name in NAMES]
+
+
+def _autograd(function, primals, cotangent=None):
+    """Output and gradients of every primal by ordinary autograd on the op."""
+    leaves = [p.detach().clone().requires_grad_() for p in primals]
+    out = function(*leaves)
+    grads = torch.autograd.grad(out, leaves, cotangent, allow_unused=True)
+    return out.detach(), grads
+
+
+def _assert_all_close(actual, expected, names=NAMES):
+    for name, have, want in zip(names, actual, expected, strict=True):
+        torch.testing.assert_close(have, want, msg=name)
+
+
+def test_grad_vjp_and_jacrev_run_the_kernels(composite_calls):
+    primals = _primals()
+    _, expected = _autograd(_loss, primals)
+    _assert_all_close(grad(_loss, argnums=tuple(range(5)))(*primals), expected)
+
+    out, pullback = vjp(_conv, *primals)
+    cotangent = torch.randn_like(out)
+    _assert_all_close(pullback(cotangent), _autograd(_conv, primals, cotangent)[1])
+
+    for index in (1, 3):  # offset, weight
+        jacobian = jacrev(_conv, argnums=index)(*primals)
+        flat = jacobian.reshape(out.numel(), -1)
+        torch.testing.assert_close(cotangent.reshape(-1) @ flat,
+                                   pullback(cotangent)[index].reshape(-1))  # fmt: skip
+    assert not composite_calls
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jvp_along_each_input(name, composite_calls):
+    """⟨J·u, v⟩ = ⟨u, Jᵀ·v⟩ for a tangent on one input at a time, with torch.func.jvp and
+    with forward_ad; only the offsets' tangent calls the composite."""
+    primals = _primals(seed=1)
+    index = NAMES.index(name)
+    tangents = [torch.zeros_like(p) for p in primals]
+    tangents[index] = torch.randn_like(primals[index])
+
+    def along(value):
+        return _conv(*primals[:index], value, *primals[index + 1 :])
+
+    out, tangent = jvp(along, (primals[index],), (tangents[index],))
+    cotangent = torch.randn_like(out)
+    expected = (_autograd(_conv, primals, cotangent)[1][index] * tangents[index]).sum()
+    torch.testing.assert_close((tangent * cotangent).sum(), expected)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(primals[index], tangents[index])
+        dual_tangent = forward_ad.unpack_dual(along(dual)).tangent
+    torch.testing.assert_close(dual_tangent, tangent)
+    assert composite_calls == (["deform_conv"] * 2 if name == "offset" else [])
+
+
+def test_jacfwd_equals_jacrev(composite_calls):
+    primals = _primals(seed=2)
+    for index in (0, 2, 3, 4):  # input, mask, weight, bias: the kernels alone
+        torch.testing.assert_close(jacfwd(_conv, argnums=index)(*primals),
+                                   jacrev(_conv, argnums=index)(*primals))  # fmt: skip
+    assert not composite_calls
+
+
+def test_per_sample_gradients(composite_calls):
+    """vmap(grad): every sample's gradients of everything, the weights' too (the batching
+    rule turns the problems into weight groups), and of input and bias alone (into the
+    batch, with a bias gradient per problem)."""
+    samples = 3
+    primals = _primals(seed=3, batch=1)
+    batched = [p.unsqueeze(0) * torch.linspace(0.5, 1.5, samples, dtype=p.dtype).view(
+        samples, *[1] * p.dim()) for p in primals]  # fmt: skip
+    everything = vmap(grad(_loss, argnums=tuple(range(5))))(*batched)
+    data_and_bias = vmap(grad(_loss, argnums=(0, 4)), in_dims=(0, 0, 0, None, None))(
+        *batched[:3], *primals[3:]
+    )
+    for i in range(samples):
+        _, expected = _autograd(_loss, [b[i] for b in batched])
+        _assert_all_close([g[i] for g in everything], expected)
+        _, expected = _autograd(_loss, [b[i] for b in batched[:3]] + primals[3:])
+        _assert_all_close([g[i] for g in data_and_bias], [expected[0], expected[4]],
+                          names=("input", "bias"))  # fmt: skip
+    assert not composite_calls
+
+
+@pytest.mark.parametrize(
+    "in_dims",
+    [(0, None, None, None, None), (None, 0, 0, None, None), (None, None, None, 0, 0),
+     (1, 2, None, 0, None), (0, 0, 0, 0, 0)],
+    ids=["input", "offset-mask", "ensemble", "mixed-dims", "all"],
+)  # fmt: skip
+def test_vmap_is_one_call_per_op(in_dims, composite_calls, monkeypatch):
+    """vmap over any of the tensors, at any position, equals a loop, forward and backward,
+    on strided inputs too; the op runs once."""
+    samples = 2
+    primals = _primals(seed=4)
+    batched = []
+    for index, p in enumerate(primals):
+        dim = in_dims[index]
+        if dim is None:
+            batched.append(p)
+            continue
+        stacked = torch.stack([p * (1 + 0.5 * i) for i in range(samples)], dim)
+        batched.append(strided_copy(stacked) if index == 0 else stacked)
+    calls = []
+    original = deformconv._library.deform_conv2d_op
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(deformconv._library, "deform_conv2d_op", counting)
+    out = vmap(_conv, in_dims=in_dims)(*batched)
+    assert len(calls) == 1
+
+    def select(i):
+        return [p if d is None else p.select(d, i) for p, d in zip(batched, in_dims, strict=True)]
+
+    cotangent = torch.randn_like(out)
+    pullback = vjp(lambda *b: vmap(_conv, in_dims=in_dims)(*b), *batched)[1]
+    grads = pullback(cotangent)
+    expected_grads = [torch.zeros_like(p) for p in batched]
+    for i in range(samples):
+        want, sample_grads = _autograd(_conv, select(i), cotangent[i])
+        torch.testing.assert_close(out[i], want)
+        for index, g in enumerate(sample_grads):
+            dim = in_dims[index]
+            if dim is None:
+                expected_grads[index] += g
+            else:
+                expected_grads[index].select(dim, i).copy_(g)
+    _assert_all_close(grads, expected_grads)
+    assert not composite_calls
+
+
+def test_vmap_without_mask_and_over_an_empty_batch(composite_calls):
+    primals = _primals(seed=5)
+    x, offset, _, weight, bias = primals
+    batched_offset = torch.stack([offset, offset.flip(0)])
+    out = vmap(lambda o: deformconv.deform_conv2d(x, o, weight, **CONFIG.conv_args))(batched_offset)
+    for i in range(2):
+        torch.testing.assert_close(out[i], deformconv.deform_conv2d(
+            x, batched_offset[i], weight, **CONFIG.conv_args))  # fmt: skip
+    empty = [p[:0] if name in ("input", "offset", "mask") else p
+             for p, name in zip(_primals(seed=5), NAMES, strict=True)]  # fmt: skip
+    grads = vmap(grad(_loss, argnums=(0, 3)), in_dims=(None, None, None, 0, None))(
+        *empty[:3], torch.stack([weight, weight]), bias
+    )
+    assert grads[0].shape == (2, *empty[0].shape) and not grads[1].any()
+    assert not composite_calls
+
+
+def test_stacked_transforms_run_the_composite(composite_calls):
+    """grad of grad and jvp of grad (the Hessian-vector product torch.func recommends):
+    the composite, equal to autograd's double backward through the ops."""
+    primals = _primals(seed=6)
+    vector = torch.randn_like(primals[1])
+
+    def offset_loss(offset):
+        return _loss(primals[0], offset, *primals[2:])
+
+    leaf = primals[1].clone().requires_grad_()
+    (first,) = torch.autograd.grad(offset_loss(leaf), leaf, create_graph=True)
+    (expected,) = torch.autograd.grad(first, leaf, vector)
+    assert not composite_calls or set(composite_calls) == {"deform_conv"}
+    torch.testing.assert_close(jvp(grad(offset_loss), (primals[1],), (vector,))[1], expected)
+    penalty = grad(lambda o: grad(offset_loss)(o).mul(vector).sum())(primals[1])
+    torch.testing.assert_close(penalty, expected)
+    assert composite_calls
+
+
+def test_3d_under_transforms(composite_calls):
+    tensors = inputs_3d(dict(CONFIG_3D, batch=1))
+    primals = [tensors[name] for name in NAMES]
+    args = {name: CONFIG_3D[name] for name in ("stride", "padding", "dilation")}
+
+    def loss(x, offset, mask, weight, bias):
+        return deformconv.deform_conv3d(x, offset, weight, bias, mask=mask, **args).square().sum()
+
+    _, expected = _autograd(loss, primals)
+    _assert_all_close(grad(loss, argnums=tuple(range(5)))(*primals), expected)
+    batched = [torch.stack([p, 0.5 * p]) for p in primals]
+    per_sample = vmap(grad(loss, argnums=(0, 3)))(*batched)
+    for i in range(2):
+        _, want = _autograd(loss, [b[i] for b in batched])
+        _assert_all_close([g[i] for g in per_sample], [want[0], want[3]], ("input", "weight"))
+    assert not composite_calls
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["dcnv3", "dcnv4"])
+def test_dcnv3_and_dcnv4_under_transforms(fused, composite_calls):
+    case = DCNV3_CASES["lopsided"]
+    tensors = dcnv3_inputs(case, batch=2)
+    settings = {"kernel_size": case["kernel"], "stride": case["stride"],
+                "padding": case["padding"], "dilation": case["dilation"], "group": case["group"],
+                "offset_scale": case["scale"]}  # fmt: skip
+    if fused:
+        group, points = case["group"], case["kernel"][0] * case["kernel"][1]
+        fused_tensor = torch.cat(
+            [
+                tensors["offset"].unflatten(-1, (group, 2 * points)),
+                tensors["mask"].unflatten(-1, (group, points)),
+            ],
+            -1,
+        )
+        padding = torch.zeros(*fused_tensor.shape[:3], 4, dtype=fused_tensor.dtype)
+        primals = [tensors["input"], torch.cat([fused_tensor.flatten(-2), padding], -1)]
+
+        def function(x, offset_mask):
+            return deformconv.dcnv4(x, offset_mask, **settings)
+    else:
+        primals = [tensors["input"], tensors["offset"], tensors["mask"]]
+
+        def function(x, offset, mask):
+            return deformconv.dcnv3(x, offset, mask, **settings, remove_center=case["remove"])
+
+    def loss(*args):
+        return function(*args).square().sum()
+
+    argnums = tuple(range(len(primals)))
+    _, expected = _autograd(loss, primals)
+    names = NAMES[: len(primals)]
+    _assert_all_close(grad(loss, argnums=argnums)(*primals), expected, names)
+    batched = [torch.stack([p, 0.5 * p]) for p in primals]
+    per_sample = vmap(grad(loss, argnums=argnums))(*batched)
+    for i in range(2):
+        _, want = _autograd(loss, [b[i] for b in batched])
+        _assert_all_close([g[i] for g in per_sample], want, names)
+    out = function(*primals)
+    tangent = torch.randn_like(primals[0])
+    got = jvp(lambda x: function(x, *primals[1:]), (primals[0],), (tangent,))[1]
+    cotangent = torch.randn_like(out)
+    _, grads = _autograd(function, primals, cotangent)
+    torch.testing.assert_close((got * cotangent).sum(), (grads[0] * tangent).sum())
+    assert not composite_calls
+
+
+def test_layers_with_functional_call(composite_calls):
+    """Meta-learning style: the gradient of a layer's loss in its parameters by
+    ``functional_call`` and ``grad``, and per-sample gradients of a model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        deformconv.DeformableConv2d(3, 4, 3, padding=1, modulated=True, offset_groups=3),
+        torch.nn.ReLU(),
+        deformconv.DeformableConv2d(4, 2, (2, 3), padding=(1, 0), groups=2),
+    ).double()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.conv_offset.weight.normal_(0, 0.3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(4, 3, 5, 6, dtype=torch.float64)
+
+    def loss(params, x):
+        return torch.func.functional_call(model, params, (x,)).square().sum()
+
+    got = grad(loss)(params, x)
+    model.zero_grad()
+    loss(dict(model.named_parameters()), x).backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(got[name], parameter.grad, msg=name)
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(per_sample[name].sum(0), parameter.grad, msg=name)
+    assert not composite_calls
+
+
+def test_per_sample_gradients_on_the_triton_kernels():
+    """The same batching rules and Functions on the Triton kernels (on the CPU, in Triton's
+    interpreter): per-sample gradients of everything in float32 against float64."""
+    pytest.importorskip("triton")
+    from triton_cases import DEVICE, TOLERANCES, relative_error
+
+    primals = _primals(seed=7, batch=1)
+    batched = [torch.stack([p, 0.5 * p]) for p in primals]
+    gradients = vmap(grad(_loss, argnums=tuple(range(5))))
+    expected = gradients(*batched)
+    with deformconv.use_backend("triton"):
+        got = gradients(*[b.to(DEVICE, torch.float32) for b in batched])
+    for name, have, want in zip(NAMES, got, expected, strict=True):
+        assert relative_error(have, want) <= TOLERANCES[torch.float32], name
