@@ -211,6 +211,31 @@ def test_vmap_without_mask_and_over_an_empty_batch(composite_calls):
     assert not composite_calls
 
 
+def test_vmap_inside_a_forward_ad_level(composite_calls):
+    """A vmap over dual tensors (forward_ad's level, not torch.func.jvp's): tangents of the
+    offsets and of the input, equal to torch.func.jvp one problem at a time."""
+    x, offset, _, weight, _ = _primals(seed=8)
+    batched = {"input": torch.stack([x, -x]), "offset": torch.stack([offset, 0.5 * offset])}
+    for name in ("offset", "input"):
+        tangent = torch.randn_like(batched[name])
+        with forward_ad.dual_level():
+            given = dict(batched, **{name: forward_ad.make_dual(batched[name], tangent)})
+            out = vmap(lambda x, o: deformconv.deform_conv2d(x, o, weight, **CONFIG.conv_args))(
+                given["input"], given["offset"]
+            )
+            got = forward_ad.unpack_dual(out).tangent
+        for i in range(2):
+
+            def along(value, i=i, name=name):
+                args = {k: v[i] for k, v in batched.items()} | {name: value}
+                return deformconv.deform_conv2d(args["input"], args["offset"], weight,
+                                                **CONFIG.conv_args)  # fmt: skip
+
+            want = jvp(along, (batched[name][i],), (tangent[i],))[1]
+            torch.testing.assert_close(got[i], want, msg=name)
+    assert composite_calls
+
+
 def test_stacked_transforms_run_the_composite(composite_calls):
     """grad of grad and jvp of grad (the Hessian-vector product torch.func recommends):
     the composite, equal to autograd's double backward through the ops."""

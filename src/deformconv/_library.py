@@ -159,11 +159,11 @@ def _register(dims: int) -> tuple[Any, Any, type[torch.autograd.Function]]:
     backward_op.register_autograd(double_backward, setup_context=_double_backward.setup_conv)
     _batching.register_conv(forward_op, backward_op)
     # The same as autograd.Functions (torch.func and forward mode; _transforms).
-    name = f"DeformConv{dims}d"
+    title = f"DeformConv{dims}d"
     backward_function = _transforms.function(
-        f"{name}Backward", backward_op, _double_backward.setup_conv, double_backward
+        f"{title}Backward", backward_op, _double_backward.setup_conv, double_backward
     )
-    function = _transforms.function(name, forward_op, _setup_context,
+    function = _transforms.function(title, forward_op, _setup_context,
                                     _conv_backward(backward_function.apply), _tangents.conv,
                                     tensors=5, saved=4)  # fmt: skip
     return forward_op, backward_op, function

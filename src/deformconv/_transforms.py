@@ -11,8 +11,9 @@ mode.  The ops' batching rules (:mod:`deformconv._batching`) make a ``vmap`` one
 One differentiating transform at a time: where two are stacked (``grad`` of ``grad``,
 ``jvp`` of ``grad``, ``hessian``), the inner one's backward or tangent would itself be
 differentiated by a transform, which the ops' own formulas do not serve, so such a call runs
-the composite (:mod:`deformconv.composite`), differentiable to any order; so do ONNX exports
-and transforms under ``torch.compile``.
+the composite (:mod:`deformconv.composite`), differentiable to any order; so do ONNX exports,
+transforms under ``torch.compile`` or inside a ``forward_ad`` dual level, and a call with a
+``forward_ad`` tangent on its offsets (forward mode cannot run inside a Function's ``jvp``).
 """
 
 from __future__ import annotations
@@ -46,16 +47,14 @@ def route(offset: Tensor, *others: Tensor | None) -> Route:
         return Route.COMPOSITE
     dual_level = forward_ad._current_level >= 0
     if torch._C._are_functorch_transforms_active():
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # whose tracing cannot read the transforms
             return Route.COMPOSITE
         kinds = [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
-        if TransformType.Functionalize in kinds:
-            return Route.COMPOSITE
         differentiating = sum(kind in _DIFFERENTIATING for kind in kinds)
-        # torch.func.jvp runs on forward_ad's one dual level; a level of the caller's own
-        # (the transforms cannot open one inside it) differentiates once more.
-        differentiating += dual_level and TransformType.Jvp not in kinds
-        if differentiating > 1:
+        # A dual level of the caller's own: torch.func.jvp's is forward_ad's one level, so
+        # with a Jvp transform active the level is the transform's.
+        own_level = dual_level and TransformType.Jvp not in kinds
+        if differentiating > 1 or own_level or TransformType.Functionalize in kinds:
             return Route.COMPOSITE
         return Route.FUNCTION if differentiating else Route.OP
     if torch.compiler.is_compiling() or not dual_level:
