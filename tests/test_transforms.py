@@ -194,6 +194,31 @@ def test_vmap_is_one_call_per_op(in_dims, composite_calls, monkeypatch):
     assert not composite_calls
 
 
+def test_many_problems_fold_into_groups_over_several_calls(monkeypatch):
+    """Problems folded into groups take one call per GROUPS_PER_CALL groups: here 2 weight
+    and 3 offset groups a problem, 6 groups a call, so 5 problems take calls of 2, 2 and 1;
+    the results equal a loop."""
+    monkeypatch.setattr(deformconv._batching, "GROUPS_PER_CALL", 6)
+    counts = {"forward": 0, "backward": 0}
+    backend = deformconv.backends.pytorch
+    for name in counts:
+        original = getattr(backend, name)
+
+        def counting(*args, _name=name, _original=original):
+            counts[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(backend, name, counting)
+    samples = 5
+    primals = _primals(seed=9, batch=1)
+    batched = [torch.stack([p * (1 + 0.25 * i) for i in range(samples)]) for p in primals]
+    per_sample = vmap(grad(_loss, argnums=tuple(range(5))))(*batched)
+    assert counts == {"forward": 3, "backward": 3}
+    for i in range(samples):
+        _, expected = _autograd(_loss, [b[i] for b in batched])
+        _assert_all_close([g[i] for g in per_sample], expected)
+
+
 def test_vmap_without_mask_and_over_an_empty_batch(composite_calls):
     primals = _primals(seed=5)
     x, offset, _, weight, bias = primals

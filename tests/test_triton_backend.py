@@ -239,6 +239,32 @@ def test_cpu_tensors_without_the_interpreter_fall_back(monkeypatch):
         torch.testing.assert_close(actual, call(deformconv.deform_conv2d, tensors, config))
 
 
+@pytest.mark.parametrize("kind", ["weight groups", "offset groups"])
+def test_more_groups_than_a_launch_grid_holds_fall_back(monkeypatch, kind):
+    """65536 one-channel groups: more blocks than CUDA's grid takes along an axis; the call
+    runs on the torch backend with a warning saying so, forward and backward."""
+    monkeypatch.setattr(triton_backend, "_warned", set())
+    channels = triton_backend.GRID_LIMIT + 1
+    x = torch.randn(1, channels, 1, 2, device=DEVICE, requires_grad=True)
+    groups = channels if kind == "weight groups" else 1
+    weight = torch.randn(channels if groups > 1 else 1, channels // groups, 1, 1, device=DEVICE)
+    offset = torch.randn(1, 2 * (1 if groups > 1 else channels), 1, 2, device=DEVICE)
+    with deformconv.use_backend("torch"):
+        expected = deformconv.deform_conv2d(x, offset, weight)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    with pytest.warns(RuntimeWarning, match=f"{channels} {kind}.*exceed the kernels' launch grid"):
+        actual = triton_deform_conv2d(x, offset, weight)
+        (actual_grad,) = torch.autograd.grad(actual.sum(), x)
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(actual_grad, expected_grad)
+    dcnv3_input = x.detach().reshape(1, 1, 2, channels).contiguous()
+    with pytest.warns(RuntimeWarning, match=f"{channels} groups exceed"):
+        with deformconv.use_backend("triton"):
+            deformconv.dcnv3(dcnv3_input, torch.zeros(1, 1, 2, 2 * channels, device=DEVICE),
+                             torch.ones(1, 1, 2, channels, device=DEVICE), kernel_size=1,
+                             group=channels, group_channels=1)  # fmt: skip
+
+
 def test_float32_precision_follows_pytorch_settings():
     x = torch.zeros(1, device=DEVICE)
     previous = torch.get_float32_matmul_precision()

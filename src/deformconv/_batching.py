@@ -5,13 +5,17 @@ A vmapped dimension of size ``B`` joins the batch where every problem shares the
 ensembles), or where each problem needs its own weight gradient (per-sample gradients), it
 joins the groups instead: ``B`` problems of ``g`` weight groups and ``G`` offset groups are
 one problem of ``B·g`` weight groups and ``B·G`` offset groups, its channels ``B`` blocks of
-the original channels.  DCNv3 has no weights: its problems always join the batch.
+the original channels, at most :data:`GROUPS_PER_CALL` groups a call (a ``jacrev`` over a
+large output vmaps over as many problems as it has elements).  DCNv3 has no weights: its
+problems always join the batch.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._utils import compute_dtype
@@ -43,6 +47,25 @@ def _from_channels(tensor: Tensor, size: int) -> Tensor:
     return tensor.unflatten(1, (size, -1))
 
 
+#: Problems folded into the groups of one call have at most this many weight groups or
+#: offset groups together; more problems take more calls.
+GROUPS_PER_CALL = 1024
+
+
+def _parts(input: Tensor, offset: Tensor, weight: Tensor) -> list[slice]:
+    """Slices of the ``B`` problems (``input`` and ``offset`` with the vmapped dimension
+    first, ``weight`` as the op takes it) that fold into the groups of one call each."""
+    dims = input.dim() - 3
+    offset_groups = offset.shape[2] // (dims * math.prod(weight.shape[-dims:]))
+    groups = max(input.shape[2] // weight.shape[-dims - 1], offset_groups)
+    step, size = max(1, GROUPS_PER_CALL // groups), input.shape[0]
+    return [slice(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def _part(tensor: Tensor | None, part: slice) -> Tensor | None:
+    return None if tensor is None else tensor[part]
+
+
 def register_conv(forward_op: Any, backward_op: Any) -> None:
     """Batching rules of ``deform_conv{2,3}d`` and its backward op."""
 
@@ -53,11 +76,16 @@ def register_conv(forward_op: Any, backward_op: Any) -> None:
         if in_dims[3] is None and in_dims[4] is None:  # one weight: the problems join the batch
             output = forward_op(*map(_as_batch, data), weight, bias, *settings)
             return output.unflatten(0, (size, -1)), 0
-        weight, bias = (_as_batch(_leading(t, d, size)) for t, d in zip((weight, bias),
-                                                                         in_dims[3:5],
-                                                                         strict=True))  # fmt: skip
-        output = forward_op(*map(_as_channels, data), weight, bias, *settings)
-        return _from_channels(output, size), 1
+        weight, bias = (_leading(t, d, size) for t, d in zip((weight, bias), in_dims[3:5],
+                                                              strict=True))  # fmt: skip
+
+        def fold(part: slice) -> Tensor:
+            output = forward_op(*[_as_channels(_part(t, part)) for t in data],
+                                _as_batch(weight[part]), _as_batch(_part(bias, part)),
+                                *settings)  # fmt: skip
+            return _from_channels(output, part.stop - part.start)
+
+        return torch.cat([fold(part) for part in _parts(data[0], data[1], weight[0])], 1), 1
 
     def backward(info, in_dims, grad_output, input, offset, mask, weight, stride, padding,
                  dilation, needs_grad):  # fmt: skip
@@ -76,12 +104,22 @@ def register_conv(forward_op: Any, backward_op: Any) -> None:
             grad_bias = grad_bias.to(data[0].dtype)
             grads = (*grads_data, grads[3], grad_bias)
             return grads, (*[0 if need else None for need in needs], None, 0)
-        weight = _as_batch(_leading(weight, in_dims[4], size))
-        grads = backward_op(*map(_as_channels, data), weight, *settings)
-        grads_data = [_from_channels(g, size) if need else g
-                      for g, need in zip(grads[:3], needs, strict=True)]  # fmt: skip
-        grad_weight = grads[3].unflatten(0, (size, -1)) if needs_grad[3] else grads[3]
-        grads = (*grads_data, grad_weight, grads[4].unflatten(0, (size, -1)))
+        weight = _leading(weight, in_dims[4], size)
+        grads_data, grad_weight, grad_bias = [], [], []
+        for part in _parts(data[1], data[2], weight[0]):
+            count = part.stop - part.start
+            grads = backward_op(*[_as_channels(_part(t, part)) for t in data],
+                                _as_batch(weight[part]), *settings)  # fmt: skip
+            grads_data.append([_from_channels(g, count) if need else g
+                               for g, need in zip(grads[:3], needs, strict=True)])  # fmt: skip
+            grad_weight.append(grads[3].unflatten(0, (count, -1)) if needs_grad[3] else grads[3])
+            grad_bias.append(grads[4].unflatten(0, (count, -1)))
+        grads = (
+            *[torch.cat(parts, 1) if need else parts[0]
+              for parts, need in zip(zip(*grads_data, strict=True), needs, strict=True)],
+            torch.cat(grad_weight, 0) if needs_grad[3] else grad_weight[0],
+            torch.cat(grad_bias, 0),
+        )  # fmt: skip
         return grads, (*[1 if need else None for need in needs], 0 if needs_grad[3] else None, 0)
 
     forward_op.register_vmap(forward)

@@ -3,8 +3,8 @@
 The kernels (:mod:`deformconv.kernels`) are compiled at run time by Triton; nothing is built
 at install time.  What they do not cover runs on the torch backend instead, with a warning
 naming why, once per reason: float64 tensors, devices other than CUDA (CPU tensors run the
-kernels only under ``TRITON_INTERPRET=1``, Triton's interpreter), or a missing Triton or
-``torch.library.triton_op``.
+kernels only under ``TRITON_INTERPRET=1``, Triton's interpreter), a missing Triton or
+``torch.library.triton_op``, or more groups or taps than a launch grid holds.
 
 * float16 and bfloat16 are contracted on tensor cores with float32 accumulation.  float32 is
   contracted exactly unless PyTorch's settings allow TF32 for matrix products
@@ -17,6 +17,7 @@ kernels only under ``TRITON_INTERPRET=1``, Triton's interpreter), or a missing T
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from types import ModuleType
@@ -61,6 +62,30 @@ def uncovered(input: Tensor) -> str | None:
     return None
 
 
+#: CUDA's limit on a launch grid along its second and third axes, which hold the kernels'
+#: weight groups × output-channel tiles, taps, offset groups and DCNv3 groups.
+GRID_LIMIT = 65535
+
+
+def beyond_grid(**counts: int) -> str | None:
+    """Why a launch grid cannot hold ``counts`` (blocks along one axis each, by name), or
+    ``None`` when it can."""
+    for name, count in counts.items():
+        if count > GRID_LIMIT:
+            return (f"{count} {name.replace('_', ' ')} exceed the kernels' launch grid "
+                    f"(at most {GRID_LIMIT} along an axis)")  # fmt: skip
+    return None
+
+
+def _grid(input: Tensor, offset: Tensor, weight: Tensor) -> str | None:
+    taps = math.prod(weight.shape[2:])
+    groups = input.shape[1] // max(1, weight.shape[1])
+    per_group = weight.shape[0] // max(1, groups)
+    offset_groups = offset.shape[1] // max(1, (input.dim() - 2) * taps)
+    return beyond_grid(weight_groups_times_output_tiles=groups * -(-per_group // 16), taps=taps,
+                       offset_groups=offset_groups)  # fmt: skip
+
+
 def fallback(reason: str) -> ModuleType:
     if reason not in _warned:
         _warned.add(reason)
@@ -102,7 +127,7 @@ def forward(
     padding: tuple[int, int],
     dilation: tuple[int, int],
 ) -> Tensor:
-    reason = uncovered(input)
+    reason = uncovered(input) or _grid(input, offset, weight)
     if reason is not None:
         return fallback(reason).forward(
             input, offset, mask, weight, bias, stride, padding, dilation
@@ -125,7 +150,7 @@ def backward(
     needs_grad: tuple[bool, bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor]:
     """Gradients for (input, offset, mask, weight, bias); ``None`` where not requested."""
-    reason = uncovered(input)
+    reason = uncovered(input) or _grid(input, offset, weight)
     if reason is not None:
         return fallback(reason).backward(
             grad_output, input, offset, mask, weight, stride, padding, dilation, needs_grad

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import pytorch_dcnv3
-from .triton_backend import fallback, uncovered
+from .triton_backend import beyond_grid, fallback, uncovered
 
 
 def _kernels():
@@ -21,7 +21,7 @@ def _kernels():
 def forward(input, offset, mask, kernel_size, stride, padding, dilation, group, offset_scale,
             remove_center):  # fmt: skip
     args = (kernel_size, stride, padding, dilation, group, offset_scale, remove_center)
-    reason = uncovered(input)
+    reason = uncovered(input) or beyond_grid(groups=group)
     if reason is not None:
         fallback(reason)
         return pytorch_dcnv3.forward(input, offset, mask, *args)
@@ -33,7 +33,7 @@ def backward(grad_output, input, offset, mask, kernel_size, stride, padding, dil
              offset_scale, remove_center, needs_grad):  # fmt: skip
     """Gradients for (input, offset, mask); ``None`` where not requested."""
     args = (kernel_size, stride, padding, dilation, group, offset_scale, remove_center)
-    reason = uncovered(input)
+    reason = uncovered(input) or beyond_grid(groups=group)
     if reason is not None:
         fallback(reason)
         return pytorch_dcnv3.backward(grad_output, input, offset, mask, *args, needs_grad)
