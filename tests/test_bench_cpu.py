@@ -69,3 +69,13 @@ def test_transform_modes_time_deformconv_and_conv2d(monkeypatch):
         torch.testing.assert_close(whole, tensor.grad, msg=name)
         summed = samples.sum(0) if name in ("weight", "bias") else samples.squeeze(1)
         torch.testing.assert_close(summed, tensor.grad, msg=name)
+
+
+def test_memory_rows_per_mode():
+    memory = {"deformconv": {("S", "fwd+bwd"): 1.0, ("S", "torch.func.grad"): 4.5},
+              "nn.Conv2d": {("S", "fwd+bwd"): 12.0}}  # fmt: skip
+    table = cpu.markdown([], memory)
+    assert "| S (extra peak RSS, fwd+bwd) | 1 MiB | 12 MiB |" in table
+    assert "| S (extra peak RSS, torch.func.grad) | 4 MiB | — |" in table
+    shape = cpu.Shape(1, 4, 4, 6)
+    assert cpu._measure_in_process("deformconv", shape, "torch.func.grad") >= 0

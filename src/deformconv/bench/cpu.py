@@ -4,8 +4,9 @@ Times forward and forward+backward of each implementation side by side in one pr
 (with ``--penalty`` also a forward+backward with a gradient penalty, a double backward;
 with ``--transforms`` also ``torch.func.grad`` and per-sample gradients, ``vmap(grad)``),
 interleaved, median of repeats, each timed call right after an untimed call of the same
-implementation (``--cold``: without); measures the extra peak memory of one forward+backward per
-implementation in a separate process each.  Prints a Markdown table and writes CSV.
+implementation (``--cold``: without); measures the extra peak memory of one forward+backward
+(and of each torch.func mode) per implementation in a separate process each.  Prints a
+Markdown table and writes CSV.
 
 torchvision does not import beside every torch build; to include it, run this script from an
 environment with a matching pair, e.g. ``pip install torch==2.14.1 torchvision==0.29.1`` in a
@@ -191,11 +192,12 @@ def time_shapes(shapes: list[Shape], repeats: int, cold: bool = False,
     return rows
 
 
-def peak_memory_mib(name: str, shape: Shape) -> float:
-    """Extra peak resident memory of one forward+backward, measured in a fresh process."""
+def peak_memory_mib(name: str, shape: Shape, mode: str = "fwd+bwd") -> float:
+    """Extra peak resident memory of one call of ``mode`` (a forward+backward by default),
+    measured in a fresh process."""
     code = (
-        "import json; import deformconv.bench.cpu as b; "
-        f"print(json.dumps(b._measure_in_process({name!r}, b.Shape(**{asdict(shape)!r}))))"
+        "import json; import deformconv.bench.cpu as b; print(json.dumps("
+        f"b._measure_in_process({name!r}, b.Shape(**{asdict(shape)!r}), {mode!r})))"
     )
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(deformconv.__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -214,9 +216,9 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def _measure_in_process(name: str, shape: Shape) -> float:
+def _measure_in_process(name: str, shape: Shape, mode: str = "fwd+bwd") -> float:
     tensors = make_inputs(shape)
-    run = runner(name, shape, tensors, "fwd+bwd")
+    run = runner(name, shape, tensors, mode)
     run()  # the first call maps libraries and thread pools, which are not the op's memory
     for tensor in tensors.values():
         tensor.grad = None
@@ -266,12 +268,13 @@ def markdown(rows: list[dict], memory: dict) -> str:
         speedup = f"{other / ms['deformconv']:.1f}× vs torchvision" if other else "—"
         cells = " | ".join(f"{ms[name]:.1f} ms" if name in ms else "—" for name in names)
         lines.append(f"| {shape} | {mode} | {cells} | {speedup} |")
-    if memory:
+    if memory:  # {implementation: {(shape, mode): MiB}}
         lines += ["", "| shape | " + " | ".join(memory) + " |", "|---|" + "---|" * len(memory)]
-        shapes = next(iter(memory.values())).keys()
-        for shape in shapes:
-            cells = " | ".join(f"{memory[name][shape]:.0f} MiB" for name in memory)
-            lines.append(f"| {shape} (extra peak RSS, fwd+bwd) | {cells} |")
+        for shape, mode in next(iter(memory.values())):
+            cells = " | ".join(f"{memory[name][shape, mode]:.0f} MiB"
+                               if (shape, mode) in memory[name] else "—"
+                               for name in memory)  # fmt: skip
+            lines.append(f"| {shape} (extra peak RSS, {mode}) | {cells} |")
     return "\n".join(lines)
 
 
@@ -296,11 +299,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {machine()}, {time.strftime('%Y-%m-%d')}, {protocol}", flush=True)
     rows = time_shapes(shapes, repeats, cold=args.cold, penalty=args.penalty,
                        transforms=args.transforms)  # fmt: skip
-    memory: dict[str, dict[str, float]] = {}
+    memory: dict[str, dict[tuple[str, str], float]] = {}
     if not args.no_memory:
         memory_shape = Shape(4, 128, 128, 48)
         for name in [*implementations(), "nn.Conv2d"]:
-            memory[name] = {memory_shape.label: peak_memory_mib(name, memory_shape)}
+            modes = ["fwd+bwd", *(TRANSFORMS if args.transforms and name != "torchvision" else ())]
+            memory[name] = {(memory_shape.label, mode): peak_memory_mib(name, memory_shape, mode)
+                            for mode in modes}  # fmt: skip
     print()
     print(markdown(rows, memory))
     if args.csv:
