@@ -177,3 +177,29 @@ def test_padding_modes(mode):
 def test_an_unknown_padding_mode_is_refused():
     with pytest.raises(ValueError, match=r"padding_mode must be one of .* got 'mirror'"):
         DeformableConv2d(4, 6, 3, padding=1, padding_mode="mirror")
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_torch_jit_script_names_what_works_and_trace_does():
+    layers = [
+        deformconv.DeformConv2d(4, 4, 3, padding=1),
+        deformconv.DeformableConv1d(4, 4, 3, padding=1),
+        deformconv.DeformableConv2d(4, 6, 3, padding=1, modulated=True),
+        deformconv.DeformableConv3d(4, 4, (1, 3, 3), padding=(0, 1, 1)),
+        deformconv.DCNv3(16, group=2),
+        deformconv.DCNv4NCHW(16, group=2),
+        deformconv.DeformRoIPoolPack(3, 4),
+    ]
+    for layer in layers:
+        name = type(layer).__name__
+        with pytest.raises(RuntimeError, match=f"{name} cannot be compiled by torch.jit.script"
+                           ".*torch.jit.trace"):  # fmt: skip
+            torch.jit.script(torch.nn.Sequential(layer))
+    torch.manual_seed(0)
+    for layer, x in [(layers[2], torch.randn(2, 4, 5, 6)), (layers[5], torch.randn(1, 16, 5, 6))]:
+        with torch.no_grad():
+            for parameter in layer.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        traced = torch.jit.trace(layer, x)
+        torch.testing.assert_close(traced(x), layer(x))

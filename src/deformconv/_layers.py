@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._utils import _ntuple
+from ._utils import NotScriptable, _ntuple
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 #: As in :class:`torch.nn.Conv2d`: how the input is padded.  Other than "zeros", the layer
@@ -59,7 +59,7 @@ def _check_layer_arguments(
             )
 
 
-class _DeformConvLayer(nn.Module):
+class _DeformConvLayer(NotScriptable, nn.Module):
     """Settings, weight and bias of a deformable convolution layer with ``_dims`` axes.
 
     Follows :class:`torch.nn.Conv2d` and its siblings: ``ValueError`` for bad arguments, the

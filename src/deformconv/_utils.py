@@ -43,3 +43,15 @@ def autocast_inputs(*tensors):
     return tuple(
         t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors
     )
+
+
+class NotScriptable:
+    """A layer that ``torch.jit.script`` (deprecated by PyTorch) does not compile: it says so
+    and names what works instead, rather than failing inside TorchScript's compiler."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script: use "
+            "torch.compile or torch.export (torch.jit.trace works too, but recent PyTorch "
+            "deprecates it with torch.jit.script), and torch.onnx.export for ONNX"
+        )

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._utils import NotScriptable
 from .dcnv3 import dcnv3, dcnv4, dcnv4_offset_mask_channels
 
 __all__ = ["DCNv3", "DCNv3NCHW", "DCNv4", "DCNv4NCHW"]
@@ -85,7 +86,7 @@ def _add_center_feature_scale(layer: nn.Module, channels: int, group: int) -> No
     layer.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group))
 
 
-class DCNv3(nn.Module):
+class DCNv3(NotScriptable, nn.Module):
     r"""The DCNv3 layer of InternImage, on channels-last ``(N, H, W, C)`` tensors.
 
     Arguments, sub-modules and their initialisation follow the original: ``dw_conv``
@@ -174,7 +175,7 @@ class DCNv3(nn.Module):
         return self.output_proj(x)
 
 
-class DCNv4(nn.Module):
+class DCNv4(NotScriptable, nn.Module):
     r"""The DCNv4 layer of FlashInternImage, on token sequences ``(N, H·W, C)``.
 
     Arguments, sub-modules and initialisation follow the original: ``offset_mask`` (a

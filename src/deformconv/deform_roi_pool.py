@@ -16,7 +16,7 @@ import itertools
 import torch
 from torch import Tensor, nn
 
-from ._utils import FLOATING_DTYPES, IntOrPair, _pair, compute_dtype
+from ._utils import FLOATING_DTYPES, IntOrPair, NotScriptable, _pair, compute_dtype
 
 __all__ = ["DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack", "deform_roi_pool"]
 
@@ -203,7 +203,7 @@ def deform_roi_pool(
     return pooled.permute(0, 3, 1, 2).to(input.dtype).contiguous()
 
 
-class DeformRoIPool(nn.Module):
+class DeformRoIPool(NotScriptable, nn.Module):
     """:func:`deform_roi_pool` as a layer; ``forward(input, rois, offset=None)``.
     Arguments and names follow mmcv's ``DeformRoIPool``."""
 
