@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -103,7 +104,13 @@ def test_penalty_cost_times_deformconv_and_the_convolution(monkeypatch):
 
     monkeypatch.setattr(gpu, "make_inputs", small_inputs)
     monkeypatch.setattr(gpu, "bench", one_run)
-    rows = gpu.penalty_cost(gpu.Shape(1, 4, 5), "fp32")
+    rows = gpu.penalty_cost(gpu.Shape(2, 4, 5), "fp32")
     assert [row["impl"] for row in rows] == ["deformconv", "cuDNN conv2d"]
-    assert all(row["fwd_bwd_ms"] == row["penalty_ms"] == 1.0 for row in rows)
-    assert len(runs) == 4 and all(len(grads) == 5 for grads in runs)
+    assert all(row["fwd_bwd_ms"] == row["penalty_ms"] == row["func_grad_ms"]
+               == row["per_sample_ms"] == 1.0 for row in rows)  # fmt: skip
+    assert len(runs) == 8 and all(len(grads) == 5 for grads in runs)
+    # The per-sample gradients stack torch.func.grad's (input, offsets, mask) or sum to them
+    # (the shared weight and bias).
+    func_grads, per_sample = runs[2], runs[3]
+    for index, (whole, samples) in enumerate(zip(func_grads, per_sample, strict=True)):
+        torch.testing.assert_close(samples.squeeze(1) if index < 3 else samples.sum(0), whole)

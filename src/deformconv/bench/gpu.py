@@ -198,9 +198,13 @@ def measure(shapes, dtypes, budget: float, with_errors: bool) -> list[dict]:
 
 def penalty_cost(shape: Shape, dtype_name: str) -> list[dict]:
     """Forward+backward against forward+backward with a gradient penalty on the input (the
-    backward's own backward), deformconv and cuDNN's convolution."""
+    backward's own backward), ``torch.func.grad`` of every tensor and per-sample gradients
+    (``vmap(grad)``, weight and bias shared), deformconv and cuDNN's convolution."""
     tensors = cast(make_inputs(shape), DTYPES[dtype_name])
     args = [tensors[n] for n in ("input", "offset", "mask", "weight", "bias")]
+    plain = [a.detach() for a in args]
+    in_dims = (0, 0, 0, None, None)
+    batched = [a if d is None else a.unsqueeze(1) for a, d in zip(plain, in_dims, strict=True)]
     rows = []
     for impl, fn in (("deformconv", deformconv_fn), ("cuDNN conv2d", conv_fn)):
         _, forward_backward = runners(fn, tensors)
@@ -211,9 +215,16 @@ def penalty_cost(shape: Shape, dtype_name: str) -> list[dict]:
             loss = (out * tensors["grad"]).sum() + grad.float().square().sum()
             return torch.autograd.grad(loss, args, allow_unused=True)
 
+        def loss(*values, fn=fn):
+            return fn(*values).float().square().sum()
+
+        gradients = torch.func.grad(loss, argnums=tuple(range(len(args))))
+        per_sample = torch.func.vmap(gradients, in_dims=in_dims)
         row = {"shape": shape.label, "dtype": dtype_name, "impl": impl}
         try:
-            row.update(fwd_bwd_ms=bench(forward_backward), penalty_ms=bench(penalised))
+            row.update(fwd_bwd_ms=bench(forward_backward), penalty_ms=bench(penalised),
+                       func_grad_ms=bench(lambda g=gradients: g(*plain)),
+                       per_sample_ms=bench(lambda g=per_sample: g(*batched)))  # fmt: skip
         except Exception as error:  # report and go on
             row["error"] = f"{type(error).__name__}: {error}"[:200]
         log(f"penalty: {row}")
@@ -459,10 +470,12 @@ def markdown(rows: list[dict], det: list[dict], tuning: list[dict],
             for d in det
         ]
     if penalty:
-        lines += ["", "| gradient penalty | dtype | impl | fwd+bwd ms | fwd+bwd+penalty ms |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "| derivatives | dtype | impl | fwd+bwd ms | fwd+bwd+penalty ms "
+                  "| torch.func.grad ms | vmap(grad) ms |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {p['shape']} | {p['dtype']} | {p['impl']} | {fmt(p.get('fwd_bwd_ms'))} "
-                  f"| {fmt(p.get('penalty_ms'))} {p.get('error', '')} |"
+                  f"| {fmt(p.get('penalty_ms'))} | {fmt(p.get('func_grad_ms'))} "
+                  f"| {fmt(p.get('per_sample_ms'))} {p.get('error', '')} |"
                   for p in penalty]  # fmt: skip
     if tuning:
         lines += ["", "| kernel | config | fwd ms | fwd+bwd (or kernel) ms |", "|---|---|---|---|"]
