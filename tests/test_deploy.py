@@ -174,6 +174,24 @@ def test_mmcv_and_detectron2_layers(modulated):
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_dcnv2_package_layer():
+    """The DCNv2 package's ``DCN``: modulated, no weight groups, ``conv_offset_mask``."""
+    torch.manual_seed(2)
+    conv = {"stride": 2, "padding": 1, "dilation": 1}
+    weight, bias = torch.randn(6, 4, 3, 3), torch.randn(6)
+    offset_weight = torch.randn(3 * 2 * 9, 4, 3, 3) * 0.1  # 2 deformable groups
+    offset_bias = torch.randn(offset_weight.shape[0])
+    x = torch.randn(2, 4, 9, 8)
+    expected = _reference(x, weight, bias, offset_weight, offset_bias, True, conv)
+    layer = checkpoints.deformable_conv2d_from_dcnv2(
+        {"weight": weight, "bias": bias, "conv_offset_mask.weight": offset_weight,
+         "conv_offset_mask.bias": offset_bias},
+        deformable_groups=2, **conv,
+    )  # fmt: skip
+    assert layer.modulated and layer.offset_groups == 2
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_torchvision_layer():
     weight, bias = torch.randn(6, 2, 3, 2), torch.randn(6)
     layer = checkpoints.deform_conv2d_from_torchvision(
@@ -201,19 +219,20 @@ class Block(nn.Module):
         self.conv2 = deformconv.DeformableConv2d(4, 4, 3, padding=1, bias=False, modulated=True)
 
 
-@pytest.mark.parametrize("source", ["mmcv", "detectron2"])
+@pytest.mark.parametrize("source", ["mmcv", "detectron2", "dcnv2"])
 def test_whole_model_state_dict(source):
     torch.manual_seed(1)
+    offset = ".conv_offset_mask" if source == "dcnv2" else "_offset"
     theirs = {
         "conv1.weight": torch.randn(4, 4, 1, 1),
         "conv1.bias": torch.randn(4),
         "conv2.weight": torch.randn(4, 4, 3, 3),
-        "conv2_offset.weight": torch.randn(27, 4, 3, 3),
-        "conv2_offset.bias": torch.randn(27),
+        f"conv2{offset}.weight": torch.randn(27, 4, 3, 3),
+        f"conv2{offset}.bias": torch.randn(27),
     }
     block = Block()
     block.load_state_dict(checkpoints.convert_state_dict(theirs, source), strict=True)
-    torch.testing.assert_close(block.conv2.conv_offset.weight, theirs["conv2_offset.weight"])
+    torch.testing.assert_close(block.conv2.conv_offset.weight, theirs[f"conv2{offset}.weight"])
     torch.testing.assert_close(block.conv2.weight, theirs["conv2.weight"])
     assert checkpoints.convert_state_dict(theirs, "torchvision") == theirs
 

@@ -24,7 +24,7 @@ The catalogue:
   temporary memory; :func:`set_cpu_compile` turns its compiled CPU sampling on or off;
   :func:`release_cpu_buffers` frees the CPU buffers it reuses between calls.
 
-``deformconv.checkpoints`` loads torchvision, mmcv and detectron2 checkpoints into these
+``deformconv.checkpoints`` loads torchvision, mmcv, detectron2 and DCNv2 checkpoints into these
 layers; ``torch.onnx.export(..., opset_version=19)`` writes the standard ``DeformConv``
 operator (:mod:`deformconv.onnx_export`).  ``deformconv.viz`` draws learned sampling
 locations (needs matplotlib); ``deformconv.demo`` is the scaled-digits experiment behind the

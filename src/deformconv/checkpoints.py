@@ -1,6 +1,7 @@
-"""Checkpoints of torchvision, mmcv / mmdetection and detectron2 in this package's layers.
+"""Checkpoints of torchvision, mmcv / mmdetection, detectron2 and the DCNv2 package in this
+package's layers.
 
-The three libraries keep the same tensors under different keys:
+These libraries keep the same tensors under different keys:
 
 * torchvision ``DeformConv2d``: ``weight``, ``bias`` -- this package's :class:`DeformConv2d`.
 * mmcv ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack``: ``weight``, (``bias``),
@@ -10,6 +11,10 @@ The three libraries keep the same tensors under different keys:
 * detectron2 ``DeformConv`` / ``ModulatedDeformConv`` hold no offset branch: the block beside
   them does (``conv2_offset`` next to ``conv2`` in ``DeformBottleneckBlock``), with the same
   channel layout (offsets, then mask logits for the modulated layer).
+* The DCNv2 package (``DCN`` of CharlesShang/DCNv2 and the copies of it in CenterNet, FairMOT
+  and many detection and pose models): ``weight``, ``bias``, ``conv_offset_mask.weight``,
+  ``conv_offset_mask.bias``, modulated, with the same channel layout (it chunks the
+  prediction into three and concatenates the first two as the offsets).
 
 :func:`convert_state_dict` rewrites a whole model's state dict by those key patterns; the
 ``*_from_*`` functions build one layer from its tensors.
@@ -36,11 +41,12 @@ __all__ = [
     "SOURCES",
     "convert_state_dict",
     "deform_conv2d_from_torchvision",
+    "deformable_conv2d_from_dcnv2",
     "deformable_conv2d_from_detectron2",
     "deformable_conv2d_from_mmcv",
 ]
 
-SOURCES = ("torchvision", "mmcv", "detectron2")
+SOURCES = ("torchvision", "mmcv", "detectron2", "dcnv2")
 
 
 def convert_state_dict(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
@@ -49,17 +55,19 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], source: str) -> dict[st
     :class:`DeformableConv2d` (or :class:`DeformConv2d` for torchvision) at the same names.
 
     Every ``<name>_offset.weight`` / ``<name>_offset.bias`` beside a ``<name>.weight`` becomes
-    ``<name>.conv_offset.weight`` / ``.bias`` (early mmcv checkpoints, detectron2's blocks);
-    all other keys, detectron2's ``<name>.norm.*`` included, are kept as they are.
+    ``<name>.conv_offset.weight`` / ``.bias`` (early mmcv checkpoints, detectron2's blocks), and
+    for ``"dcnv2"`` every ``<name>.conv_offset_mask.weight`` / ``.bias`` does; all other keys,
+    detectron2's ``<name>.norm.*`` included, are kept as they are.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
     converted = dict(state_dict)
     if source == "torchvision":
         return converted
+    marker = ".conv_offset_mask" if source == "dcnv2" else "_offset"
     for key in list(converted):
         for suffix in ("weight", "bias"):
-            ending = f"_offset.{suffix}"
+            ending = f"{marker}.{suffix}"
             if not key.endswith(ending):
                 continue
             stem = key[: -len(ending)]
@@ -106,6 +114,23 @@ def deformable_conv2d_from_mmcv(
         state_dict["weight"], state_dict.get("bias"), state_dict["conv_offset.weight"],
         state_dict.get("conv_offset.bias"), stride, padding, dilation, groups, deform_groups,
         modulated,
+    )  # fmt: skip
+
+
+def deformable_conv2d_from_dcnv2(
+    state_dict: Mapping[str, Tensor],
+    *,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    deformable_groups: int = 1,
+) -> DeformableConv2d:
+    """A modulated :class:`DeformableConv2d` from the DCNv2 package's ``DCN`` tensors:
+    ``weight``, ``bias``, ``conv_offset_mask.weight``, ``conv_offset_mask.bias``."""
+    return _deformable(
+        state_dict["weight"], state_dict.get("bias"), state_dict["conv_offset_mask.weight"],
+        state_dict.get("conv_offset_mask.bias"), stride, padding, dilation, 1,
+        deformable_groups, True,
     )  # fmt: skip
 
 
