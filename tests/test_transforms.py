@@ -233,6 +233,17 @@ def test_vmap_without_mask_and_over_an_empty_batch(composite_calls):
         *empty[:3], torch.stack([weight, weight]), bias
     )
     assert grads[0].shape == (2, *empty[0].shape) and not grads[1].any()
+    # A vmap over an empty dimension: no problem, results of the right shapes.
+    none = [p.unsqueeze(0)[:0] for p in primals]
+    assert vmap(_conv)(*none).shape == (0, *_conv(*primals).shape)
+    for in_dims in [(0, 0, 0, 0, 0), (0, None, None, None, None)]:
+        args = [n if d == 0 else p for n, p, d in zip(none, primals, in_dims, strict=True)]
+        grads = vmap(grad(_loss, argnums=tuple(range(5))), in_dims=in_dims)(*args)
+        assert [g.shape for g in grads] == [(0, *p.shape) for p in primals]
+    dcnv3_args = [t.unsqueeze(0)[:0] for t in dcnv3_inputs(DCNV3_CASES["lopsided"]).values()]
+    settings = {"kernel_size": (3, 2), "group": 2, "stride": (1, 2), "padding": (2, 0),
+                "dilation": (1, 2), "offset_scale": 0.7}  # fmt: skip
+    assert vmap(lambda *t: deformconv.dcnv3(*t, **settings))(*dcnv3_args).shape[0] == 0
     assert not composite_calls
 
 

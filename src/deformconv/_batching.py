@@ -13,6 +13,8 @@ problems always join the batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -64,6 +66,25 @@ def _parts(input: Tensor, offset: Tensor, weight: Tensor) -> list[slice]:
 
 def _part(tensor: Tensor | None, part: slice) -> Tensor | None:
     return None if tensor is None else tensor[part]
+
+
+def _register(op: Any, rule: Callable) -> None:
+    """Register ``rule`` for ``op``, for a vmap over an empty dimension too: that runs the
+    rule on one problem of zeros and keeps none of its results."""
+
+    def empty_safe(info, in_dims, *args):
+        if info.batch_size:
+            return rule(info, in_dims, *args)
+        args = [a.new_zeros((*a.shape[:d], 1, *a.shape[d + 1 :])) if isinstance(d, int) else a
+                for a, d in zip(args, in_dims, strict=True)]  # fmt: skip
+        one = SimpleNamespace(batch_size=1, randomness=info.randomness)
+        results, out_dims = rule(one, in_dims, *args)
+        if isinstance(results, Tensor):
+            return results.narrow(out_dims, 0, 0), out_dims
+        return tuple(r if d is None else r.narrow(d, 0, 0)
+                     for r, d in zip(results, out_dims, strict=True)), out_dims  # fmt: skip
+
+    op.register_vmap(empty_safe)
 
 
 def register_conv(forward_op: Any, backward_op: Any) -> None:
@@ -122,8 +143,8 @@ def register_conv(forward_op: Any, backward_op: Any) -> None:
         )  # fmt: skip
         return grads, (*[1 if need else None for need in needs], 0 if needs_grad[3] else None, 0)
 
-    forward_op.register_vmap(forward)
-    backward_op.register_vmap(backward)
+    _register(forward_op, forward)
+    _register(backward_op, backward)
 
 
 def register_dcnv3(forward_op: Any, backward_op: Any) -> None:
@@ -145,5 +166,5 @@ def register_dcnv3(forward_op: Any, backward_op: Any) -> None:
                       for g, need in zip(grads, needs_grad, strict=True))  # fmt: skip
         return grads, tuple(0 if need else None for need in needs_grad)
 
-    forward_op.register_vmap(forward)
-    backward_op.register_vmap(backward)
+    _register(forward_op, forward)
+    _register(backward_op, backward)
