@@ -114,3 +114,10 @@ def test_penalty_cost_times_deformconv_and_the_convolution(monkeypatch):
     func_grads, per_sample = runs[2], runs[3]
     for index, (whole, samples) in enumerate(zip(func_grads, per_sample, strict=True)):
         torch.testing.assert_close(samples.squeeze(1) if index < 3 else samples.sum(0), whole)
+
+
+def test_steps_past_the_budget_are_skipped_and_logged(monkeypatch, capsys):
+    monkeypatch.setattr(gpu, "START", gpu.time.perf_counter() - 100.0)
+    assert gpu.within(150.0, "derivatives bf16")
+    assert not gpu.within(50.0, "derivatives fp32")
+    assert "budget spent: skipping derivatives fp32" in capsys.readouterr().out

@@ -155,14 +155,22 @@ def bench(run) -> float:
     return do_bench(run, warmup=25, rep=100, return_mode="median")
 
 
+def within(budget: float, step: str) -> bool:
+    """Whether ``budget`` seconds have not all gone yet; logs that ``step`` is skipped if they
+    have."""
+    if time.perf_counter() - START <= budget:
+        return True
+    log(f"budget spent: skipping {step}")
+    return False
+
+
 def measure(shapes, dtypes, budget: float, with_errors: bool) -> list[dict]:
     impls = {"deformconv": deformconv_fn, "torchvision": torchvision_fn(), "cuDNN conv2d": conv_fn}
     rows = []
     for shape in shapes:
         base = make_inputs(shape)
         for dtype_name in dtypes:
-            if time.perf_counter() - START > budget:
-                log(f"budget spent: skipping {shape.label} {dtype_name}")
+            if not within(budget, f"{shape.label} {dtype_name}"):
                 continue
             dtype = DTYPES[dtype_name]
             tf32 = dtype_name == "tf32"
@@ -534,8 +542,10 @@ def main(argv=None) -> int:
         share = args.budget * 0.4 * (index + 1) / len(args.tune_dtype)
         tuning += tune(shapes[0], dtype_name, share) if args.tune else []
     rows = measure(shapes, dtypes, args.budget * 0.9, not args.no_errors)
-    det = [deterministic_cost(shapes[0], d) for d in ("bf16", "fp32") if d in dtypes]
-    penalty = [row for d in ("bf16", "fp32") if d in dtypes for row in penalty_cost(shapes[0], d)]
+    extra = [d for d in ("bf16", "fp32") if d in dtypes]
+    det = [deterministic_cost(shapes[0], d) for d in extra if within(args.budget, "det " + d)]
+    penalty = [row for d in extra if within(args.budget, "derivatives " + d)
+               for row in penalty_cost(shapes[0], d)]  # fmt: skip
     table = markdown(rows, det, tuning, penalty)
     print(table)
     if args.out:
