@@ -400,3 +400,27 @@ def test_per_sample_gradients_on_the_triton_kernels():
         got = gradients(*[b.to(DEVICE, torch.float32) for b in batched])
     for name, have, want in zip(NAMES, got, expected, strict=True):
         assert relative_error(have, want) <= TOLERANCES[torch.float32], name
+
+
+@pytest.mark.parametrize("kind", ["DeformableConv2d", "DCNv4NCHW"])
+def test_model_ensembles_by_stack_module_state(kind, composite_calls):
+    """torch.func's ensembling recipe: the stacked parameters of three layers, one vmapped
+    call (the weights fold into groups), equal to each layer's own output."""
+    torch.manual_seed(1)
+
+    def make():
+        if kind == "DCNv4NCHW":
+            return deformconv.DCNv4NCHW(16, group=2)
+        return deformconv.DeformableConv2d(8, 8, 3, padding=1, modulated=True, offset_groups=2)
+
+    layers = [make().double() for _ in range(3)]
+    with torch.no_grad():
+        for parameter in (p for layer in layers for p in layer.parameters()):
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    params, buffers = torch.func.stack_module_state(layers)
+    base = make().to("meta")
+    x = torch.randn(2, 16 if kind == "DCNv4NCHW" else 8, 6, 7, dtype=torch.float64)
+    out = vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,)))(params, buffers)
+    for i, layer in enumerate(layers):
+        torch.testing.assert_close(out[i], layer(x))
+    assert not composite_calls
