@@ -70,7 +70,10 @@ def _part(tensor: Tensor | None, part: slice) -> Tensor | None:
 
 def _register(op: Any, rule: Callable) -> None:
     """Register ``rule`` for ``op``, for a vmap over an empty dimension too: that runs the
-    rule on one problem of zeros and keeps none of its results."""
+    rule on one problem of zeros and keeps none of its results.  A PyTorch whose custom ops
+    take no batching rules (``register_vmap``) vmaps them in a loop instead."""
+    if not hasattr(op, "register_vmap"):
+        return
 
     def empty_safe(info, in_dims, *args):
         if info.batch_size:
