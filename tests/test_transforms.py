@@ -219,6 +219,24 @@ def test_many_problems_fold_into_groups_over_several_calls(monkeypatch):
         _assert_all_close([g[i] for g in per_sample], expected)
 
 
+def test_batched_cotangents_of_ordinary_autograd(composite_calls):
+    """``autograd.grad(..., is_grads_batched=True)`` and ``jacobian(vectorize=True)`` vmap the
+    backward op over the cotangents alone: its batching rule, equal to one call each."""
+    primals = _primals(seed=10, batch=1)
+    leaves = [p.clone().requires_grad_() for p in primals]
+    out = _conv(*leaves)
+    cotangents = torch.randn(3, *out.shape, dtype=out.dtype)
+    batched = torch.autograd.grad(out, leaves, cotangents, is_grads_batched=True,
+                                  retain_graph=True)  # fmt: skip
+    for i in range(3):
+        _assert_all_close([g[i] for g in batched], _autograd(_conv, primals, cotangents[i])[1])
+    vectorized = torch.autograd.functional.jacobian(_conv, tuple(primals), vectorize=True)
+    for have, want in zip(vectorized, torch.autograd.functional.jacobian(_conv, tuple(primals)),
+                          strict=True):  # fmt: skip
+        torch.testing.assert_close(have, want)
+    assert not composite_calls
+
+
 def test_vmap_without_mask_and_over_an_empty_batch(composite_calls):
     primals = _primals(seed=5)
     x, offset, _, weight, bias = primals
