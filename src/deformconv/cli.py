@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="deform_conv3d against nn.Conv3d on video-like clips")  # fmt: skip
     which.add_argument("--dcnv3", action="store_true",
                        help="DCNv3/DCNv4 against grid_sample and the memory floor")  # fmt: skip
+    which.add_argument("--onnx", action="store_true",
+                       help="exported layers in onnxruntime against PyTorch")  # fmt: skip
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
 
     commands.add_parser("info", help="versions, backends and devices",
@@ -184,6 +186,8 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench import video as module
     elif args.dcnv3:
         from .bench import dcnv3 as module
+    elif args.onnx:
+        from .bench import onnx_runtime as module
     elif gpu:
         from .bench import gpu as module
     else:

@@ -13,7 +13,7 @@ transform them.  The library runs them for what the kernels do not provide:
   ``torch.func.hessian``) and transforms under ``torch.compile``
   (:func:`deformconv._transforms.route`);
 - ONNX export of the operators ONNX has no node for (3-D, DCNv3, DCNv4): they export as
-  standard operators (GatherElements, Floor, Where, Einsum).
+  standard operators (Gather, Floor, Where, Einsum).
 
 They hold every sample at once, ``N·C·K·Ho·Wo`` values (the column buffer the backends do
 without), and compute half precision in float32.
@@ -66,16 +66,17 @@ def second_order(
 
 def interpolate(table: Tensor, bases: Sequence[Tensor], shifts: Sequence[Tensor],
                 sizes: Sequence[int], strict: bool = False) -> Tensor:  # fmt: skip
-    """Samples of ``table`` ``(B, C, prod(sizes))`` (a grid of ``sizes``, row-major) at the
-    positions ``base + shift``, one ``(B, Q)`` tensor of each per axis (``bases``
-    integer-valued); ``(B, C, Q)``.
+    """Samples of ``table`` ``(B, prod(sizes), C)`` (a grid of ``sizes``, row-major, ``C``
+    channels a point) at the positions ``base + shift``, one ``(B, Q)`` tensor of each per
+    axis (``bases`` integer-valued); ``(B, Q, C)``.
 
     Linear interpolation along every axis, corners outside the grid counting as 0.  A sample
     counts where its lower corner lies in ``[−1, size)`` on every axis (torchvision's rule:
     at −1 the value is 0 but the gradient of the position is not) or, with ``strict``, where
     its position lies strictly inside ``(−1, size)`` (DCNv3's); elsewhere, and where a shift
     is not finite, it is 0 with zero gradients.  The lower corner is ``base + floor(shift)``,
-    exact where ``base + shift`` would round.
+    exact where ``base + shift`` would round.  Each corner is one gather of whole rows of
+    ``C`` channels.
     """
     lows, fractions, inside = [], [], None
     for base, shift, size in zip(bases, shifts, sizes, strict=True):
@@ -91,19 +92,23 @@ def interpolate(table: Tensor, bases: Sequence[Tensor], shifts: Sequence[Tensor]
     # fraction: no NaN or infinity reaches the arithmetic, nor any gradient.
     lows = [torch.where(inside, low, -2.0) for low in lows]
     fractions = [torch.where(inside, f, 0.0) for f in fractions]
-    batch, channels = table.shape[:2]
+    batch, points, channels = table.shape
+    rows = table.reshape(-1, channels)
+    first = (torch.arange(batch, device=table.device) * points)[:, None]  # each table's row 0
     result = None
     for corner in itertools.product((0, 1), repeat=len(sizes)):
-        index, weight, valid = None, None, inside
-        for low, fraction, size, upper in zip(lows, fractions, sizes, corner, strict=True):
+        index, weight, valid = first, None, inside
+        for axis, (low, fraction, size, upper) in enumerate(
+            zip(lows, fractions, sizes, corner, strict=True)
+        ):
             factor = fraction if upper else 1 - fraction
             coordinate = low + upper
             valid = valid & (coordinate >= 0) & (coordinate < size)
-            coordinate = coordinate.clamp(0, size - 1).long()
-            index = coordinate if index is None else index * size + coordinate
+            stride = math.prod(sizes[axis + 1 :])
+            index = index + coordinate.clamp(0, size - 1).long() * stride
             weight = factor if weight is None else weight * factor
-        values = table.gather(2, index.unsqueeze(1).expand(batch, channels, index.shape[1]))
-        term = values * torch.where(valid, weight, 0.0).unsqueeze(1)
+        values = rows.index_select(0, index.reshape(-1)).reshape(*index.shape, channels)
+        term = values * torch.where(valid, weight, 0.0).unsqueeze(-1)
         result = term if result is None else result + term
     return result
 
@@ -143,15 +148,17 @@ def deform_conv(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tens
         grid = _grid(out_size, kernel, stride, padding, dilation, deltas)
         shifts = [deltas[:, :, :, a].reshape(batch * offset_groups, taps * pixels)
                   for a in range(dims)]  # fmt: skip
-        table = input.to(dtype).reshape(batch * offset_groups, channels // offset_groups,
-                                        math.prod(sizes))  # fmt: skip
+        per_group = channels // offset_groups
+        table = input.to(dtype).reshape(batch * offset_groups, per_group, math.prod(sizes))
+        table = table.transpose(1, 2)  # a row of channels per point
         samples = interpolate(table, [base.reshape(-1) for base in grid], shifts, sizes)
-        samples = samples.reshape(batch, offset_groups, channels // offset_groups, taps, pixels)
+        samples = samples.reshape(batch, offset_groups, taps, pixels, per_group)
         if mask is not None:
-            samples = samples * mask.to(dtype).reshape(batch, offset_groups, 1, taps, pixels)
-        samples = samples.reshape(batch, groups, group_channels, taps, pixels)
+            samples = samples * mask.to(dtype).reshape(batch, offset_groups, taps, pixels, 1)
+        samples = samples.permute(0, 2, 3, 1, 4).reshape(batch, taps, pixels, groups,
+                                                         group_channels)  # fmt: skip
         weights = weight.to(dtype).reshape(groups, out_channels // groups, group_channels, taps)
-        output = torch.einsum("ngckl,gock->ngol", samples, weights)
+        output = torch.einsum("nklgc,gock->ngol", samples, weights)
         output = output.reshape(batch, out_channels, *out_size)
         if bias is not None:
             output = output + bias.to(dtype).reshape(out_channels, *[1] * dims)
@@ -187,10 +194,10 @@ def dcnv3(input: Tensor, offset: Tensor, mask: Tensor, kernel_size: Sequence[int
             bases.append((pixel.reshape(1, -1) + tap).reshape(-1))
             shift = (centre - tap) * (1 - offset_scale) + deltas[:, :, :, 1 - axis] * offset_scale
             shifts.append(shift.reshape(batch * group, samples_per_row))
-        table = input.to(dtype).reshape(batch, cells, group, depth).permute(0, 2, 3, 1)
-        table = table.reshape(batch * group, depth, cells)
+        table = input.to(dtype).reshape(batch, cells, group, depth).transpose(1, 2)
+        table = table.reshape(batch * group, cells, depth)
         samples = interpolate(table, bases, shifts, (height, width), strict=True)
         weights = mask.to(dtype).reshape(batch, pixels, group, points).permute(0, 2, 3, 1)
-        samples = samples.reshape(batch, group, depth, points, pixels) * weights[:, :, None]
-        output = samples.sum(3).permute(0, 3, 1, 2).reshape(batch, *out_size, channels)
+        samples = samples.reshape(batch, group, points, pixels, depth) * weights[..., None]
+        output = samples.sum(2).transpose(1, 2).reshape(batch, *out_size, channels)
     return output.to(input.dtype)

@@ -1,6 +1,7 @@
 """Benchmarks behind ``deformconv bench``: :mod:`.cpu` (against torchvision and
 ``nn.Conv2d``), :mod:`.gpu` (Triton kernels against torchvision and cuDNN), :mod:`.video`
-(3-D against ``nn.Conv3d``) and :mod:`.dcnv3` (DCNv3/DCNv4 against ``grid_sample``)."""
+(3-D against ``nn.Conv3d``), :mod:`.dcnv3` (DCNv3/DCNv4 against ``grid_sample``) and
+:mod:`.onnx_runtime` (exported layers in onnxruntime against PyTorch)."""
 
 import time
 
