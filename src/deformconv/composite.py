@@ -1,8 +1,9 @@
 """The operators as compositions of differentiable PyTorch operations.
 
 The backends compute each operator and its first derivatives with kernels of their own.  The
-functions here compute the same values with ordinary tensor operations -- a gather per
-interpolation corner, then the contraction with the weights -- so that autograd can
+functions here compute the same values with ordinary tensor operations -- one gather of the
+interpolation corners' rows of channels, then matrix products that weight and sum them and
+contract them with the weights -- so that autograd can
 differentiate them again, in reverse and in forward mode, and :mod:`torch.func` can
 transform them.  The library runs them for what the kernels do not provide:
 
@@ -13,10 +14,10 @@ transform them.  The library runs them for what the kernels do not provide:
   ``torch.func.hessian``) and transforms under ``torch.compile``
   (:func:`deformconv._transforms.route`);
 - ONNX export of the operators ONNX has no node for (3-D, DCNv3, DCNv4): they export as
-  standard operators (Gather, Floor, Where, Einsum).
+  standard operators (Gather, Floor, Where, MatMul).
 
-They hold every sample at once, ``N·C·K·Ho·Wo`` values (the column buffer the backends do
-without), and compute half precision in float32.
+They hold the corners of every sample at once, ``2^d·N·C·K·Ho·Wo`` values in ``d``
+dimensions (the backends hold none), and compute half precision in float32.
 
 >>> import torch
 >>> from deformconv import deform_conv2d
@@ -65,18 +66,20 @@ def second_order(
 
 
 def interpolate(table: Tensor, bases: Sequence[Tensor], shifts: Sequence[Tensor],
-                sizes: Sequence[int], strict: bool = False) -> Tensor:  # fmt: skip
+                sizes: Sequence[int], strict: bool = False, scale: Tensor | None = None,
+                sums: int = 1) -> Tensor:  # fmt: skip
     """Samples of ``table`` ``(B, prod(sizes), C)`` (a grid of ``sizes``, row-major, ``C``
     channels a point) at the positions ``base + shift``, one ``(B, Q)`` tensor of each per
-    axis (``bases`` integer-valued); ``(B, Q, C)``.
+    axis (``bases`` integer-valued), each times ``scale`` ``(B, Q)`` if given, and summed
+    over runs of ``sums`` consecutive samples: ``(B, Q / sums, C)``.
 
     Linear interpolation along every axis, corners outside the grid counting as 0.  A sample
     counts where its lower corner lies in ``[−1, size)`` on every axis (torchvision's rule:
     at −1 the value is 0 but the gradient of the position is not) or, with ``strict``, where
     its position lies strictly inside ``(−1, size)`` (DCNv3's); elsewhere, and where a shift
     is not finite, it is 0 with zero gradients.  The lower corner is ``base + floor(shift)``,
-    exact where ``base + shift`` would round.  Each corner is one gather of whole rows of
-    ``C`` channels.
+    exact where ``base + shift`` would round.  All corners are one gather of whole rows of
+    ``C`` channels, and each result one weighted sum of its rows (a matrix product).
     """
     lows, fractions, inside = [], [], None
     for base, shift, size in zip(bases, shifts, sizes, strict=True):
@@ -93,9 +96,8 @@ def interpolate(table: Tensor, bases: Sequence[Tensor], shifts: Sequence[Tensor]
     lows = [torch.where(inside, low, -2.0) for low in lows]
     fractions = [torch.where(inside, f, 0.0) for f in fractions]
     batch, points, channels = table.shape
-    rows = table.reshape(-1, channels)
     first = (torch.arange(batch, device=table.device) * points)[:, None]  # each table's row 0
-    result = None
+    indices, weights = [], []
     for corner in itertools.product((0, 1), repeat=len(sizes)):
         index, weight, valid = first, None, inside
         for axis, (low, fraction, size, upper) in enumerate(
@@ -107,10 +109,16 @@ def interpolate(table: Tensor, bases: Sequence[Tensor], shifts: Sequence[Tensor]
             stride = math.prod(sizes[axis + 1 :])
             index = index + coordinate.clamp(0, size - 1).long() * stride
             weight = factor if weight is None else weight * factor
-        values = rows.index_select(0, index.reshape(-1)).reshape(*index.shape, channels)
-        term = values * torch.where(valid, weight, 0.0).unsqueeze(-1)
-        result = term if result is None else result + term
-    return result
+        indices.append(index)
+        weights.append(torch.where(valid, weight, 0.0))
+    weight = torch.stack(weights, -1)  # (B, Q, corners)
+    if scale is not None:
+        weight = weight * scale.unsqueeze(-1)
+    results, rows = inside.shape[1] // sums, sums * len(weights)
+    index = torch.stack(indices, -1).reshape(-1)
+    values = table.reshape(-1, channels).index_select(0, index)
+    values = values.reshape(batch, results, rows, channels)
+    return torch.matmul(weight.reshape(batch, results, 1, rows), values).squeeze(2)
 
 
 def _coordinates(sizes: Sequence[int], device: torch.device) -> list[Tensor]:
@@ -140,25 +148,36 @@ def deform_conv(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tens
     out_size = tuple(offset.shape[2:])
     out_channels, group_channels, *kernel = weight.shape
     taps, pixels = math.prod(kernel), math.prod(out_size)
+    samples = taps * pixels
     offset_groups = offset.shape[1] // (dims * taps)
     groups = channels // group_channels
     dtype = compute_dtype(input.dtype)
     with torch.autocast(input.device.type, enabled=False):
         deltas = offset.to(dtype).reshape(batch, offset_groups, taps, dims, pixels)
-        grid = _grid(out_size, kernel, stride, padding, dilation, deltas)
-        shifts = [deltas[:, :, :, a].reshape(batch * offset_groups, taps * pixels)
+        # Samples in (pixel, tap) order: a pixel's taps and channels are one row of the
+        # matrix product with the weights.
+        grid = [base.t() for base in _grid(out_size, kernel, stride, padding, dilation, deltas)]
+        shifts = [deltas[:, :, :, a].transpose(2, 3).reshape(batch * offset_groups, samples)
                   for a in range(dims)]  # fmt: skip
         per_group = channels // offset_groups
         table = input.to(dtype).reshape(batch * offset_groups, per_group, math.prod(sizes))
         table = table.transpose(1, 2)  # a row of channels per point
-        samples = interpolate(table, [base.reshape(-1) for base in grid], shifts, sizes)
-        samples = samples.reshape(batch, offset_groups, taps, pixels, per_group)
+        scale = None
         if mask is not None:
-            samples = samples * mask.to(dtype).reshape(batch, offset_groups, taps, pixels, 1)
-        samples = samples.permute(0, 2, 3, 1, 4).reshape(batch, taps, pixels, groups,
+            scale = mask.to(dtype).reshape(batch, offset_groups, taps, pixels).transpose(2, 3)
+            scale = scale.reshape(batch * offset_groups, samples)
+        columns = interpolate(table, [base.reshape(-1) for base in grid], shifts, sizes,
+                              scale=scale)  # fmt: skip
+        # (batch, G, pixels, taps, C/G) → (groups, batch·pixels, taps·gc)
+        columns = columns.reshape(batch, offset_groups, pixels, taps, per_group)
+        columns = columns.permute(0, 2, 3, 1, 4).reshape(batch, pixels, taps, groups,
                                                          group_channels)  # fmt: skip
+        columns = columns.permute(3, 0, 1, 2, 4).reshape(groups, batch * pixels,
+                                                         taps * group_channels)  # fmt: skip
         weights = weight.to(dtype).reshape(groups, out_channels // groups, group_channels, taps)
-        output = torch.einsum("nklgc,gock->ngol", samples, weights)
+        weights = weights.permute(0, 3, 2, 1).reshape(groups, taps * group_channels, -1)
+        output = torch.bmm(columns, weights).reshape(groups, batch, pixels, out_channels // groups)
+        output = output.permute(1, 0, 3, 2)
         output = output.reshape(batch, out_channels, *out_size)
         if bias is not None:
             output = output + bias.to(dtype).reshape(out_channels, *[1] * dims)
@@ -182,22 +201,31 @@ def dcnv3(input: Tensor, offset: Tensor, mask: Tensor, kernel_size: Sequence[int
         pixels, cells = out_size[0] * out_size[1], height * width
         samples_per_row = points * pixels
     with torch.autocast(input.device.type, enabled=False):
-        deltas = offset.to(dtype).reshape(batch, pixels, group, points, 2).permute(0, 2, 3, 4, 1)
+        # Samples in (pixel, point) order: each pixel's points are one weighted sum.
+        deltas = offset.to(dtype).reshape(batch, pixels, group, points, 2).transpose(1, 2)
         taps = torch.tensor(coords, dtype=dtype, device=input.device).view(points, 2)
         bases, shifts = [], []
         for axis in (0, 1):  # height, width; the pairs are (Δw, Δh)
             centre = dilation[axis] * (kernel_size[axis] - 1) // 2
-            tap = taps[:, axis, None] * dilation[axis]
+            tap = taps[:, axis] * dilation[axis]
             pixel = torch.arange(out_size[axis], device=input.device, dtype=dtype)
             pixel = pixel * stride[axis] - padding[axis]
             pixel = (pixel[:, None] if axis == 0 else pixel[None, :]).expand(out_size)
-            bases.append((pixel.reshape(1, -1) + tap).reshape(-1))
-            shift = (centre - tap) * (1 - offset_scale) + deltas[:, :, :, 1 - axis] * offset_scale
+            bases.append((pixel.reshape(-1, 1) + tap).reshape(-1))
+            shift = (centre - tap) * (1 - offset_scale) + deltas[..., 1 - axis] * offset_scale
             shifts.append(shift.reshape(batch * group, samples_per_row))
         table = input.to(dtype).reshape(batch, cells, group, depth).transpose(1, 2)
         table = table.reshape(batch * group, cells, depth)
-        samples = interpolate(table, bases, shifts, (height, width), strict=True)
-        weights = mask.to(dtype).reshape(batch, pixels, group, points).permute(0, 2, 3, 1)
-        samples = samples.reshape(batch, group, points, pixels, depth) * weights[..., None]
-        output = samples.sum(2).transpose(1, 2).reshape(batch, *out_size, channels)
+        scale = mask.to(dtype).reshape(batch, pixels, group, points).transpose(1, 2)
+        output = interpolate(
+            table,
+            bases,
+            shifts,
+            (height, width),
+            strict=True,
+            scale=scale.reshape(batch * group, samples_per_row),
+            sums=points,
+        )
+        output = output.reshape(batch, group, pixels, depth).transpose(1, 2)
+        output = output.reshape(batch, *out_size, channels)
     return output.to(input.dtype)
