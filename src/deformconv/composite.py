@@ -3,9 +3,9 @@
 The backends compute each operator and its first derivatives with kernels of their own.  The
 functions here compute the same values with ordinary tensor operations -- one gather of the
 interpolation corners' rows of channels, then matrix products that weight and sum them and
-contract them with the weights -- so that autograd can
-differentiate them again, in reverse and in forward mode, and :mod:`torch.func` can
-transform them.  The library runs them for what the kernels do not provide:
+contract them with the weights -- so that autograd can differentiate them again, in reverse
+and in forward mode, and :mod:`torch.func` can transform them.  The library runs them for
+what the kernels do not provide:
 
 - derivatives along the offsets: the backward ops' own backward (``create_graph=True``,
   double backward) and forward-mode AD take them from here, and all of the backward's
