@@ -95,7 +95,7 @@ def test_tune_dtype_takes_a_list_and_names_what_it_refuses(capsys):
     assert "--tune-dtype" in error and "got fp8" in error and "tf32" in error
 
 
-def test_penalty_cost_times_deformconv_and_the_convolution(monkeypatch):
+def test_derivative_costs_time_deformconv_and_the_convolution(monkeypatch):
     runs = []
 
     def one_run(run):
@@ -104,7 +104,7 @@ def test_penalty_cost_times_deformconv_and_the_convolution(monkeypatch):
 
     monkeypatch.setattr(gpu, "make_inputs", small_inputs)
     monkeypatch.setattr(gpu, "bench", one_run)
-    rows = gpu.penalty_cost(gpu.Shape(2, 4, 5), "fp32")
+    rows = gpu.derivative_costs(gpu.Shape(2, 4, 5), "fp32")
     assert [row["impl"] for row in rows] == ["deformconv", "cuDNN conv2d"]
     assert all(row["fwd_bwd_ms"] == row["penalty_ms"] == row["func_grad_ms"]
                == row["per_sample_ms"] == 1.0 for row in rows)  # fmt: skip

@@ -82,6 +82,7 @@ def _grid(input: Tensor, offset: Tensor, weight: Tensor) -> str | None:
     groups = input.shape[1] // max(1, weight.shape[1])
     per_group = weight.shape[0] // max(1, groups)
     offset_groups = offset.shape[1] // max(1, (input.dim() - 2) * taps)
+    # Output tiles of at least 16 channels, the kernels' narrowest (kernels.ops' configs).
     return beyond_grid(weight_groups_times_output_tiles=groups * -(-per_group // 16), taps=taps,
                        offset_groups=offset_groups)  # fmt: skip
 

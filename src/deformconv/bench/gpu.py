@@ -3,10 +3,10 @@
 Times forward and forward+backward with ``triton.testing.do_bench`` (median), measures the
 extra peak memory of one forward+backward (beyond inputs and ``grad_output``) and the
 relative error of the output and every gradient against the float64 computation on the same
-rounded inputs.  Also reports the first call of each shape (compilation included), the
-cost of deterministic mode and of a gradient penalty (double backward) at the first shape.
-Every step is bounded by ``--budget`` seconds in all; progress is printed with timestamps.
-Writes a Markdown table (``--out``) and CSV (``--csv``).
+rounded inputs.  Also reports the first call of each shape (compilation included), and at
+the first shape the cost of deterministic mode, of a gradient penalty (double backward) and
+of torch.func.grad and vmap(grad).  Every step is bounded by ``--budget`` seconds in all;
+progress is printed with timestamps.  Writes a Markdown table (``--out``) and CSV (``--csv``).
 
     deformconv bench --gpu --out gpu.md
     deformconv bench --gpu --quick       # the first shape, bfloat16 and float16
@@ -204,7 +204,7 @@ def measure(shapes, dtypes, budget: float, with_errors: bool) -> list[dict]:
     return rows
 
 
-def penalty_cost(shape: Shape, dtype_name: str) -> list[dict]:
+def derivative_costs(shape: Shape, dtype_name: str) -> list[dict]:
     """Forward+backward against forward+backward with a gradient penalty on the input (the
     backward's own backward), ``torch.func.grad`` of every tensor and per-sample gradients
     (``vmap(grad)``, weight and bias shared), deformconv and cuDNN's convolution."""
@@ -235,7 +235,7 @@ def penalty_cost(shape: Shape, dtype_name: str) -> list[dict]:
                        per_sample_ms=bench(lambda g=per_sample: g(*batched)))  # fmt: skip
         except Exception as error:  # report and go on
             row["error"] = f"{type(error).__name__}: {error}"[:200]
-        log(f"penalty: {row}")
+        log(f"derivatives: {row}")
         rows.append(row)
     return rows
 
@@ -443,7 +443,7 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def markdown(rows: list[dict], det: list[dict], tuning: list[dict],
-             penalty: list[dict] = ()) -> str:  # fmt: skip
+             derivatives: list[dict] = ()) -> str:  # fmt: skip
     props = torch.cuda.get_device_properties(0)
     import triton
 
@@ -477,14 +477,14 @@ def markdown(rows: list[dict], det: list[dict], tuning: list[dict],
             f" | {d['bit_identical']} |"
             for d in det
         ]
-    if penalty:
+    if derivatives:
         lines += ["", "| derivatives | dtype | impl | fwd+bwd ms | fwd+bwd+penalty ms "
                   "| torch.func.grad ms | vmap(grad) ms |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {p['shape']} | {p['dtype']} | {p['impl']} | {fmt(p.get('fwd_bwd_ms'))} "
                   f"| {fmt(p.get('penalty_ms'))} | {fmt(p.get('func_grad_ms'))} "
                   f"| {fmt(p.get('per_sample_ms'))} {p.get('error', '')} |"
-                  for p in penalty]  # fmt: skip
+                  for p in derivatives]  # fmt: skip
     if tuning:
         lines += ["", "| kernel | config | fwd ms | fwd+bwd (or kernel) ms |", "|---|---|---|---|"]
         for t in tuning:
@@ -544,9 +544,9 @@ def main(argv=None) -> int:
     rows = measure(shapes, dtypes, args.budget * 0.9, not args.no_errors)
     extra = [d for d in ("bf16", "fp32") if d in dtypes]
     det = [deterministic_cost(shapes[0], d) for d in extra if within(args.budget, "det " + d)]
-    penalty = [row for d in extra if within(args.budget, "derivatives " + d)
-               for row in penalty_cost(shapes[0], d)]  # fmt: skip
-    table = markdown(rows, det, tuning, penalty)
+    derivatives = [row for d in extra if within(args.budget, "derivatives " + d)
+                   for row in derivative_costs(shapes[0], d)]  # fmt: skip
+    table = markdown(rows, det, tuning, derivatives)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
