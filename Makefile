@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint test-torch
 
 setup: $(VENV)/.installed
 
@@ -22,3 +22,12 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The suite on another PyTorch from PyPI, e.g. the oldest supported: make test-torch TORCH=2.4.1
+# (a CUDA wheel of several GB where PyPI has no CPU one; numpy<2 for Triton 3.2's interpreter).
+TORCH ?= 2.4.1
+test-torch:
+	$(PYTHON) -m venv $(VENV)-torch$(TORCH)
+	$(VENV)-torch$(TORCH)/bin/pip install -q torch==$(TORCH) "numpy<2" pytest hypothesis
+	$(VENV)-torch$(TORCH)/bin/pip install -q --no-deps -e .
+	$(VENV)-torch$(TORCH)/bin/python -m pytest

@@ -2,7 +2,9 @@
 
 Without a GPU the Triton kernels run in Triton's CPU interpreter; the switch must be set
 before the kernels are defined.  The torch backend's CPU sampling runs uncompiled but for
-its C corner loops.  Without Triton the kernel modules are not collected.
+its C corner loops.  Where the kernels cannot run (no Triton, or a PyTorch without
+``torch.library.triton_op``, before 2.6), the kernel modules' doctests are not collected and
+the tests of the kernels skip.
 """
 
 import dataclasses
@@ -19,7 +21,13 @@ if not torch.cuda.is_available():
 # tests/test_compiled.py checks it against the uncompiled path, which every other test runs.
 os.environ.setdefault("DEFORMCONV_COMPILE", "native")
 
-collect_ignore = [] if importlib.util.find_spec("triton") else ["src/deformconv/kernels"]
+from deformconv.backends.triton_backend import unavailable_reason
+
+collect_ignore = []
+if unavailable_reason() is not None:  # modules that import the kernels (for their doctests)
+    collect_ignore += ["src/deformconv/kernels", "tests/compile_kernels.py"]
+if importlib.util.find_spec("PIL") is None:  # the demo's digits, drawn with Pillow
+    collect_ignore.append("src/deformconv/demo/digits.py")
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,25 @@ from hypothesis import assume
 from hypothesis import strategies as st
 from torch import Tensor
 
+from deformconv import _transforms
+from deformconv.backends import triton_backend
+
+
+def needs_kernels() -> None:
+    """Skip (the test, or the module when called at its top) unless the Triton kernels can run
+    here: Triton installed and a PyTorch with ``torch.library.triton_op`` (2.6 or later)."""
+    reason = triton_backend.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason, allow_module_level=True)
+
+
+#: Tests of the ops under torch.func transforms and forward-mode tangents through their
+#: autograd.Functions, which PyTorch 2.4 cannot run (it runs the composite there).
+needs_functions = pytest.mark.skipif(
+    not _transforms.FUNCTIONS_SUPPORTED,
+    reason=f"torch {torch.__version__} runs transforms on the composite (torch>=2.5 on the ops)",
+)
+
 
 @dataclass(frozen=True)
 class Config:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+pytest.importorskip("torch", minversion="2.6")  # torch.library.triton_op
 
 import deformconv
 from deformconv.bench import gpu

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deformconv
-from cases import deterministic_algorithms, strided_copy
+from cases import deterministic_algorithms, needs_kernels, strided_copy
 from dcnv3_reference import dcnv3_reference, points
 
 # Lopsided settings: pad_h != pad_w, non-square kernels, stride and dilation per axis,
@@ -106,7 +106,7 @@ def test_torch_backend_matches_reference(name):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_kernels_match_reference(name):
-    pytest.importorskip("triton")
+    needs_kernels()
     with deformconv.use_backend("triton"), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to torch would warn
         _check_against_reference(make_inputs(CASES[name]), CASES[name], torch.float32, 1e-4)
@@ -119,7 +119,7 @@ def test_triton_kernels_match_reference(name):
 def test_strided_unaligned_inputs(backend, dtype, tolerance):
     """Every input a view with doubled strides at an unaligned address, NaN in between."""
     if backend == "triton":
-        pytest.importorskip("triton")
+        needs_kernels()
     case = CASES["lopsided"]
     with deformconv.use_backend(backend), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to torch would warn
@@ -127,7 +127,7 @@ def test_strided_unaligned_inputs(backend, dtype, tolerance):
 
 
 def test_triton_launches_are_made_on_the_inputs_device(monkeypatch):
-    pytest.importorskip("triton")
+    needs_kernels()
     from deformconv.kernels import dcnv3_ops
 
     devices = []
@@ -144,7 +144,7 @@ def test_triton_launches_are_made_on_the_inputs_device(monkeypatch):
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
 def test_triton_kernels_in_half_precision(dtype, tolerance):
-    pytest.importorskip("triton")
+    needs_kernels()
     case = CASES["lopsided"]
     tensors = make_inputs(case)
     expected = _reference(tensors, case)
@@ -195,7 +195,7 @@ def test_border_offset_gradient_follows_dcnv3():
 )
 def test_dcnv4_reads_the_fused_layout(backend, dtype, tolerance):
     if backend == "triton":
-        pytest.importorskip("triton")
+        needs_kernels()
     case = {**CASES["remove-center"]}
     tensors = make_inputs(case)
     group, count = case["group"], len(points(*case["kernel"], True))
@@ -228,7 +228,7 @@ def test_dcnv4_reads_the_fused_layout(backend, dtype, tolerance):
 def test_triton_tile_sizes_and_64_bit_indexing(settings, monkeypatch):
     """Channel blocks narrower than a group (several per group: 5 channels in blocks of 4)
     and 64-bit element offsets give the same results."""
-    pytest.importorskip("triton")
+    needs_kernels()
     from deformconv.kernels import dcnv3_ops
 
     settings = dict(settings)
@@ -247,7 +247,7 @@ def test_triton_tile_sizes_and_64_bit_indexing(settings, monkeypatch):
 def test_triton_forward_reads_whole_channel_blocks_unmasked(depth):
     """Channels per group that fill the kernel's channel blocks (its loads take no mask):
     corners on every border, rows past the last pixel, non-finite offsets."""
-    pytest.importorskip("triton")
+    needs_kernels()
     case = {**CASES["lopsided"], "depth": depth, "group": 3}
     tensors = make_inputs(case, batch=3, dtype=torch.float32)
     tensors["offset"][0, 0, :, :2] = math.nan
@@ -270,7 +270,7 @@ def test_dcnv4_offset_mask_channels_match_the_original_layer():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_batch_zero_and_non_contiguous(backend):
     if backend == "triton":
-        pytest.importorskip("triton")
+        needs_kernels()
     case = CASES["lopsided"]
     tensors = make_inputs(case, dtype=torch.float32)
     with deformconv.use_backend(backend), warnings.catch_warnings():
@@ -377,7 +377,7 @@ def test_benchmark_baseline_agrees_and_the_benchmark_runs(tmp_path, capsys):
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -1e30])
 def test_non_finite_and_far_offsets_sample_zero(backend, bad):
     if backend == "triton":
-        pytest.importorskip("triton")
+        needs_kernels()
     case = CASES["lopsided"]
     tensors = make_inputs(case, dtype=torch.float32)
     tensors["offset"][..., :2] = bad  # point 0 of group 0, both coordinates
@@ -392,7 +392,7 @@ def test_non_finite_and_far_offsets_sample_zero(backend, bad):
 
 
 def test_triton_deterministic_mode_sums_in_fixed_point():
-    pytest.importorskip("triton")
+    needs_kernels()
     case = CASES["remove-center"]
     tensors = make_inputs(case)
     grad = None
@@ -436,7 +436,7 @@ def test_random_configurations(backend, dtype, tolerance, batch, size, kernel, s
                                dilation, group, depth, scale, remove, seed, strided,
                                deterministic):  # fmt: skip
     if backend == "triton":
-        pytest.importorskip("triton")
+        needs_kernels()
     removable = kernel[0] % 2 == 1 and kernel[1] % 2 == 1 and kernel != (1, 1)
     case = {"size": size, "kernel": kernel, "stride": stride, "padding": padding,
             "dilation": dilation, "group": group, "depth": depth, "scale": scale,

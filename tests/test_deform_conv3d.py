@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deformconv
-from cases import deterministic_algorithms, strided_copy
+from cases import deterministic_algorithms, needs_kernels, strided_copy
 
 
 def _trilinear(volume, position):
@@ -318,7 +318,7 @@ def test_half_precision_and_autocast():
 def test_random_configurations(backend, dtype, tolerance, size, kernel, stride, padding,
                                dilation, weight_groups, offset_groups, seed, strided):  # fmt: skip
     if backend == "triton":
-        pytest.importorskip("triton")
+        needs_kernels()
     config = {"batch": 1, "channels": 2 * weight_groups * offset_groups, "size": size,
               "out_channels": 2 * weight_groups, "kernel": kernel, "stride": stride,
               "padding": padding, "dilation": dilation, "weight_groups": weight_groups,
@@ -369,7 +369,7 @@ def test_triton_kernels_match_float64(modulated, dtype, tolerance, monkeypatch):
     backend, output and every gradient, on the lopsided configuration with offset groups
     that straddle the weight groups; small tiles, so that every kernel runs several pixel,
     channel and output blocks."""
-    pytest.importorskip("triton")
+    needs_kernels()
     from deformconv.kernels import ops
     from triton_cases import SMALL_TILES
 
@@ -394,7 +394,7 @@ def test_triton_kernels_sample_zero_at_non_finite_and_far_offsets():
     group 1) and -1e30 (the width of tap 2, group 2): the Triton kernels agree with the float64
     torch backend, output and every gradient, and no 32-bit index overflows (the interpreter
     checks in this test)."""
-    pytest.importorskip("triton")
+    needs_kernels()
     config = {**CONFIG, "batch": 1}
     tensors = make_inputs(config)
     taps = math.prod(config["kernel"])
@@ -417,7 +417,7 @@ def test_triton_kernels_sample_zero_at_non_finite_and_far_offsets():
 def test_strided_unaligned_inputs(backend, dtype, tolerance):
     """Every input a view with doubled strides at an unaligned address, NaN in between."""
     if backend == "triton":
-        pytest.importorskip("triton")
+        needs_kernels()
     config = {**CONFIG, "batch": 1}
     tensors = make_inputs(config)
     expected = _outputs_and_grads(tensors, "torch", torch.float64, config)
@@ -428,7 +428,7 @@ def test_strided_unaligned_inputs(backend, dtype, tolerance):
 
 
 def test_triton_deterministic_mode_is_bit_identical():
-    pytest.importorskip("triton")
+    needs_kernels()
     tensors = make_inputs({**CONFIG, "batch": 1})
     with deterministic_algorithms():
         first = _outputs_and_grads(tensors, "triton", torch.float32)

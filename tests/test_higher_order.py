@@ -16,8 +16,8 @@ from torch.autograd import forward_ad
 from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 
 import deformconv
-from cases import LOPSIDED, Config, call, make_inputs, strided_copy
-from deformconv import composite
+from cases import LOPSIDED, Config, call, make_inputs, needs_functions, strided_copy
+from deformconv import _transforms, composite
 from test_dcnv3 import CASES as DCNV3_CASES
 from test_dcnv3 import make_inputs as dcnv3_inputs
 from test_dcnv3 import op_args as dcnv3_op_args
@@ -55,7 +55,7 @@ def _conv2d(config: Config, names: tuple[str, ...], tensors: dict):
     """``deform_conv2d`` as a function of the tensors ``names``, the others fixed."""
 
     def function(*values):
-        given = dict(tensors, **dict(zip(names, values, strict=True)))
+        given = {**tensors, **dict(zip(names, values, strict=True))}
         return call(deformconv.deform_conv2d, given, config)
 
     return function
@@ -209,6 +209,7 @@ def test_torch_func_transforms():
             result.square().sum(), sample[0])[0])  # fmt: skip
 
 
+@needs_functions
 def test_torch_func_under_torch_compile():
     """``torch.compile(torch.func.grad(f))`` traces the composite; a plain compiled call
     still holds the op."""
@@ -330,6 +331,7 @@ def test_dcnv4_fused_layout_under_forward_mode_and_vmap():
     torch.testing.assert_close(batched[:, 0], function(input, fused).detach())
 
 
+@needs_functions
 def test_ordinary_calls_run_the_backends(monkeypatch):
     """The composite runs only where needed: not for a plain call, its backward, a gradient
     penalty on the input, under no_grad, or for a tangent of input, mask or weight; it
@@ -367,6 +369,43 @@ def test_ordinary_calls_run_the_backends(monkeypatch):
     assert len(calls) == 2
     grad(lambda x: grad(lambda x: along("input")(x).square().sum())(x).sum())(primals["input"])
     assert len(calls) == 3
+
+
+def test_older_torch_runs_transforms_and_tangents_on_the_composite(monkeypatch):
+    """Where the ops cannot run through autograd.Functions (PyTorch 2.4), every transform and
+    every forward-mode tangent takes the composite, with the same results; plain calls and
+    their backward still take the op."""
+    monkeypatch.setattr(_transforms, "FUNCTIONS_SUPPORTED", False)
+    calls = []
+    original = composite.deform_conv
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(composite, "deform_conv", counting)
+    tensors = _smooth_inputs(SMALL, seed=2)
+    function = _conv2d(SMALL, ("input",), tensors)
+    x = tensors["input"].detach()
+    out = function(x.requires_grad_())
+    (expected_grad,) = torch.autograd.grad(out.square().sum(), x)
+    assert not calls
+    torch.testing.assert_close(grad(lambda x: function(x).square().sum())(x), expected_grad)
+    assert len(calls) == 1
+    direction = torch.randn_like(x)
+    _, tangent = jvp(function, (x,), (direction,))
+    assert len(calls) == 2
+    with forward_ad.dual_level():
+        dual_tangent = forward_ad.unpack_dual(function(forward_ad.make_dual(x, direction))).tangent
+    assert len(calls) == 3
+    # The operator is linear in its input: J·u is the convolution of u without the bias.
+    linear = call(deformconv.deform_conv2d, dict(tensors, input=direction, bias=None), SMALL)
+    torch.testing.assert_close(tangent, linear.detach())
+    torch.testing.assert_close(dual_tangent, linear.detach())
+    batched = vmap(function)(torch.stack([x, direction]))
+    torch.testing.assert_close(batched[0], out.detach())
+    torch.testing.assert_close(batched[1], function(direction))
+    assert len(calls) == 4
 
 
 def test_third_derivatives():

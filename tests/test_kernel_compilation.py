@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton")
+pytest.importorskip("torch", minversion="2.6")  # torch.library.triton_op
 
 TESTS = Path(__file__).parent
 KERNELS = ["deform_conv2d_forward_kernel", "deform_conv2d_backward_data_kernel",

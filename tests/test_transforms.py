@@ -16,7 +16,7 @@ from torch.autograd import forward_ad
 from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 
 import deformconv
-from cases import LOPSIDED, make_inputs, strided_copy
+from cases import LOPSIDED, make_inputs, needs_functions, needs_kernels, strided_copy
 from deformconv import composite
 from test_dcnv3 import CASES as DCNV3_CASES
 from test_dcnv3 import make_inputs as dcnv3_inputs
@@ -24,6 +24,7 @@ from test_deform_conv3d import CONFIG as CONFIG_3D
 from test_deform_conv3d import make_inputs as inputs_3d
 
 pytestmark = [
+    needs_functions,
     # A vmap that falls back to a loop over the op warns so: every op has a batching rule.
     pytest.mark.filterwarnings("error:There is a performance drop"),
     pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated"),
@@ -407,7 +408,7 @@ def test_layers_with_functional_call(composite_calls):
 def test_per_sample_gradients_on_the_triton_kernels():
     """The same batching rules and Functions on the Triton kernels (on the CPU, in Triton's
     interpreter): per-sample gradients of everything in float32 against float64."""
-    pytest.importorskip("triton")
+    needs_kernels()
     from triton_cases import DEVICE, TOLERANCES, relative_error
 
     primals = _primals(seed=7, batch=1)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 pytest.importorskip("triton")
+pytest.importorskip("torch", minversion="2.6")  # torch.library.triton_op
 
 import triton
 import triton.language as tl

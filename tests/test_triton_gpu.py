@@ -7,6 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+pytest.importorskip("torch", minversion="2.6")  # torch.library.triton_op
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 

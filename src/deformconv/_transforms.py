@@ -14,6 +14,11 @@ differentiated by a transform, which the ops' own formulas do not serve, so such
 the composite (:mod:`deformconv.composite`), differentiable to any order; so do ONNX exports,
 transforms under ``torch.compile`` or inside a ``forward_ad`` dual level, and a call with a
 ``forward_ad`` tangent on its offsets (forward mode cannot run inside a Function's ``jvp``).
+
+PyTorch before 2.5 (no ``torch.library.register_vmap``) runs a custom op's registered autograd
+as an autograd.Function without ``setup_context``, which no transform may meet, and its
+``torch.compile`` cannot read whether transforms are active: there every transform and
+tangent takes the composite, and compiled code takes the op.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class Route(enum.Enum):
 
 _DIFFERENTIATING = (TransformType.Grad, TransformType.Jvp)
 
+#: Whether the ops can run under transforms and tangents through the Functions (torch>=2.5).
+FUNCTIONS_SUPPORTED = hasattr(torch.library, "register_vmap")
+
 
 def _has_tangent(tensors: tuple[Tensor | None, ...]) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
@@ -46,6 +54,12 @@ def route(offset: Tensor, *others: Tensor | None) -> Route:
     if torch.onnx.is_in_onnx_export():  # ONNX has no such operator: standard ones
         return Route.COMPOSITE
     dual_level = forward_ad._current_level >= 0
+    if not FUNCTIONS_SUPPORTED:
+        if torch.compiler.is_compiling():
+            return Route.OP
+        transformed = torch._C._are_functorch_transforms_active()
+        tangents = dual_level and _has_tangent((offset, *others))
+        return Route.COMPOSITE if transformed or tangents else Route.OP
     if torch._C._are_functorch_transforms_active():
         if torch.compiler.is_compiling():  # whose tracing cannot read the transforms
             return Route.COMPOSITE

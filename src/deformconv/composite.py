@@ -31,7 +31,6 @@ True
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 
@@ -98,7 +97,11 @@ def interpolate(table: Tensor, bases: Sequence[Tensor], shifts: Sequence[Tensor]
     batch, points, channels = table.shape
     first = (torch.arange(batch, device=table.device) * points)[:, None]  # each table's row 0
     indices, weights = [], []
-    for corner in itertools.product((0, 1), repeat=len(sizes)):
+    # The corners (0, 0), (0, 1), (1, 0), (1, 1) in 2-D (not itertools.product, which
+    # torch.compile of PyTorch 2.6 cannot trace).
+    dims = len(sizes)
+    corners = [[code >> (dims - 1 - axis) & 1 for axis in range(dims)] for code in range(2**dims)]
+    for corner in corners:
         index, weight, valid = first, None, inside
         for axis, (low, fraction, size, upper) in enumerate(
             zip(lows, fractions, sizes, corner, strict=True)

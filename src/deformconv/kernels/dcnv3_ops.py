@@ -4,15 +4,17 @@ assumed checked by the public functions; offsets are ``(N, Ho, Wo, G, 2P)`` and 
 ``(N, Ho, Wo, G, P)``, views of any strides with contiguous points (DCNv4's fused tensor
 sliced without a copy), anything else is copied first."""
 
-from collections.abc import Sequence
+# torch 2.6's triton_op infers its schema from the annotations (it ignores ``schema=``) and
+# reads typing.Sequence, not collections.abc.Sequence.
+from typing import Sequence  # noqa: UP035
 
 import torch
 import triton
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .dcnv3 import dcnv3_backward_kernel, dcnv3_forward_kernel
-from .ops import abs_max, fixed_point_scale, launching_on, needs_int64
+from .ops import abs_max, fixed_point_scale, launching_on, needs_int64, wrap_triton
 
 
 def _block_d(depth: int) -> int:

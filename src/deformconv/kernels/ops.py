@@ -10,13 +10,15 @@ function; ``precision`` is ``"ieee"`` or ``"tf32"`` (how float32 operands are co
 import contextlib
 import functools
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+
+# torch 2.6's triton_op infers its schema from the annotations (it ignores ``schema=``) and
+# reads typing.Sequence, not collections.abc.Sequence.
+from typing import NamedTuple, Sequence  # noqa: UP035
 
 import torch
 import triton
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .._geometry import Geometry, geometry
 from .deform_conv2d import (
@@ -184,6 +186,15 @@ def launching_on(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)``, which lets ``torch.compile`` trace its launches;
+    in Triton's CPU interpreter the kernel itself, as PyTorch 2.7 and later return it (2.6
+    refuses interpreted kernels)."""
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 #: Memory order of the input gradient's atomic adds ("relaxed" suffices: they commute).
