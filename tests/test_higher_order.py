@@ -332,19 +332,12 @@ def test_dcnv4_fused_layout_under_forward_mode_and_vmap():
 
 
 @needs_functions
-def test_ordinary_calls_run_the_backends(monkeypatch):
+def test_ordinary_calls_run_the_backends(composite_calls):
     """The composite runs only where needed: not for a plain call, its backward, a gradient
     penalty on the input, under no_grad, or for a tangent of input, mask or weight; it
     does for a tangent of the offsets and under stacked transforms
     (``tests/test_transforms.py`` has the rest)."""
-    calls = []
-    original = composite.deform_conv
-
-    def counting(*args):
-        calls.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(composite, "deform_conv", counting)
+    calls = composite_calls
     tensors = _smooth_inputs(SMALL)
     out = call(deformconv.deform_conv2d, tensors, SMALL)
     (grad_input,) = torch.autograd.grad(out.sum(), tensors["input"], create_graph=True)
@@ -371,19 +364,12 @@ def test_ordinary_calls_run_the_backends(monkeypatch):
     assert len(calls) == 3
 
 
-def test_older_torch_runs_transforms_and_tangents_on_the_composite(monkeypatch):
+def test_older_torch_runs_transforms_and_tangents_on_the_composite(monkeypatch, composite_calls):
     """Where the ops cannot run through autograd.Functions (PyTorch 2.4), every transform and
     every forward-mode tangent takes the composite, with the same results; plain calls and
     their backward still take the op."""
     monkeypatch.setattr(_transforms, "FUNCTIONS_SUPPORTED", False)
-    calls = []
-    original = composite.deform_conv
-
-    def counting(*args):
-        calls.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(composite, "deform_conv", counting)
+    calls = composite_calls
     tensors = _smooth_inputs(SMALL, seed=2)
     function = _conv2d(SMALL, ("input",), tensors)
     x = tensors["input"].detach()

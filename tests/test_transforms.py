@@ -17,7 +17,6 @@ from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 
 import deformconv
 from cases import LOPSIDED, make_inputs, needs_functions, needs_kernels, strided_copy
-from deformconv import composite
 from test_dcnv3 import CASES as DCNV3_CASES
 from test_dcnv3 import make_inputs as dcnv3_inputs
 from test_deform_conv3d import CONFIG as CONFIG_3D
@@ -32,21 +31,6 @@ pytestmark = [
 
 CONFIG = LOPSIDED["straddling-groups"]  # kernel 3x2, stride/padding/dilation all different
 NAMES = ("input", "offset", "mask", "weight", "bias")
-
-
-@pytest.fixture
-def composite_calls(monkeypatch) -> list[str]:
-    """The names of the composite functions called while the test runs."""
-    calls: list[str] = []
-    for name in ("deform_conv", "dcnv3"):
-        original = getattr(composite, name)
-
-        def counting(*args, _name=name, _original=original):
-            calls.append(_name)
-            return _original(*args)
-
-        monkeypatch.setattr(composite, name, counting)
-    return calls
 
 
 def _conv(x, offset, mask, weight, bias):
