@@ -28,6 +28,7 @@ test: lint
 TORCH ?= 2.4.1
 test-torch:
 	$(PYTHON) -m venv $(VENV)-torch$(TORCH)
-	$(VENV)-torch$(TORCH)/bin/pip install -q torch==$(TORCH) "numpy<2" pytest hypothesis
+	$(VENV)-torch$(TORCH)/bin/pip install -q torch==$(TORCH) "numpy<2" pytest hypothesis \
+		pillow matplotlib tqdm onnx onnxscript onnxruntime
 	$(VENV)-torch$(TORCH)/bin/pip install -q --no-deps -e .
 	$(VENV)-torch$(TORCH)/bin/python -m pytest

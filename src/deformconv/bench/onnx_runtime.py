@@ -81,7 +81,9 @@ def measure(case: Case, folder: Path, repeats: int) -> dict:
     model = _model(case)
     x = torch.randn(case.shape, generator=torch.Generator().manual_seed(1))
     path = folder / "model.onnx"
-    torch.onnx.export(model, (x,), str(path), opset_version=19, dynamo=True)
+    # The torch.export-based exporter where it makes DeformConv nodes (torch.onnx.ops).
+    dynamo = hasattr(torch.onnx, "ops")
+    torch.onnx.export(model, (x,), str(path), opset_version=19, dynamo=dynamo)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x.numpy()}
     with torch.no_grad():
