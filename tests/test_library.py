@@ -110,3 +110,18 @@ def test_opcheck_with_channels_last_tensors():
     for name in ("input", "weight", "offset"):
         tensors[name] = tensors[name].to(memory_format=torch.channels_last).requires_grad_(True)
     torch.library.opcheck(torch.ops.deformconv.deform_conv2d.default, op_args(config, tensors))
+
+
+def test_info_says_where_transforms_and_onnx_exports_run(monkeypatch):
+    from deformconv import _transforms, cli
+
+    monkeypatch.setattr(_transforms, "FUNCTIONS_SUPPORTED", True)
+    monkeypatch.setattr(torch.onnx, "ops", torch.onnx, raising=False)
+    text = cli.info()
+    assert "tangents: on the ops" in text
+    assert "ONNX export: torch.onnx.export with dynamo=True or dynamo=False" in text
+    monkeypatch.setattr(_transforms, "FUNCTIONS_SUPPORTED", False)
+    monkeypatch.delattr(torch.onnx, "ops", raising=False)
+    text = cli.info()
+    assert "tangents: on deformconv.composite" in text
+    assert "ONNX export: torch.onnx.export with dynamo=False (the dynamo" in text

@@ -113,7 +113,20 @@ def info() -> str:
         products = "exact, without tensor cores (PyTorch's settings allow no TF32)"
     lines.append(f"float32 products in the Triton kernels: {products}")
     lines.append(f"torch backend on the CPU: {_cpu_sampling()}")
+    lines.append(f"torch.func transforms and forward-mode tangents: {_transforms_path()}")
+    exporters = "dynamo=True or dynamo=False"
+    if not hasattr(torch.onnx, "ops"):
+        exporters = "dynamo=False (the dynamo exporter needs torch.onnx.ops, PyTorch 2.8+)"
+    lines.append(f"ONNX export: torch.onnx.export with {exporters}")
     return "\n".join(lines)
+
+
+def _transforms_path() -> str:
+    from . import _transforms
+
+    if _transforms.FUNCTIONS_SUPPORTED:
+        return "on the ops (stacked ones on deformconv.composite)"
+    return "on deformconv.composite (the ops need torch.library.register_vmap, PyTorch 2.5+)"
 
 
 def _cpu_sampling() -> str:

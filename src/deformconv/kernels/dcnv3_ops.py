@@ -4,8 +4,8 @@ assumed checked by the public functions; offsets are ``(N, Ho, Wo, G, 2P)`` and 
 ``(N, Ho, Wo, G, P)``, views of any strides with contiguous points (DCNv4's fused tensor
 sliced without a copy), anything else is copied first."""
 
-# torch 2.6's triton_op infers its schema from the annotations (it ignores ``schema=``) and
-# reads typing.Sequence, not collections.abc.Sequence.
+# The triton_op of PyTorch 2.6 to 2.8 infers its schema from the annotations (it ignores
+# ``schema=``) and reads typing.Sequence, not collections.abc.Sequence.
 from typing import Sequence  # noqa: UP035
 
 import torch

@@ -11,8 +11,8 @@ import contextlib
 import functools
 import math
 
-# torch 2.6's triton_op infers its schema from the annotations (it ignores ``schema=``) and
-# reads typing.Sequence, not collections.abc.Sequence.
+# The triton_op of PyTorch 2.6 to 2.8 infers its schema from the annotations (it ignores
+# ``schema=``) and reads typing.Sequence, not collections.abc.Sequence.
 from typing import NamedTuple, Sequence  # noqa: UP035
 
 import torch
@@ -190,8 +190,8 @@ def launching_on(device: torch.device):
 
 def wrap_triton(kernel):
     """``torch.library.wrap_triton(kernel)``, which lets ``torch.compile`` trace its launches;
-    in Triton's CPU interpreter the kernel itself, as PyTorch 2.7 and later return it (2.6
-    refuses interpreted kernels)."""
+    in Triton's CPU interpreter the kernel itself, as recent PyTorch returns it (2.6 to 2.8
+    refuse interpreted kernels)."""
     if not isinstance(kernel, triton.runtime.JITFunction):
         return kernel
     return torch.library.wrap_triton(kernel)
