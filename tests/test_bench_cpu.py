@@ -51,9 +51,9 @@ def test_gradient_penalty_mode_leaves_torchvision_out(monkeypatch):
 
 
 def test_transform_modes_time_deformconv_and_conv2d(monkeypatch):
-    """``--transforms`` times torch.func.grad and vmap(grad) of deformconv and nn.Conv2d;
-    their gradients are autograd's (per sample: summed over the batch, for the shared
-    weight and bias)."""
+    """``--transforms`` times torch.func.grad, vmap(grad) and jvp(grad) of deformconv and
+    nn.Conv2d; their gradients are autograd's (per sample: summed over the batch, for the
+    shared weight and bias), the Hessian-vector product autograd's double backward's."""
     shape = cpu.Shape(2, 4, 4, 6)
     op = cpu.deformconv.deform_conv2d
     monkeypatch.setattr(cpu, "implementations", lambda: {"deformconv": op, "torchvision": op})
@@ -69,6 +69,21 @@ def test_transform_modes_time_deformconv_and_conv2d(monkeypatch):
         torch.testing.assert_close(whole, tensor.grad, msg=name)
         summed = samples.sum(0) if name in ("weight", "bias") else samples.squeeze(1)
         torch.testing.assert_close(summed, tensor.grad, msg=name)
+    # jvp(grad): the Hessian-vector product along (input, weight), for the gradients of all
+    # five; by the Hessian's symmetry, the gradient of <grad_input, v_x> + <grad_weight, v_w>
+    products = cpu.runner("deformconv", shape, tensors, "jvp(grad)")()
+    generator = torch.Generator().manual_seed(1)
+    v_x, v_w = (torch.randn(tensors[n].shape, generator=generator) for n in ("input", "weight"))
+    leaves = list(tensors.values())
+    out = op(tensors["input"], tensors["offset"], tensors["weight"], tensors["bias"],
+             stride=shape.stride, padding=shape.padding, mask=tensors["mask"])  # fmt: skip
+    grads = dict(zip(tensors, torch.autograd.grad(out.sum(), leaves, create_graph=True),
+                     strict=True))  # fmt: skip
+    inner = (grads["input"] * v_x).sum() + (grads["weight"] * v_w).sum()
+    expected = torch.autograd.grad(inner, leaves, allow_unused=True)
+    for name, have, want in zip(tensors, products, expected, strict=True):
+        torch.testing.assert_close(have, torch.zeros_like(have) if want is None else want,
+                                   msg=name)  # fmt: skip
 
 
 def test_memory_rows_per_mode():

@@ -13,10 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.autograd import forward_ad
-from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import deformconv
 from cases import LOPSIDED, make_inputs, needs_functions, needs_kernels, strided_copy
+from deformconv import composite
 from test_dcnv3 import CASES as DCNV3_CASES
 from test_dcnv3 import make_inputs as dcnv3_inputs
 from test_deform_conv3d import CONFIG as CONFIG_3D
@@ -275,9 +276,10 @@ def test_vmap_inside_a_forward_ad_level(composite_calls):
     assert composite_calls
 
 
-def test_stacked_transforms_run_the_composite(composite_calls):
-    """grad of grad and jvp of grad (the Hessian-vector product torch.func recommends):
-    the composite, equal to autograd's double backward through the ops."""
+def test_stacked_transforms_along_the_offsets(composite_calls):
+    """grad of grad (the composite throughout) and jvp of grad (the Hessian-vector product
+    torch.func recommends: the ops, with the composite's derivatives along the offsets) equal
+    autograd's double backward through the ops."""
     primals = _primals(seed=6)
     vector = torch.randn_like(primals[1])
 
@@ -292,6 +294,63 @@ def test_stacked_transforms_run_the_composite(composite_calls):
     penalty = grad(lambda o: grad(offset_loss)(o).mul(vector).sum())(primals[1])
     torch.testing.assert_close(penalty, expected)
     assert composite_calls
+
+
+def _composite_loss(x, offset, mask, weight, bias):
+    conv = (CONFIG.stride, CONFIG.padding, CONFIG.dilation)
+    return composite.deform_conv(x, offset, mask, weight, bias, *conv).square().sum()
+
+
+def _hvp(loss, primals, vectors, indices):
+    """The Hessian-vector product of ``loss`` in the ``primals`` at ``indices`` (the others
+    fixed) with those ``vectors``: torch.func's ``jvp`` of ``grad``."""
+
+    def partial(*chosen):
+        args = list(primals)
+        for i, value in zip(indices, chosen, strict=True):
+            args[i] = value
+        return loss(*args)
+
+    def gradient(*chosen):
+        return grad(partial, argnums=tuple(range(len(chosen))))(*chosen)
+
+    return jvp(gradient, tuple(primals[i] for i in indices),
+               tuple(vectors[i] for i in indices))[1]  # fmt: skip
+
+
+@pytest.mark.parametrize("names", [("input",), ("mask",), ("weight",),
+                                   ("input", "mask", "weight", "bias"), NAMES])  # fmt: skip
+def test_hessian_vector_products(names, composite_calls):
+    """jvp of grad along input, mask, weight and bias runs the ops and their backward ops
+    alone (the backward ops' tangents), equal to the composite's Hessian-vector product;
+    where the offsets vary too, the composite runs it."""
+    primals = _primals(seed=7)
+    vectors = [torch.randn_like(p) for p in primals]
+    indices = [NAMES.index(name) for name in names]
+    actual = _hvp(_loss, primals, vectors, indices)
+    assert composite_calls == (["deform_conv"] if "offset" in names else [])
+    expected = _hvp(_composite_loss, primals, vectors, indices)
+    _assert_all_close(actual, expected, [NAMES[i] for i in indices])
+
+
+def test_hessian_runs_the_kernels(composite_calls):
+    """torch.func.hessian (jacfwd of jacrev: vmap over jvp of vjp) of the weight and of the
+    input: the ops and their backward ops, equal to autograd's double backward through them
+    and to the composite's Hessian."""
+    primals = _primals(seed=8, batch=1)
+    for index in (3, 0):  # weight, input
+
+        def loss(value, index=index, function=_loss):
+            return function(*primals[:index], value, *primals[index + 1 :])
+
+        composite_calls.clear()  # the composite's own Hessian of the round before
+        actual = hessian(loss)(primals[index])
+        assert not composite_calls
+        expected = torch.autograd.functional.hessian(loss, primals[index])
+        torch.testing.assert_close(actual, expected)
+        torch.testing.assert_close(
+            actual, hessian(lambda v, index=index: loss(v, index, _composite_loss))(primals[index])
+        )
 
 
 def test_3d_under_transforms(composite_calls):
@@ -310,6 +369,19 @@ def test_3d_under_transforms(composite_calls):
         _, want = _autograd(loss, [b[i] for b in batched])
         _assert_all_close([g[i] for g in per_sample], [want[0], want[3]], ("input", "weight"))
     assert not composite_calls
+    vectors = [torch.randn_like(p) for p in primals]  # a Hessian-vector product
+    actual = _hvp(loss, primals, vectors, (0, 2, 3, 4))
+    assert not composite_calls
+    conv = [args["stride"], args["padding"], args["dilation"]]
+
+    def composite_loss(x, offset, mask, weight, bias):
+        return composite.deform_conv(x, offset, mask, weight, bias, *conv).square().sum()
+
+    _assert_all_close(
+        actual,
+        _hvp(composite_loss, primals, vectors, (0, 2, 3, 4)),
+        [NAMES[i] for i in (0, 2, 3, 4)],
+    )
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["dcnv3", "dcnv4"])
@@ -360,6 +432,36 @@ def test_dcnv3_and_dcnv4_under_transforms(fused, composite_calls):
     assert not composite_calls
 
 
+@pytest.mark.parametrize("name", ["input", "mask", "input-mask", "all"])
+def test_dcnv3_hessian_vector_products(name, composite_calls):
+    """jvp of grad of DCNv3 along input or mask: the ops and their backward ops alone, equal
+    to the composite's; along all three, the composite."""
+    case = DCNV3_CASES["lopsided"]
+    tensors = dcnv3_inputs(case, batch=2)
+    settings = {"kernel_size": case["kernel"], "stride": case["stride"],
+                "padding": case["padding"], "dilation": case["dilation"], "group": case["group"],
+                "offset_scale": case["scale"], "remove_center": case["remove"]}  # fmt: skip
+    primals = [tensors["input"], tensors["offset"], tensors["mask"]]
+    vectors = [torch.randn_like(p) for p in primals]
+    indices = {"input": (0,), "mask": (2,), "input-mask": (0, 2), "all": (0, 1, 2)}[name]
+
+    def hvp(function):
+        return _hvp(lambda *args: function(*args).square().sum(), primals, vectors, indices)
+
+    actual = hvp(lambda x, offset, mask: deformconv.dcnv3(x, offset, mask, **settings))
+    assert composite_calls == (["dcnv3"] if name == "all" else [])
+    group = case["group"]
+
+    def reference(x, offset, mask):
+        op_settings = [list(case["kernel"]), list(case["stride"]), list(case["padding"]),
+                       list(case["dilation"]), group, case["scale"], case["remove"]]  # fmt: skip
+        out = composite.dcnv3(x, offset.unflatten(-1, (group, -1)),
+                              mask.unflatten(-1, (group, -1)), *op_settings)  # fmt: skip
+        return out.flatten(-2) if out.dim() == 5 else out
+
+    _assert_all_close(actual, hvp(reference), [("input", "offset", "mask")[i] for i in indices])
+
+
 def test_layers_with_functional_call(composite_calls):
     """Meta-learning style: the gradient of a layer's loss in its parameters by
     ``functional_call`` and ``grad``, and per-sample gradients of a model."""
@@ -403,6 +505,23 @@ def test_per_sample_gradients_on_the_triton_kernels():
         got = gradients(*[b.to(DEVICE, torch.float32) for b in batched])
     for name, have, want in zip(NAMES, got, expected, strict=True):
         assert relative_error(have, want) <= TOLERANCES[torch.float32], name
+
+
+def test_hessian_vector_products_on_the_triton_kernels():
+    """jvp of grad on the Triton kernels (Triton's interpreter on the CPU), float32 against
+    the float64 composite, along the input and along input, mask, weight and bias."""
+    needs_kernels()
+    from triton_cases import DEVICE, TOLERANCES, relative_error
+
+    primals = _primals(seed=9, batch=1)
+    vectors = [torch.randn_like(p) for p in primals]
+    for indices in [(0,), (0, 2, 3, 4)]:
+        expected = _hvp(_composite_loss, primals, vectors, indices)
+        with deformconv.use_backend("triton"):
+            got = _hvp(_loss, *[[t.to(DEVICE, torch.float32) for t in ts]
+                                for ts in (primals, vectors)], indices)  # fmt: skip
+        for i, have, want in zip(indices, got, expected, strict=True):
+            assert relative_error(have, want) <= TOLERANCES[torch.float32], NAMES[i]
 
 
 @pytest.mark.parametrize("kind", ["DeformableConv2d", "DCNv4NCHW"])

@@ -161,10 +161,11 @@ def _register(dims: int) -> tuple[Any, Any, type[torch.autograd.Function]]:
     # The same as autograd.Functions (torch.func and forward mode; _transforms).
     title = f"DeformConv{dims}d"
     backward_function = _transforms.function(
-        f"{title}Backward", backward_op, _double_backward.setup_conv, double_backward
-    )
+        f"{title}Backward", backward_op, _double_backward.setup_conv, double_backward,
+        _tangents.conv_backward, tensors=5, saved=5,
+    )  # fmt: skip
     function = _transforms.function(title, forward_op, _setup_context,
-                                    _conv_backward(backward_function.apply), _tangents.conv,
+                                    _conv_backward(backward_function.call), _tangents.conv,
                                     tensors=5, saved=4)  # fmt: skip
     return forward_op, backward_op, function
 
@@ -180,7 +181,7 @@ def deform_conv(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tens
         return composite.deform_conv(*args)
     if route is _transforms.Route.FUNCTION:
         function = DeformConv2dFunction if input.dim() == 4 else DeformConv3dFunction
-        return function.apply(*args)
+        return function.call(*args)
     return (deform_conv2d_op if input.dim() == 4 else deform_conv3d_op)(*args)
 
 
@@ -271,18 +272,22 @@ dcnv3_backward_op.register_autograd(_dcnv3_double_backward,
 _batching.register_dcnv3(dcnv3_op, dcnv3_backward_op)
 # The same as autograd.Functions (torch.func and forward mode; _transforms).
 _DCNv3Backward = _transforms.function(
-    "DCNv3Backward", dcnv3_backward_op, _double_backward.setup_dcnv3, _dcnv3_double_backward
-)
+    "DCNv3Backward", dcnv3_backward_op, _double_backward.setup_dcnv3, _dcnv3_double_backward,
+    _tangents.dcnv3_backward, tensors=4, saved=4,
+)  # fmt: skip
 DCNv3Function = _transforms.function("DCNv3", dcnv3_op, _dcnv3_setup_context,
-                                     _dcnv3_backward(_DCNv3Backward.apply), _tangents.dcnv3,
+                                     _dcnv3_backward(_DCNv3Backward.call), _tangents.dcnv3,
                                      tensors=3, saved=3)  # fmt: skip
 
 
-def dcnv3(input: Tensor, offset: Tensor, mask: Tensor, *settings) -> Tensor:
-    """``dcnv3_op`` on the route :func:`~deformconv._transforms.route` picks."""
-    route = _transforms.route(offset, input, mask)
+def dcnv3(input: Tensor, offset: Tensor, mask: Tensor, *settings,
+          route: _transforms.Route | None = None) -> Tensor:  # fmt: skip
+    """``dcnv3_op`` on the route :func:`~deformconv._transforms.route` picks, or ``route``:
+    the public functions pick it on their tensors as given, before they take the views the op
+    reads (under a ``jvp`` transform any view counts as a tensor with a tangent)."""
+    route = route or _transforms.route(offset, input, mask)
     if route is _transforms.Route.COMPOSITE:
         return composite.dcnv3(input, offset, mask, *settings)
     if route is _transforms.Route.FUNCTION:
-        return DCNv3Function.apply(input, offset, mask, *settings)
+        return DCNv3Function.call(input, offset, mask, *settings)
     return dcnv3_op(input, offset, mask, *settings)

@@ -24,7 +24,7 @@ import math
 
 from torch import Tensor
 
-from . import _library
+from . import _library, _transforms
 from ._checks import check_sizes, check_tensors, output_size
 from ._utils import IntOrPair, _pair, autocast_inputs
 
@@ -124,10 +124,11 @@ def dcnv3(
     _check_shape("offset", offset, (batch, *out_size, group * points * 2),
                  "N, Ho, Wo, group * points * 2")  # fmt: skip
     _check_shape("mask", mask, (batch, *out_size, group * points), "N, Ho, Wo, group * points")
+    route = _transforms.route(offset, input, mask)
     offset = offset.unflatten(-1, (group, 2 * points))
     mask = mask.unflatten(-1, (group, points))
     return _library.dcnv3(input, offset, mask, kernel, stride, padding, dilation, group,
-                          float(offset_scale), bool(remove_center))  # fmt: skip
+                          float(offset_scale), bool(remove_center), route=route)  # fmt: skip
 
 
 def dcnv4_offset_mask_channels(group: int, kernel_size: IntOrPair = 3,
@@ -181,7 +182,8 @@ def dcnv4(
             f"offset_mask has shape {tuple(offset_mask.shape)}, expected ({sizes}, M) with "
             f"M >= 3 * group * points = {used}"
         )
+    route = _transforms.route(offset_mask, input)
     fused = offset_mask[..., :used].unflatten(-1, (group, 3 * points))  # a view: no copy
     offset, mask = fused[..., : 2 * points], fused[..., 2 * points :]
     return _library.dcnv3(input, offset, mask, kernel, stride, padding, dilation, group,
-                          float(offset_scale), bool(remove_center))  # fmt: skip
+                          float(offset_scale), bool(remove_center), route=route)  # fmt: skip

@@ -106,8 +106,10 @@ def make_inputs(shape: Shape, dtype=torch.float32, seed: int = 0) -> dict:
 #: Timed modes: a forward; forward+backward; forward+backward of the output plus the squared
 #: norm of its input gradient (a gradient penalty, which differentiates the backward again);
 #: the gradients of every tensor by ``torch.func.grad``; the same per sample of the batch by
-#: ``vmap(grad)``.  torchvision's op has no double backward and no torch.func support.
-MODES = ("fwd", "fwd+bwd", "fwd+bwd+penalty", "torch.func.grad", "vmap(grad)")
+#: ``vmap(grad)``; a Hessian-vector product in input and weight by ``jvp(grad)`` (forward
+#: over reverse; the offsets, fixed, keep it on the kernels).  torchvision's op has no double
+#: backward and no torch.func support.
+MODES = ("fwd", "fwd+bwd", "fwd+bwd+penalty", "torch.func.grad", "vmap(grad)", "jvp(grad)")
 PENALTY, TRANSFORMS = MODES[2:3], MODES[3:]
 
 
@@ -154,6 +156,19 @@ def runner(name: str, shape: Shape, tensors: dict, mode: str):
 
         def run():
             return gradients(*values)
+
+        if mode == "jvp(grad)":
+            varied = [keys.index("input"), keys.index("weight")]
+            generator = torch.Generator().manual_seed(1)
+            vectors = tuple(torch.randn(values[i].shape, generator=generator) for i in varied)
+
+            def gradient(x, weight):
+                given = list(values)
+                given[varied[0]], given[varied[1]] = x, weight
+                return gradients(*given)
+
+            def run():
+                return torch.func.jvp(gradient, tuple(values[i] for i in varied), vectors)[1]
 
     return run
 
@@ -289,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--penalty", action="store_true",
                         help="also time a gradient penalty (double backward)")  # fmt: skip
     parser.add_argument("--transforms", action="store_true",
-                        help="also time torch.func.grad and vmap(grad)")  # fmt: skip
+                        help="also time torch.func.grad, vmap(grad), jvp(grad)")  # fmt: skip
     parser.add_argument("--cold", action="store_true",
                         help="no untimed call right before each timed one")  # fmt: skip
     args = parser.parse_args(argv)
