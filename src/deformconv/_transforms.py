@@ -47,6 +47,9 @@ _FORWARD_OVER_REVERSE = [TransformType.Jvp, TransformType.Grad]
 
 #: Whether the ops can run under transforms and tangents through the Functions (torch>=2.5).
 FUNCTIONS_SUPPORTED = hasattr(torch.library, "register_vmap")
+#: Whether ``vmap`` of ``jvp`` of ``grad`` (``hessian``) can run through them: PyTorch 2.5's
+#: functorch fails there on an internal assertion.
+HESSIANS_SUPPORTED = torch.torch_version.TorchVersion(torch.__version__) >= (2, 6)
 
 
 def _has_tangent(tensors: tuple[Tensor | None, ...]) -> bool:
@@ -87,9 +90,10 @@ def route(offset: Tensor, *others: Tensor | None) -> Route:
         # A dual level of the caller's own: torch.func.jvp's is forward_ad's one level, so
         # with a Jvp transform active the level is the transform's.
         own_level = dual_level and TransformType.Jvp not in kinds
-        stacked = len(differentiating) > 1 and (
-            differentiating != _FORWARD_OVER_REVERSE or _is_jvp_input(offset)
+        forward_over_reverse = differentiating == _FORWARD_OVER_REVERSE and (
+            HESSIANS_SUPPORTED or TransformType.Vmap not in kinds
         )
+        stacked = len(differentiating) > 1 and (not forward_over_reverse or _is_jvp_input(offset))
         if stacked or own_level or TransformType.Functionalize in kinds:
             return Route.COMPOSITE
         return Route.FUNCTION if differentiating else Route.OP
