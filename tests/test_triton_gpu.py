@@ -227,8 +227,9 @@ def test_deform_conv3d_runs_the_triton_kernels(dtype, tolerance):
 
 def test_double_backward_and_torch_func_on_cuda():
     """A gradient penalty through the Triton kernels (their first derivatives, the composite's
-    second), ``torch.func.grad`` and per-sample gradients (``vmap(grad)``, the batching rules)
-    on CUDA agree with the CPU in float64."""
+    second), ``torch.func.grad``, per-sample gradients (``vmap(grad)``, the batching rules)
+    and a Hessian-vector product (``jvp`` of ``grad``, the offsets fixed) on CUDA agree with
+    the CPU in float64."""
     config = LOPSIDED["straddling-groups"]
     tensors = make_inputs(config, requires_grad=False)
     tensors["offset"] = tensors["offset"].round() + 0.5  # away from the kinks at integers
@@ -264,7 +265,24 @@ def test_double_backward_and_torch_func_on_cuda():
         return gradients(*[v if d is None else v.unsqueeze(1)
                            for v, d in zip(values, in_dims, strict=True)])  # fmt: skip
 
-    for run in (penalty, func_grad, per_sample):
+    def hessian_vector_product(device, dtype):  # the kernels' jvp of grad (offsets fixed)
+        values = [tensors[n].to(device, dtype) for n in names]
+        fixed = {n: v for n, v in zip(names, values, strict=True) if n == "offset"}
+        varied = [n for n in names if n != "offset"]
+
+        def loss(*chosen):
+            given = dict(tensors, **fixed, **dict(zip(varied, chosen, strict=True)))
+            return call(deformconv.deform_conv2d, given, config).square().sum()
+
+        chosen = [v for n, v in zip(names, values, strict=True) if n != "offset"]
+        generator = torch.Generator().manual_seed(3)
+        vectors = [torch.randn(v.shape, generator=generator, dtype=torch.float64)
+                   .to(device, dtype) for v in chosen]  # fmt: skip
+        gradient = torch.func.grad(loss, argnums=tuple(range(len(chosen))))
+        products = torch.func.jvp(gradient, tuple(chosen), tuple(vectors))[1]
+        return [None if n == "offset" else products[varied.index(n)] for n in names]
+
+    for run in (penalty, func_grad, per_sample, hessian_vector_product):
         expected = run("cpu", torch.float64)
         for name, want, got in zip(names, expected, run(CUDA, torch.float32), strict=True):
             if want is None:
