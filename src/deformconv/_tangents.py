@@ -100,9 +100,8 @@ def _along_offsets(function: Callable[..., Tensor], grad_output: Tensor, primals
                 full[i] = value
             return function(*full)
 
-        _, pullback = torch.func.vjp(of_present, *[values[i] for i in present])
-        grads = dict(zip(present, pullback(grad_output), strict=True))
-        return tuple(grads[i] for i in wanted)
+        return composite.gradients(of_present, [values[i] for i in present], grad_output,
+                                   [needs[i] for i in present])  # fmt: skip
 
     tangents = dict(zip(wanted, torch.func.jvp(gradients, (primals[index],), (u_offset,))[1],
                         strict=True))  # fmt: skip

@@ -41,6 +41,14 @@ from ._utils import compute_dtype
 from .backends.pytorch_dcnv3 import point_coords
 
 
+def gradients(function, primals: Sequence[Tensor], cotangent: Tensor,
+              needed: Sequence[bool]) -> tuple:  # fmt: skip
+    """The backward of ``function`` at ``primals`` for ``cotangent``: the gradients of the
+    ``needed`` primals, in their order."""
+    _, pullback = torch.func.vjp(function, *primals)
+    return tuple(g for g, need in zip(pullback(cotangent), needed, strict=True) if need)
+
+
 def second_order(
     function,
     primals: Sequence[Tensor],
@@ -49,14 +57,13 @@ def second_order(
     outer: Sequence[Tensor | None],
 ) -> tuple:
     """Derivatives of a backward pass: the backward of ``function`` maps ``(cotangent,
-    *primals)`` to the gradients of the ``needed`` primals; this is its vector-Jacobian
-    product with ``outer`` (one per primal, read where needed; ``None`` for zero), one result
-    for ``cotangent`` and each primal.  It stays differentiable where autograd records."""
+    *primals)`` to the gradients of the ``needed`` primals (:func:`gradients`); this is its
+    vector-Jacobian product with ``outer`` (one per primal, read where needed; ``None`` for
+    zero), one result for ``cotangent`` and each primal.  It stays differentiable where
+    autograd records."""
 
     def backward(cotangent, *primals):
-        _, pullback = torch.func.vjp(function, *primals)
-        grads = pullback(cotangent)
-        return tuple(g for g, need in zip(grads, needed, strict=True) if need)
+        return gradients(function, primals, cotangent, needed)
 
     grads, pullback = torch.func.vjp(backward, cotangent, *primals)
     outer = [o for o, need in zip(outer, needed, strict=True) if need]
